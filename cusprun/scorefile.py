@@ -1,0 +1,65 @@
+"""The score file, ``cusprun-scores/1``: the interchange format between scoring and pruning.
+
+A safetensors file with, for every decoder layer l and projection P, ``model.layers.{l}.{P}.rows``
+(float32 [n_docs, out_features]) and ``model.layers.{l}.{P}.cols`` (float32 [n_docs, in_features]),
+and string metadata (``__metadata__``): format, measure, model, config_hash, corpus, corpus_sha256,
+n_docs, token_counts (JSON list), skipped (JSON list), cusprun_version and the scoring options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CusprunError
+
+FORMAT = "cusprun-scores/1"
+JSON_FIELDS = ("token_counts", "skipped")
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_scores(path: str | Path, scores: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Write a score file atomically. JSON-valued metadata fields are serialized here."""
+    meta = {"format": FORMAT}
+    for key, value in metadata.items():
+        meta[key] = json.dumps(value) if key in JSON_FIELDS else str(value)
+    tensors = {k: v.float().contiguous() for k, v in scores.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_scores(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a score file: (tensors, metadata with JSON fields decoded)."""
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as fh:
+            meta = dict(fh.metadata() or {})
+    except (OSError, SafetensorError) as exc:
+        raise CusprunError(f"cannot read score file {path}: {exc}") from None
+    if meta.get("format") != FORMAT:
+        raise CusprunError(f"{path} is not a {FORMAT} score file (format={meta.get('format')!r})")
+    for key in JSON_FIELDS:
+        if key in meta:
+            meta[key] = json.loads(meta[key])
+    return tensors, meta

@@ -1,0 +1,56 @@
+"""One backend selector for every scoring op: ``CUSPRUN_BACKEND=auto|torch|triton|cuda``.
+
+``auto`` picks the fastest backend that works on the tensors' device and says once (on stderr)
+which one it chose; a backend named explicitly either works or fails with the reason it cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import lru_cache
+
+BACKENDS = ("torch", "triton", "cuda")
+_announced: set[str] = set()
+
+
+class BackendUnavailable(RuntimeError):
+    """Raised when an explicitly requested backend cannot run here."""
+
+
+@lru_cache(maxsize=None)
+def backend_status(name: str) -> str | None:
+    """None when backend ``name`` can run on this machine, else the reason it cannot."""
+    if name == "torch":
+        return None
+    if name in ("triton", "cuda"):
+        return (
+            f"the {name} backend is not implemented in this version of cusprun "
+            "(only the plain-PyTorch reference backend exists)"
+        )
+    return f"unknown backend {name!r} (choose one of auto, {', '.join(BACKENDS)})"
+
+
+def requested_backend() -> str:
+    return os.environ.get("CUSPRUN_BACKEND", "auto").strip().lower() or "auto"
+
+
+def resolve_backend(device_type: str = "cpu") -> str:
+    """The backend the ops will use for tensors on ``device_type``.
+
+    ``auto`` prefers the compiled backends on CUDA devices and quietly falls back to torch;
+    an explicit name that cannot run raises :class:`BackendUnavailable` naming why.
+    """
+    name = requested_backend()
+    if name != "auto":
+        reason = backend_status(name)
+        if reason is not None:
+            raise BackendUnavailable(f"CUSPRUN_BACKEND={name}: {reason}")
+        return name
+    candidates = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
+    chosen = next(b for b in candidates if backend_status(b) is None)
+    if device_type not in _announced:
+        _announced.add(device_type)
+        print(f"cusprun: scoring backend {chosen} (CUSPRUN_BACKEND=auto, device {device_type})",
+              file=sys.stderr)
+    return chosen

@@ -1,0 +1,89 @@
+"""Brute-force reference scores: remove each neuron, rerun the model's own module in float64, measure.
+
+Independent of the engine: no linearity, no RoPE algebra, no hand-written attention — only the
+Hugging Face modules run with one row or column of one weight zeroed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from cusprun.models import PROJECTIONS
+
+LOCAL_COLUMNS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+
+
+def _capture_block_inputs(model, ids):
+    """Per layer: (attention args, kwargs), mlp input; from one float64 eager forward pass."""
+    captured = [dict() for _ in model.model.layers]
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.register_forward_pre_hook(
+            lambda m, a, kw, i=i: captured[i].__setitem__("attn", (a, dict(kw))), with_kwargs=True))
+        handles.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: captured[i].__setitem__("mlp", a[0])))
+        for proj in PROJECTIONS:
+            handles.append(layer.get_submodule(proj).register_forward_pre_hook(
+                lambda m, a, i=i, p=proj: captured[i].__setitem__(p, a[0])))
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([ids]), use_cache=False)
+    for h in handles:
+        h.remove()
+    return captured
+
+
+def _ablate(linear, side, index):
+    """Zero row ``index`` (and its bias) or column ``index`` of ``linear``; return an undo function."""
+    w, b = linear.weight.data.clone(), None if linear.bias is None else linear.bias.data.clone()
+    if side == "rows":
+        linear.weight.data[index] = 0
+        if linear.bias is not None:
+            linear.bias.data[index] = 0
+    else:
+        linear.weight.data[:, index] = 0
+
+    def undo():
+        linear.weight.data.copy_(w)
+        if b is not None:
+            linear.bias.data.copy_(b)
+    return undo
+
+
+def brute_force_scores(model, ids, measure):
+    """tensor name -> float64 [features] scores of one document."""
+    model = copy.deepcopy(model).double()
+    model.config._attn_implementation = "eager"
+    captured = _capture_block_inputs(model, ids)
+    out = {}
+    with torch.no_grad():
+        for li, layer in enumerate(model.model.layers):
+            cap = captured[li]
+            attn_args, attn_kw = cap["attn"]
+
+            def attention():
+                return layer.self_attn(*attn_args, **attn_kw)[0]
+
+            def mlp():
+                return layer.mlp(cap["mlp"])
+
+            for proj in PROJECTIONS:
+                linear = layer.get_submodule(proj)
+                x = cap[proj]
+
+                def local():
+                    return linear(x)
+                for side in ("rows", "cols"):
+                    if measure == "local" or (side == "cols" and proj in LOCAL_COLUMNS):
+                        run = local
+                    else:
+                        run = attention if proj.startswith("self_attn") else mlp
+                    base = run()
+                    n = linear.weight.shape[0 if side == "rows" else 1]
+                    scores = torch.empty(n, dtype=torch.float64)
+                    for i in range(n):
+                        undo = _ablate(linear, side, i)
+                        scores[i] = (run() - base).norm()
+                        undo()
+                    out[f"model.layers.{li}.{proj}.{side}"] = scores
+    return out

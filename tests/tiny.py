@@ -1,0 +1,40 @@
+"""Tiny random models the tests build (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+# Each covers grouped-query attention; head_dim differs from hidden/heads and is not a power of two.
+TINY = {
+    # 3 query heads per k/v head, head_dim 10
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=24, intermediate_size=20, num_attention_heads=6,
+                                                 num_key_value_heads=2, head_dim=10)),
+    # sliding window shorter than the longer documents
+    "mistral": (MistralConfig, MistralForCausalLM, dict(hidden_size=16, intermediate_size=18, num_attention_heads=4,
+                                                       num_key_value_heads=2, head_dim=6, sliding_window=5)),
+    # q/k/v biases, 4 query heads per k/v head
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=20, intermediate_size=14, num_attention_heads=4,
+                                                 num_key_value_heads=1, head_dim=12)),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, layers: int = 2, vocab: int = 61, attn: str = "sdpa"):
+    """A random model large enough that attention is far from uniform (initializer_range 0.3)."""
+    config_cls, model_cls, kw = TINY[arch]
+    config = config_cls(num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=128,
+                        initializer_range=0.3, rope_theta=50.0, tie_word_embeddings=False,
+                        attn_implementation=attn, **kw)
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    if arch == "qwen2":  # HF initializes biases at zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+def random_ids(length: int, vocab: int = 61, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (length,), generator=g).tolist()
