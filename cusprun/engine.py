@@ -46,7 +46,7 @@ def score_shapes(config) -> dict[str, int]:
 class _LayerTap:
     """What one decoder layer's forward produced for the current document, and its scores."""
 
-    def __init__(self, scorer: "Scorer", index: int, layer: torch.nn.Module):
+    def __init__(self, scorer: Scorer, index: int, layer: torch.nn.Module):
         self.scorer, self.index, self.layer = scorer, index, layer
         self.energies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.tensors: dict[str, torch.Tensor] = {}
@@ -159,11 +159,11 @@ class Scorer:
         row, self._doc_row = self._doc_row, None
         return row
 
-    def score_documents(self, documents: list[list[int]], on_document: Callable[[int], None] | None = None):
+    def score_documents(self, documents: list[list[int]], on_document: Callable[[int, int], None] | None = None):
         """Scores of several documents: tensor name -> float32 [n_docs, features]."""
         rows = []
-        for ids in documents:
+        for index, ids in enumerate(documents):
             rows.append(self.score_document(ids))
             if on_document is not None:
-                on_document(len(ids))
+                on_document(index, len(ids))
         return {name: torch.stack([r[name] for r in rows]) for name in rows[0]} if rows else {}

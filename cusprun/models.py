@@ -90,13 +90,16 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu", need_tokenizer: bool = True):
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", need_tokenizer: bool = True,
+               quiet: bool = False):
     """Load ``spec`` for inference. Returns ``(model, tokenizer or None, ModelSource)``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if quiet:
+        hf_logging.disable_progress_bar()
     source = resolve_model(spec)
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:

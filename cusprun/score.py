@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from . import __version__
@@ -41,16 +43,18 @@ class CorpusSpec:
 
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog="python -m cusprun.score", description=DESCRIPTION,
-                              formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"model directory (safetensors), .gguf file, cached hub id, or alias: {DEFAULT_MODEL} "
+                   help="model directory (safetensors), .gguf file, cached hub id, "
+                        f"or alias: {DEFAULT_MODEL} "
                         f"(default, embedded), {', '.join(ALIASES)}")
     p.add_argument("--corpus", action="append", required=True, metavar="NAME=PATH",
                    help="a corpus to score (repeat for several; one model load)")
     p.add_argument("--out", required=True, help="output folder for NAME.safetensors score files")
     p.add_argument("--measure", choices=MEASURES, default="block", help="score definition (default: block)")
     p.add_argument("--max-tokens", type=int, default=512, help="truncate each document to this many tokens")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model dtype (scores accumulate in float32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="model dtype (scores accumulate in float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -92,6 +96,11 @@ def check_device(device: str) -> None:
         raise CusprunError(f"--device {device!r}: expected cpu or cuda[:N]")
 
 
+def _advance(bar, total: int, index: int, n_tokens: int) -> None:
+    bar.set_postfix_str(f"doc {index + 1}/{total}")
+    bar.update(n_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 1:
@@ -103,33 +112,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import cusprun_kernels
 
-    try:
-        backend = cusprun_kernels.resolve_backend(args.device.split(":")[0])
+    cusprun_kernels.set_quiet(args.quiet)
+    try:  # fail before the model loads; the ops announce auto's choice when they first run
+        backend = cusprun_kernels.resolve_backend(args.device.split(":")[0], announce=False)
     except cusprun_kernels.BackendUnavailable as exc:
         raise CusprunError(str(exc)) from None
-    model, tokenizer, source = load_model(args.model, args.dtype, args.device)
+    model, tokenizer, source = load_model(args.model, args.dtype, args.device, quiet=args.quiet)
     scorer = Scorer(model, args.measure)
     summary = []
     for spec in corpora:
         ids = tokenize(spec.documents, tokenizer, args.max_tokens, model.config.vocab_size)
         skipped = [doc.where for doc, t in zip(spec.documents, ids) if not t]
-        for where in skipped:
-            print(f"warning: {where}: document has no tokens, skipped", file=sys.stderr)
         kept = [t for t in ids if t]
         if not kept:
             raise CusprunError(f"corpus {spec.name} ({spec.path}) has no document with tokens")
+        for where in skipped:
+            print(f"warning: {where}: document has no tokens, skipped", file=sys.stderr)
         n_tokens = sum(map(len, kept))
         start = time.perf_counter()
         with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=spec.name, file=sys.stderr,
                   disable=args.quiet, dynamic_ncols=True) as bar:
-            done = [0]
-
-            def advance(n: int, bar=bar, done=done, total=len(kept)):
-                done[0] += 1
-                bar.set_postfix_str(f"doc {done[0]}/{total}")
-                bar.update(n)
-
-            scores = scorer.score_documents(kept, advance)
+            scores = scorer.score_documents(kept, partial(_advance, bar, len(kept)))
         seconds = time.perf_counter() - start
         target = out / f"{spec.name}.safetensors"
         save_scores(target, scores, {

@@ -9,7 +9,7 @@ Ops (all on packed documents with segment offsets):
 
 from __future__ import annotations
 
-from .backend import BackendUnavailable, backend_status, resolve_backend
+from .backend import BackendUnavailable, backend_status, resolve_backend, set_quiet
 from .projection_energy import projection_energies_torch
 from .qk_ablation import qk_row_ablation_torch
 from .v_row_energy import v_row_energies_torch
@@ -40,5 +40,5 @@ def v_row_energies(o_in, w_o, offsets, **kw):
     return _dispatch("v_row_energies", o_in.device.type)(o_in, w_o, offsets, **kw)
 
 
-__all__ = ["BackendUnavailable", "backend_status", "resolve_backend",
+__all__ = ["BackendUnavailable", "backend_status", "resolve_backend", "set_quiet",
            "projection_energies", "qk_row_ablation", "v_row_energies"]

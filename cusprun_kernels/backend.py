@@ -8,17 +8,24 @@ from __future__ import annotations
 
 import os
 import sys
-from functools import lru_cache
+from functools import cache
 
 BACKENDS = ("torch", "triton", "cuda")
 _announced: set[str] = set()
+_quiet = False
+
+
+def set_quiet(quiet: bool = True) -> None:
+    """Silence the one-line announcement of the backend ``auto`` chose (``--quiet``)."""
+    global _quiet
+    _quiet = quiet
 
 
 class BackendUnavailable(RuntimeError):
     """Raised when an explicitly requested backend cannot run here."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def backend_status(name: str) -> str | None:
     """None when backend ``name`` can run on this machine, else the reason it cannot."""
     if name == "torch":
@@ -35,7 +42,7 @@ def requested_backend() -> str:
     return os.environ.get("CUSPRUN_BACKEND", "auto").strip().lower() or "auto"
 
 
-def resolve_backend(device_type: str = "cpu") -> str:
+def resolve_backend(device_type: str = "cpu", announce: bool = True) -> str:
     """The backend the ops will use for tensors on ``device_type``.
 
     ``auto`` prefers the compiled backends on CUDA devices and quietly falls back to torch;
@@ -49,7 +56,7 @@ def resolve_backend(device_type: str = "cpu") -> str:
         return name
     candidates = ("cuda", "triton", "torch") if device_type == "cuda" else ("torch",)
     chosen = next(b for b in candidates if backend_status(b) is None)
-    if device_type not in _announced:
+    if announce and not _quiet and device_type not in _announced:
         _announced.add(device_type)
         print(f"cusprun: scoring backend {chosen} (CUSPRUN_BACKEND=auto, device {device_type})",
               file=sys.stderr)

@@ -20,7 +20,6 @@ stay under ``chunk_bytes``; ``[heads, head_dim, L, L]`` is never built.
 
 from __future__ import annotations
 
-
 import torch
 
 from .rope import apply_rope, rope_partner

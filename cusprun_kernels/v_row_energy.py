@@ -19,7 +19,8 @@ def v_row_energies_torch(o_in: torch.Tensor, w_o: torch.Tensor, offsets: torch.T
     T, width = o_in.shape
     hd = width // (n_kv * n_rep)
     if width != n_kv * n_rep * hd or w_o.shape[1] != width:
-        raise ValueError(f"v_row_energies: o_in {tuple(o_in.shape)}, w_o {tuple(w_o.shape)}, n_kv={n_kv}, n_rep={n_rep}")
+        raise ValueError(f"v_row_energies: o_in {tuple(o_in.shape)}, w_o {tuple(w_o.shape)}, "
+                         f"n_kv={n_kv}, n_rep={n_rep}")
     w = w_o.float().reshape(-1, n_kv, n_rep, hd)
     w_cross = torch.einsum("kgad,kgbd->gdab", w, w)  # [g, hd, rep, rep]
     o = o_in.float().reshape(T, n_kv, n_rep, hd)

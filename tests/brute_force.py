@@ -50,6 +50,16 @@ def _ablate(linear, side, index):
     return undo
 
 
+def _output(layer, cap, proj, what):
+    """The output h that a score measures: the projection's own, or its enclosing block's."""
+    if what == "local":
+        return layer.get_submodule(proj)(cap[proj])
+    if what == "attention":
+        args, kwargs = cap["attn"]
+        return layer.self_attn(*args, **kwargs)[0]
+    return layer.mlp(cap["mlp"])
+
+
 def brute_force_scores(model, ids, measure):
     """tensor name -> float64 [features] scores of one document."""
     model = copy.deepcopy(model).double()
@@ -58,32 +68,19 @@ def brute_force_scores(model, ids, measure):
     out = {}
     with torch.no_grad():
         for li, layer in enumerate(model.model.layers):
-            cap = captured[li]
-            attn_args, attn_kw = cap["attn"]
-
-            def attention():
-                return layer.self_attn(*attn_args, **attn_kw)[0]
-
-            def mlp():
-                return layer.mlp(cap["mlp"])
-
             for proj in PROJECTIONS:
                 linear = layer.get_submodule(proj)
-                x = cap[proj]
-
-                def local():
-                    return linear(x)
                 for side in ("rows", "cols"):
                     if measure == "local" or (side == "cols" and proj in LOCAL_COLUMNS):
-                        run = local
+                        what = "local"
                     else:
-                        run = attention if proj.startswith("self_attn") else mlp
-                    base = run()
+                        what = "attention" if proj.startswith("self_attn") else "mlp"
+                    base = _output(layer, captured[li], proj, what)
                     n = linear.weight.shape[0 if side == "rows" else 1]
                     scores = torch.empty(n, dtype=torch.float64)
                     for i in range(n):
                         undo = _ablate(linear, side, i)
-                        scores[i] = (run() - base).norm()
+                        scores[i] = (_output(layer, captured[li], proj, what) - base).norm()
                         undo()
                     out[f"model.layers.{li}.{proj}.{side}"] = scores
     return out
