@@ -6,7 +6,9 @@ import hashlib
 import importlib.util
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,8 +75,25 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, hub_id)
 
 
-def check_architecture(config) -> None:
-    """Only decoder stacks whose scores we can compute exactly are accepted."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def has_tokenizer_files(source: ModelSource) -> bool:
+    """Whether the model ships a tokenizer (transformers would otherwise invent an empty one)."""
+    if source.gguf_file:
+        return True
+    if Path(source.path).is_dir():
+        return any((Path(source.path) / f).is_file() for f in TOKENIZER_FILES)
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(source.path, f), str) for f in TOKENIZER_FILES)
+
+
+def check_architecture(config, allow_sliced: bool = False) -> None:
+    """Only decoder stacks whose scores we can compute exactly are accepted (and, to evaluate
+    or generate, the sliced experts cusprun writes)."""
+    if allow_sliced and config.model_type.removeprefix("cusprun_") in SUPPORTED_TYPES:
+        return
     if config.model_type not in SUPPORTED_TYPES:
         raise CusprunError(f"unsupported architecture {config.model_type!r}: "
                            f"cusprun supports {', '.join(SUPPORTED_TYPES)} (Llama 2/3, SmolLM2, Mistral, Qwen2)")
@@ -90,30 +109,53 @@ def config_hash(config) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+@contextmanager
+def _gguf_progress(enabled: bool):
+    """transformers' GGUF converter uses plain tqdm, which its progress-bar switch does not reach."""
+    if enabled:
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", need_tokenizer: bool = True,
-               quiet: bool = False):
+               quiet: bool = False, allow_sliced: bool = False):
     """Load ``spec`` for inference. Returns ``(model, tokenizer or None, ModelSource)``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    import cusprun  # noqa: F401  (registers the sliced architectures)
+
     hf_logging.set_verbosity_error()
     if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+
         hf_logging.disable_progress_bar()
+        disable_progress_bars()
     source = resolve_model(spec)
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, local_files_only=True, **kw)
     except (OSError, ValueError) as exc:
         raise CusprunError(f"cannot read the model config of {spec}: {str(exc).splitlines()[0]}") from None
-    check_architecture(config)
+    check_architecture(config, allow_sliced)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], local_files_only=True, **kw)
+        with _gguf_progress(enabled=not quiet):
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], local_files_only=True,
+                                                         **kw)
     except (OSError, ValueError) as exc:
         raise CusprunError(f"cannot load model {spec}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval()
     tokenizer = None
-    if need_tokenizer:
+    if need_tokenizer and has_tokenizer_files(source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kw)
         except (OSError, ValueError, TypeError):

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import __version__
 from .corpus import Document, corpus_sha256, read_corpus, tokenize
 from .engine import MEASURES, Scorer
@@ -108,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     corpora = parse_corpora(args.corpus)
     out = prepare_out(args.out)
     check_device(args.device)
-    from tqdm import tqdm
-
     import cusprun_kernels
 
     cusprun_kernels.set_quiet(args.quiet)
@@ -119,33 +119,53 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(str(exc)) from None
     model, tokenizer, source = load_model(args.model, args.dtype, args.device, quiet=args.quiet)
     scorer = Scorer(model, args.measure)
-    summary = []
-    for spec in corpora:
-        ids = tokenize(spec.documents, tokenizer, args.max_tokens, model.config.vocab_size)
-        skipped = [doc.where for doc, t in zip(spec.documents, ids) if not t]
-        kept = [t for t in ids if t]
-        if not kept:
-            raise CusprunError(f"corpus {spec.name} ({spec.path}) has no document with tokens")
-        for where in skipped:
-            print(f"warning: {where}: document has no tokens, skipped", file=sys.stderr)
-        n_tokens = sum(map(len, kept))
-        start = time.perf_counter()
-        with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=spec.name, file=sys.stderr,
-                  disable=args.quiet, dynamic_ncols=True) as bar:
-            scores = scorer.score_documents(kept, partial(_advance, bar, len(kept)))
-        seconds = time.perf_counter() - start
-        target = out / f"{spec.name}.safetensors"
-        save_scores(target, scores, {
-            "measure": args.measure, "model": source.model_id, "config_hash": config_hash(model.config),
-            "corpus": spec.path, "corpus_sha256": corpus_sha256(spec.path), "n_docs": len(kept),
-            "token_counts": [len(t) for t in kept], "skipped": skipped, "cusprun_version": __version__,
-            "max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend,
-        })
-        summary.append((spec.name, len(kept), n_tokens, len(skipped), seconds, target))
-    print(f"{'corpus':<16}{'docs':>6}{'tokens':>9}{'skipped':>9}{'seconds':>9}{'tok/s':>9}  file")
-    for name, docs, tokens, skipped, seconds, target in summary:
-        print(f"{name:<16}{docs:>6}{tokens:>9}{skipped:>9}{seconds:>9.1f}{tokens / seconds:>9.1f}  {target}")
+    options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend}
+    results = [score_corpus(scorer, tokenizer, source, spec, out, options, args.quiet) for spec in corpora]
+    print_summary(results)
     return 0
+
+
+@dataclass
+class CorpusResult:
+    name: str
+    docs: int
+    tokens: int
+    skipped: int
+    seconds: float
+    path: Path
+
+
+def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path, options: dict,
+                 quiet: bool = False) -> CorpusResult:
+    """Score one corpus and write ``out/NAME.safetensors`` atomically."""
+    model = scorer.model
+    ids = tokenize(spec.documents, tokenizer, options["max_tokens"], model.config.vocab_size)
+    skipped = [doc.where for doc, t in zip(spec.documents, ids) if not t]
+    kept = [t for t in ids if t]
+    if not kept:
+        raise CusprunError(f"corpus {spec.name} ({spec.path}) has no document with tokens")
+    for where in skipped:
+        print(f"warning: {where}: document has no tokens, skipped", file=sys.stderr)
+    n_tokens = sum(map(len, kept))
+    start = time.perf_counter()
+    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=spec.name, file=sys.stderr,
+              disable=quiet, dynamic_ncols=True) as bar:
+        scores = scorer.score_documents(kept, partial(_advance, bar, len(kept)))
+    seconds = time.perf_counter() - start
+    target = out / f"{spec.name}.safetensors"
+    save_scores(target, scores, {
+        "measure": scorer.measure, "model": source.model_id, "config_hash": config_hash(model.config),
+        "corpus": spec.path, "corpus_sha256": corpus_sha256(spec.path), "n_docs": len(kept),
+        "token_counts": [len(t) for t in kept], "skipped": skipped, "cusprun_version": __version__, **options,
+    })
+    return CorpusResult(spec.name, len(kept), n_tokens, len(skipped), seconds, target)
+
+
+def print_summary(results: list[CorpusResult]) -> None:
+    print(f"{'corpus':<16}{'docs':>6}{'tokens':>9}{'skipped':>9}{'seconds':>9}{'tok/s':>9}  file")
+    for r in results:
+        print(f"{r.name:<16}{r.docs:>6}{r.tokens:>9}{r.skipped:>9}{r.seconds:>9.1f}{r.tokens / r.seconds:>9.1f}  "
+              f"{r.path}")
 
 
 if __name__ == "__main__":

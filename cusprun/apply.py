@@ -1,0 +1,73 @@
+"""Turn a plan into a model: masked (original architecture, zeros) or sliced (physically smaller)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .modeling_cusprun import PROJECTIONS, SLICED
+from .plan import Plan
+
+FORMATS = ("sliced", "masked")
+
+
+def _masks(plan: Plan, layer: int, proj: str):
+    return plan[f"model.layers.{layer}.{proj}.rows"], plan[f"model.layers.{layer}.{proj}.cols"]
+
+
+def masked(model, plan: Plan):
+    """A copy of ``model`` with removed rows (and their bias entries) and columns set to zero."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer_index, layer in enumerate(out.model.layers):
+            for proj in PROJECTIONS:
+                linear = layer.get_submodule(proj)
+                rows, cols = _masks(plan, layer_index, proj)
+                linear.weight[~rows] = 0
+                linear.weight[:, ~cols] = 0
+                if linear.bias is not None:
+                    linear.bias[~rows] = 0
+    return out
+
+
+def sliced(model, plan: Plan):
+    """A sliced model computing exactly what ``masked(model, plan)`` computes, holding only live weights."""
+    from transformers.initialization import no_init_weights
+
+    config_cls, model_cls = SLICED[model.config.model_type]
+    state = dict(model.state_dict())
+    slices = {}
+    for layer_index, layer in enumerate(model.model.layers):
+        slices[str(layer_index)] = {}
+        for proj in PROJECTIONS:
+            linear = layer.get_submodule(proj)
+            rows, cols = _masks(plan, layer_index, proj)
+            # gate/up outputs and down inputs are the compacted MLP channels: no scatter, no gather
+            gather = not bool(cols.all()) and proj != "mlp.down_proj"
+            scatter = not bool(rows.all()) and proj not in ("mlp.gate_proj", "mlp.up_proj")
+            prefix = f"model.layers.{layer_index}.{proj}."
+            state[prefix + "weight"] = linear.weight.detach()[rows][:, cols].clone()
+            if linear.bias is not None:
+                state[prefix + "bias"] = linear.bias.detach()[rows].clone()
+            if gather:
+                state[prefix + "in_index"] = cols.nonzero().flatten()
+            if scatter:
+                state[prefix + "out_index"] = rows.nonzero().flatten()
+            slices[str(layer_index)][proj] = [int(rows.sum()), int(cols.sum()), gather, scatter]
+    config_dict = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+        config_dict.pop(key, None)
+    config = config_cls(cusprun_slices=slices, **config_dict)
+    config.architectures = [model_cls.__name__]
+    with no_init_weights():
+        out = model_cls(config)
+    out.load_state_dict(state, strict=True)
+    return out.to(dtype=next(model.parameters()).dtype).eval()
+
+
+def apply(model, plan: Plan, format: str = "sliced"):
+    """The pruned model, in memory: ``format`` is ``sliced`` (default) or ``masked``."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    return sliced(model, plan) if format == "sliced" else masked(model, plan)

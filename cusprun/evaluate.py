@@ -1,0 +1,53 @@
+"""Perplexity and speed of a (dense or pruned) model, the measurements behind ``cusprun.eval``."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+
+@torch.inference_mode()
+def perplexity(model, documents: list[list[int]]) -> tuple[float, int]:
+    """Token-weighted perplexity over documents: exp(Σ NLL / Σ predicted tokens). Returns (ppl, tokens)."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for ids in documents:
+        if len(ids) < 2:
+            continue
+        x = torch.tensor([ids], device=device)
+        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
+        count += len(ids) - 1
+    return (math.exp(nll / count) if count else float("nan")), count
+
+
+@torch.inference_mode()
+def prefill_tokens_per_s(model, documents: list[list[int]]) -> float:
+    device = next(model.parameters()).device
+    docs = [d for d in documents if d]
+    start = time.perf_counter()
+    for ids in docs:
+        model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+    return sum(map(len, docs)) / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def decode_tokens_per_s(model, prompt: list[int], new_tokens: int = 32) -> float:
+    """Greedy generation with the KV cache: new tokens per second after the prompt's prefill."""
+    device = next(model.parameters()).device
+    x = torch.tensor([prompt], device=device)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)  # prefill and warm-up, excluded below
+    start = time.perf_counter()
+    model.generate(x, max_new_tokens=1 + new_tokens, min_new_tokens=1 + new_tokens, **kw)
+    full = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+    prefill = time.perf_counter() - start
+    return new_tokens / max(full - prefill, 1e-9)
+
+
+def parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,114 @@
+"""``python -m cusprun.prune``: score files -> an expert model (threshold, intersect, slice)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+from .apply import FORMATS, apply
+from .engine import score_shapes
+from .errors import CusprunError, OneLineArgumentParser, run_cli
+from .export import check_out_dir, save_model_dir
+from .models import DEFAULT_MODEL, DTYPES, config_hash, load_model
+from .plan import Geometry, kept_counts
+from .scorefile import load_scores
+from .selection import relevance, select
+
+DESCRIPTION = """\
+Build an expert model from one score file per dimension (language, domain, task).
+
+A neuron is irrelevant to a corpus when it ranks in the lowest σ of its group (layer, projection,
+rows or columns) in every document of that corpus; the expert removes the neurons irrelevant to
+every given corpus (the intersection), plus everything their removal makes dead. σ is searched so
+that --ratio of the decoder layers' projection parameters is removed.
+
+formats:
+  sliced  (default) each matrix keeps only its live rows and columns: physically smaller, computes
+          exactly what the masked model computes; loads with `import cusprun` and AutoModelForCausalLM.
+  masked  the original architecture with removed rows, biases and columns set to zero.
+"""
+
+
+def build_parser() -> OneLineArgumentParser:
+    p = OneLineArgumentParser(prog="python -m cusprun.prune", description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"the model that was scored (default: {DEFAULT_MODEL})")
+    p.add_argument("--scores", action="append", required=True, metavar="FILE",
+                   help="a score file from python -m cusprun.score (repeat: one per dimension)")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of projection parameters to remove, in (0, 1)")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--format", choices=FORMATS, default="sliced")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def load_score_sets(paths: list[str]):
+    sets, metas = [], []
+    for path in paths:
+        if not Path(path).is_file():
+            raise CusprunError(f"score file not found: {path}")
+        tensors, meta = load_scores(path)
+        sets.append(tensors)
+        metas.append(meta)
+    measures = {m.get("measure") for m in metas}
+    if len(measures) > 1:
+        raise CusprunError(f"score files mix measures ({', '.join(sorted(map(str, measures)))}): score all corpora "
+                           "with the same --measure")
+    return sets, metas
+
+
+def check_against_model(sets, metas, paths, config) -> None:
+    expected_hash, shapes = config_hash(config), score_shapes(config)
+    for tensors, meta, path in zip(sets, metas, paths):
+        if meta.get("config_hash") != expected_hash:
+            raise CusprunError(f"{path} was scored on another model ({meta.get('model')}, config hash differs)")
+        for name, n in shapes.items():
+            if name not in tensors or tensors[name].dim() != 2 or tensors[name].shape[1] != n:
+                raise CusprunError(f"{path}: tensor {name} missing or not [n_docs, {n}] (another model?)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 0 < args.ratio < 1:
+        raise CusprunError(f"--ratio {args.ratio}: must be strictly between 0 and 1")
+    out = check_out_dir(args.out, args.overwrite)
+    sets, metas = load_score_sets(args.scores)
+    model, tokenizer, source = load_model(args.model, args.dtype, quiet=args.quiet)
+    check_against_model(sets, metas, args.scores, model.config)
+    report = build_expert(model, tokenizer, source, sets, metas, args.scores, args.ratio, args.format, out)
+    print(f"expert model   {out} ({args.format})")
+    print(f"corpora        {', '.join(str(c['corpus']) for c in report['corpora'])}")
+    print(f"sigma          {report['sigma']:.4f}")
+    print(f"removed        {report['ratio_achieved_projection']:.4f} of projection parameters (asked {args.ratio}), "
+          f"{report['ratio_achieved_all']:.4f} of all parameters")
+    print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
+    return 0
+
+
+def build_expert(model, tokenizer, source, sets, metas, score_paths, ratio: float, format: str, out: Path) -> dict:
+    """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report."""
+    geo = Geometry(model.config)
+    dense_params = sum(p.numel() for p in model.parameters())
+    sel = select(relevance(sets), geo, ratio)
+    pruned = apply(model, sel.plan, format)
+    params = dense_params - (sel.total_projection_params - sel.kept_projection_params)
+    report = {
+        "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
+        "format": format, "measure": metas[0].get("measure"), "ratio_asked": ratio,
+        "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
+        "sigma": sel.sigma, "params_dense": dense_params, "params": params,
+        "projection_params_dense": sel.total_projection_params, "projection_params": sel.kept_projection_params,
+        "corpora": [{"scores": str(p), "corpus": m.get("corpus"), "corpus_sha256": m.get("corpus_sha256"),
+                     "n_docs": int(m.get("n_docs", 0))} for p, m in zip(score_paths, metas)],
+        "kept": kept_counts(sel.plan, geo),
+    }
+    save_model_dir(out, pruned, tokenizer, report)
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
