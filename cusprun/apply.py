@@ -62,6 +62,7 @@ def sliced(model, plan: Plan):
     config.architectures = [model_cls.__name__]
     with no_init_weights():
         out = model_cls(config)
+    out.tie_weights()  # construction under no_init_weights leaves tied embeddings untied
     out.load_state_dict(state, strict=True)
     return out.to(dtype=next(model.parameters()).dtype).eval()
 

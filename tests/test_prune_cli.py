@@ -1,0 +1,115 @@
+"""python -m cusprun.prune / cusprun.eval: round trip, report, one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import cusprun  # noqa: F401  (registers the sliced architectures)
+from cusprun.apply import apply
+from cusprun.plan import Geometry, propagate
+from tests.conftest import write_ids_corpus
+from tests.tiny import random_ids, tiny_model
+
+
+def cli(module, *args):
+    return subprocess.run([sys.executable, "-m", f"cusprun.{module}", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scored")
+    tiny_model("qwen2", seed=6, layers=2).save_pretrained(root / "model")
+    write_ids_corpus(root / "a.jsonl", [6, 9, 4], seed=1)
+    write_ids_corpus(root / "b.jsonl", [7, 5], seed=9)
+    for measure in ("block", "local"):
+        res = cli("score", "--model", root / "model", "--corpus", f"a={root / 'a.jsonl'}", "--corpus",
+                  f"b={root / 'b.jsonl'}", "--out", root / measure, "--measure", measure, "--quiet")
+        assert res.returncode == 0, res.stderr
+    return root
+
+
+def test_prune_round_trip_generate(scored, tmp_path):
+    out = tmp_path / "expert"
+    res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors",
+              "--scores", scored / "block/b.safetensors", "--ratio", "0.25", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "pruning.json").read_text())
+    assert report["ratio_asked"] == 0.25 and len(report["corpora"]) == 2
+    assert all(len(c["corpus_sha256"]) == 64 for c in report["corpora"])
+    expert = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert sum(p.numel() for p in expert.parameters()) == report["params"]
+    # the saved expert equals the masked model rebuilt from the kept masks it reports
+    dense = AutoModelForCausalLM.from_pretrained(scored / "model").eval()
+    sliced_cfg = expert.config.cusprun_slices
+    assert set(sliced_cfg) == {"0", "1"}
+    ids = torch.tensor([random_ids(12, seed=3)])
+    out_ids = expert.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out_ids.shape == (1, 17)
+    with torch.no_grad():
+        assert (expert(ids).logits - dense(ids).logits).abs().max() > 0
+
+
+def test_masked_format_loads_as_the_original_architecture(scored, tmp_path):
+    out = tmp_path / "masked"
+    res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.3",
+              "--out", out, "--format", "masked", "--quiet")
+    assert res.returncode == 0, res.stderr
+    masked = AutoModelForCausalLM.from_pretrained(out)
+    assert type(masked).__name__ == "Qwen2ForCausalLM"
+    zero_rows = sum(int((m.weight == 0).all(dim=1).sum()) for n, m in masked.named_modules() if n.endswith("_proj"))
+    assert zero_rows > 0
+
+
+def test_sliced_equals_masked_from_the_same_plan():
+    model = tiny_model("mistral", seed=7, layers=2)
+    geo = Geometry(model.config)
+    gen = torch.Generator().manual_seed(1)
+    plan = propagate({n: torch.rand(geo.size(n), generator=gen) > 0.4 for n in geo.names()}, geo)
+    ids = torch.tensor([random_ids(30, seed=2)])  # longer than the sliding window
+    with torch.no_grad():
+        gap = (apply(model, plan, "sliced")(ids).logits - apply(model, plan, "masked")(ids).logits).abs().max()
+    assert gap <= 1e-4
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("other_model", "scored on another model"),
+    ("ratio", "must be strictly between 0 and 1"),
+    ("mixed", "mix measures"),
+    ("not_empty", "exists and is not empty"),
+    ("missing", "score file not found"),
+])
+def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
+    other = tmp_path / "other"
+    tiny_model("llama", seed=1, layers=2).save_pretrained(other)
+    out = tmp_path / "out"
+    if case == "not_empty":
+        out.mkdir()
+        (out / "keep.txt").write_text("x")
+    model = other if case == "other_model" else scored / "model"
+    scores = [scored / "block/a.safetensors"]
+    if case == "mixed":
+        scores.append(scored / "local/b.safetensors")
+    if case == "missing":
+        scores = [tmp_path / "nope.safetensors"]
+    ratio = "1.5" if case == "ratio" else "0.2"
+    args = ["--model", model, "--ratio", ratio, "--out", out, "--quiet"] + [a for s in scores for a in ("--scores", s)]
+    res = cli("prune", *args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and expect in lines[0], res.stderr
+    if case == "not_empty":
+        assert (out / "keep.txt").read_text() == "x"
+
+
+def test_eval_json(scored):
+    res = cli("eval", "--model", scored / "model", "--text", scored / "a.jsonl", "--json", "--decode-tokens", "4",
+              "--quiet")
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout)
+    assert set(result) == {"model", "params", "files", "prefill_tokens_per_s", "decode_tokens_per_s"}
+    entry = result["files"][str(scored / "a.jsonl")]
+    assert entry["tokens"] == 5 + 8 + 3 and 1 < entry["perplexity"] < 1e4
