@@ -26,7 +26,7 @@ import torch
 from .rope import apply_rope, rope_partner
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-DEFAULT_BLOCK = 256  # query rows per block: rows t see keys s <= t only, so blocks skip the masked triangle
+DEFAULT_BLOCK = 128  # query rows per block: rows t see keys s <= t only, so blocks skip the masked triangle
 
 
 def attention_mask(length: int, sliding_window: int | None, device) -> torch.Tensor:
@@ -129,3 +129,140 @@ def qk_row_ablation_torch(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scalin
     return torch.stack([p[0] for p in per_doc]), torch.stack([p[1] for p in per_doc])
 
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton. One flash-style program per (query tile, query head, ablated dimension j of the chunk):
+# it streams the key blocks its rows can see (causal / sliding-window band of its own document),
+# perturbs the scores by the rank-2 term of the removed row, keeps an online softmax, and writes
+# ΔO = softmax(S - ΔS_j) V - O for its rows: [chunk, heads, T, hd] float32 in all, never L×L. The
+# unperturbed O comes from the same kernel (PERTURB=False) with the identical block structure, so
+# rounding in S and in the online softmax cancels in the difference. o_proj is folded in after the
+# kernel through the Gram matrices, as batched matmuls: Σ_t ΔO[t] W_oᵀW_o ΔO[t]ᵀ.
+#
+# Both ablation kinds share the kernel: ΔS_j[t, s] = scale·(R1[t]·C1[s] + R2[t]·C2[s]) with
+#   q row (h, d): R1 = q_d·cos_d, R2 = s(d)·q_d·sin_p(d) (pre-RoPE query), C1 = k̃_d, C2 = k̃_p(d);
+#   k row (g, d): R1 = q̃_d, R2 = q̃_p(d) (every head h of group g), C1 = k_d·cos_d, C2 = s(d)·k_d·sin_p(d).
+# FLOPs per document: 2 · heads · head_dim · (2·L²/2·hd · 2) ≈ 4·heads·hd²·L² for q and k rows (the
+# causal band halves L²), plus one unperturbed pass per head.
+# ---------------------------------------------------------------------------------------------------
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend works without triton
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _ablated_attention_kernel(qr_ptr, kr_ptr, v_ptr, r1_ptr, r2_ptr, c1_ptr, c2_ptr, base_ptr, out_ptr,
+                                  tile_start_ptr, tile_end_ptr, tile_key_lo_ptr,
+                                  T, NH, NKV, HD, N_REP, CHUNK, scale, window,
+                                  PERTURB: tl.constexpr, WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
+                                  BM: tl.constexpr, BN: tl.constexpr, HDP: tl.constexpr):
+        tile, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        g = h // N_REP
+        m0, m1, lo = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile), tl.load(tile_key_lo_ptr + tile)
+        rm = m0 + tl.arange(0, BM)
+        rd = tl.arange(0, HDP)
+        mask_m, mask_d = rm < m1, rd < HD
+        q = tl.load(qr_ptr + (rm[:, None] * NH + h) * HD + rd[None, :], mask=mask_m[:, None] & mask_d[None, :],
+                    other=0.0)
+        if PERTURB:
+            r1 = tl.load(r1_ptr + (rm * NH + h) * CHUNK + j, mask=mask_m, other=0.0)
+            r2 = tl.load(r2_ptr + (rm * NH + h) * CHUNK + j, mask=mask_m, other=0.0)
+        m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BM,), dtype=tl.float32)
+        acc = tl.zeros((BM, HDP), dtype=tl.float32)
+        for s0 in range(lo, m1, BN):
+            rn = s0 + tl.arange(0, BN)
+            mask_n = rn < m1
+            kv_mask = mask_n[:, None] & mask_d[None, :]
+            kt = tl.load(kr_ptr + (rn[:, None] * NKV + g) * HD + rd[None, :], mask=kv_mask, other=0.0)
+            vt = tl.load(v_ptr + (rn[:, None] * NKV + g) * HD + rd[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale
+            if PERTURB:
+                c1 = tl.load(c1_ptr + (rn * NKV + g) * CHUNK + j, mask=mask_n, other=0.0)
+                c2 = tl.load(c2_ptr + (rn * NKV + g) * CHUNK + j, mask=mask_n, other=0.0)
+                s = s - scale * (r1[:, None] * c1[None, :] + r2[:, None] * c2[None, :])
+            valid = (rn[None, :] <= rm[:, None]) & mask_n[None, :]
+            if WINDOWED:
+                valid = valid & ((rm[:, None] - rn[None, :]) < window)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PRECISION)
+            m_i = m_new
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # padded rows have no keys; they are not stored
+        out_mask = mask_m[:, None] & mask_d[None, :]
+        if PERTURB:
+            o = o - tl.load(base_ptr + (h * T + rm[:, None]) * HD + rd[None, :], mask=out_mask, other=0.0)
+        tl.store(out_ptr + ((j * NH + h) * T + rm[:, None]) * HD + rd[None, :], o, mask=out_mask)
+
+
+def _attention_tiles(offsets, block, sliding_window, device):
+    from .tiles import row_tiles
+
+    tiles = row_tiles(offsets, block, device)
+    key_lo = tiles.doc_start if sliding_window is None else torch.maximum(tiles.doc_start,
+                                                                          tiles.start - sliding_window + 1)
+    return tiles, key_lo.to(torch.int32)
+
+
+def _segment_sums(e: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[..., T] -> [n_docs, ...]: sums over each document's tokens, in a fixed order."""
+    bounds = offsets.tolist()
+    return torch.stack([e[..., s:t].sum(dim=-1) for s, t in zip(bounds[:-1], bounds[1:])])
+
+
+def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
+                           sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                           block: int = 64, block_n: int = 64):
+    """Triton launcher of the exact q/k-row ablation (same contract as :func:`qk_row_ablation_torch`)."""
+    _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+    T, nh, hd = q.shape
+    nkv = k.shape[1]
+    scaling = hd ** -0.5 if scaling is None else scaling
+    dev = q.device
+    qf, kf, vf, cosf, sinf = (t.float().contiguous() for t in (q, k, v, cos, sin))
+    qr, kr = apply_rope(qf, cosf, sinf).contiguous(), apply_rope(kf, cosf, sinf).contiguous()
+    partner, sign = rope_partner(hd, dev)
+    tiles, key_lo = _attention_tiles(offsets, block, sliding_window, dev)
+    meta = dict(WINDOWED=sliding_window is not None, PRECISION="ieee", BM=block, BN=block_n,
+                HDP=max(16, triton.next_power_of_2(hd)))
+    window = sliding_window or 0
+
+    def launch(r1, r2, c1, c2, base, chunk, perturb):
+        out = torch.full((chunk, nh, T, hd), float("nan"), dtype=torch.float32, device=dev)
+        _ablated_attention_kernel[(tiles.count, nh, chunk)](
+            qr, kr, vf, r1, r2, c1, c2, base, out, tiles.start, tiles.end, key_lo,
+            T, nh, nkv, hd, n_rep, chunk, scaling, window, PERTURB=perturb, **meta)
+        return out
+
+    base = launch(qr, qr, kr, kr, qr, 1, False)[0]  # [nh, T, hd]; coefficient pointers unused
+    w = w_o.float().reshape(w_o.shape[0], nkv, n_rep * hd)
+    gram = torch.einsum("kgi,kgj->gij", w, w)  # [nkv, rep·hd, rep·hd]
+    gram_heads = torch.stack([gram[h // n_rep, (h % n_rep) * hd:(h % n_rep + 1) * hd,
+                                   (h % n_rep) * hd:(h % n_rep + 1) * hd] for h in range(nh)])
+    q_sq = torch.empty(offsets.numel() - 1, nh, hd, dtype=torch.float32, device=dev)
+    k_sq = torch.empty(offsets.numel() - 1, nkv, hd, dtype=torch.float32, device=dev)
+    chunk = max(1, min(hd, chunk_bytes // (nh * T * hd * 4)))
+    for d0 in range(0, hd, chunk):
+        dims = torch.arange(d0, min(hd, d0 + chunk), device=dev)
+        pd, c = partner[dims], dims.numel()
+        # q rows of every head, dimension chunk
+        d_o = launch((qf[:, :, dims] * cosf[:, None, dims]).contiguous(),
+                     (sign[dims] * qf[:, :, dims] * sinf[:, None, pd]).contiguous(),
+                     kr[:, :, dims].contiguous(), kr[:, :, pd].contiguous(), base, c, True)
+        e = torch.einsum("chti,hij,chtj->cht", d_o, gram_heads, d_o)
+        q_sq[:, :, d0:d0 + c] = _segment_sums(e, offsets).permute(0, 2, 1)
+        # k rows of every k/v head: the query heads of a group are concatenated before the Gram fold
+        d_o = launch(qr[:, :, dims].contiguous(), qr[:, :, pd].contiguous(),
+                     (kf[:, :, dims] * cosf[:, None, dims]).contiguous(),
+                     (sign[dims] * kf[:, :, dims] * sinf[:, None, pd]).contiguous(), base, c, True)
+        d_o = d_o.view(c, nkv, n_rep, T, hd).permute(0, 1, 3, 2, 4).reshape(c, nkv, T, n_rep * hd)
+        e = torch.einsum("cgti,gij,cgtj->cgt", d_o, gram, d_o)
+        k_sq[:, :, d0:d0 + c] = _segment_sums(e, offsets).permute(0, 2, 1)
+    return q_sq.reshape(q_sq.shape[0], -1), k_sq.reshape(k_sq.shape[0], -1)

@@ -1,8 +1,15 @@
 import json
+import os
 
-import pytest
+import torch
 
-from tests.tiny import random_ids, tiny_model
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny import random_ids, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

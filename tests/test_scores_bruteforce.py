@@ -12,7 +12,11 @@ TOL = 1e-4  # relative to each tensor's largest score
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("measure", ["block", "local"])
-def test_engine_matches_brute_force(arch, measure):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_engine_matches_brute_force(arch, measure, backend, monkeypatch):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("CUSPRUN_BACKEND", backend)
     model = tiny_model(arch, seed=1)
     docs = [random_ids(n, seed=n) for n in (1, 7, 13)]
     engine = Scorer(model, measure).score_documents(docs)
