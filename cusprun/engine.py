@@ -20,7 +20,11 @@ import torch
 
 import cusprun_kernels as ops
 
+from .checkpoint import Checkpoint
+from .hidden_store import HiddenStore
+from .layers import InMemoryLayers, layer_mask
 from .models import PROJECTIONS, sliding_window
+from .parallel import Parallel
 
 MEASURES = ("block", "local")
 
@@ -51,6 +55,11 @@ class _LayerTap:
         self.energies: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self.block_sq: dict[str, torch.Tensor] = {}  # block-measure row energies that replace local ones
+        # Fresh float32 copies, once per layer: reductions over a weight round the same way whatever its
+        # memory alignment in the loaded model (so streamed and in-memory runs are bit-identical).
+        self.w_o = layer.self_attn.o_proj.weight.to(torch.float32, copy=True)
+        self.weight_col_sq = {proj: layer.get_submodule(proj).weight.to(torch.float32, copy=True).square().sum(dim=0)
+                              for proj in PROJECTIONS}
 
     def projection_forward(self, proj: str, linear: torch.nn.Linear) -> Callable:
         def forward(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +97,7 @@ class _LayerTap:
         hd, length = attn.head_dim, t["cos"].shape[0]
         n_kv, n_heads = cfg.num_key_value_heads, cfg.num_attention_heads
         n_rep = n_heads // n_kv
-        w_o = attn.o_proj.weight
+        w_o = self.w_o
         offsets = torch.tensor([0, length], device=w_o.device)
         q_sq, k_sq = ops.qk_row_ablation(
             t["self_attn.q_proj.out"].reshape(length, n_heads, hd),
@@ -102,8 +111,7 @@ class _LayerTap:
 
     def _cols_sq(self, proj: str) -> torch.Tensor:
         """Local column energies ‖W[:, j]‖²·Σ_t X[t, j]² (exact for o and down, whose block ends there)."""
-        weight = self.layer.get_submodule(proj).weight
-        return weight.float().square().sum(dim=0) * self.energies[proj][1]
+        return self.weight_col_sq[proj] * self.energies[proj][1]
 
     def _emit(self, projections: Iterable[str]):
         """Scores (square roots of energies) of the given projections into the current document's row."""
@@ -113,14 +121,23 @@ class _LayerTap:
 
 
 class Scorer:
-    """Scores documents with a loaded Hugging Face causal LM (Llama, Mistral or Qwen2 layout)."""
+    """Scores documents layer by layer: every document passes decoder layer l (its scores taken as it
+    goes) before layer l + 1 is touched, so only one layer's weights need to be on the device
+    (:class:`~cusprun.layers.StreamedLayers`), each finished layer can be checkpointed, and the
+    documents can be split across processes.
 
-    def __init__(self, model, measure: str = "block", chunk_bytes: int = ops.qk_ablation.DEFAULT_CHUNK_BYTES):
+    Give either a loaded Hugging Face model (Llama, Mistral or Qwen2 layout) or a layer source.
+    """
+
+    def __init__(self, model=None, measure: str = "block", chunk_bytes: int = ops.qk_ablation.DEFAULT_CHUNK_BYTES,
+                 layers=None):
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+        if (model is None) == (layers is None):
+            raise ValueError("give a model or a layer source, not both")
         self.model, self.measure, self.chunk_bytes = model, measure, chunk_bytes
-        self.config = model.config
-        self.layers = model.model.layers
+        self.source = layers if layers is not None else InMemoryLayers(model)
+        self.config = self.source.config
         self._doc_row: dict[str, torch.Tensor] | None = None
 
     def store(self, layer: int, proj: str, rows: torch.Tensor, cols: torch.Tensor):
@@ -128,17 +145,16 @@ class Scorer:
         self._doc_row[f"model.layers.{layer}.{proj}.cols"] = cols.float().cpu()
 
     @contextmanager
-    def _instrumented(self):
-        handles, patched = [], []
-        for index, layer in enumerate(self.layers):
-            tap = _LayerTap(self, index, layer)
-            for proj in PROJECTIONS:
-                linear = layer.get_submodule(proj)
-                linear.forward = tap.projection_forward(proj, linear)
-                patched.append(linear)
-            handles.append(layer.self_attn.register_forward_pre_hook(tap.attention_started, with_kwargs=True))
-            handles.append(layer.self_attn.register_forward_hook(tap.attention_done))
-            handles.append(layer.mlp.register_forward_hook(tap.mlp_done))
+    def _instrumented(self, index: int, layer: torch.nn.Module):
+        tap = _LayerTap(self, index, layer)
+        handles = [layer.self_attn.register_forward_pre_hook(tap.attention_started, with_kwargs=True),
+                   layer.self_attn.register_forward_hook(tap.attention_done),
+                   layer.mlp.register_forward_hook(tap.mlp_done)]
+        patched = []
+        for proj in PROJECTIONS:
+            linear = layer.get_submodule(proj)
+            linear.forward = tap.projection_forward(proj, linear)
+            patched.append(linear)
         try:
             yield
         finally:
@@ -147,23 +163,73 @@ class Scorer:
             for linear in patched:
                 del linear.forward  # back to the class's forward
 
+    def _run_layer(self, index: int, layer: torch.nn.Module, hidden: HiddenStore, docs: list[int], on_step):
+        rows = {}
+        with self._instrumented(index, layer):
+            for i in docs:
+                h = hidden.get(i)
+                position_ids = torch.arange(h.shape[1], device=h.device)[None]
+                self._doc_row = {}
+                out = layer(h, attention_mask=layer_mask(self.config, layer.self_attn, h, position_ids),
+                            position_embeddings=self.source.rotary(h, position_ids), position_ids=position_ids,
+                            use_cache=False)
+                hidden.put(i, out)
+                rows[i] = self._doc_row
+                if on_step is not None:
+                    on_step(index, i, h.shape[1])
+        self._doc_row = None
+        return rows
+
     @torch.inference_mode()
+    def score_documents(self, documents: list[list[int]], on_step: Callable[[int, int, int], None] | None = None,
+                        checkpoint: Checkpoint | None = None, parallel: Parallel | None = None,
+                        device_budget: float = float("inf"), host_budget: float = float("inf")):
+        """Scores of several documents: tensor name -> float32 [n_docs, features] (on rank 0; ``None``
+        on other ranks). ``on_step(layer, document, tokens)`` follows progress; ``checkpoint`` makes the
+        run resumable; ``parallel`` splits the documents across processes."""
+        if any(len(d) == 0 for d in documents):
+            raise ValueError("cannot score an empty document")
+        parallel = parallel or Parallel()
+        mine = parallel.shard(len(documents))
+        hidden = HiddenStore(self.source.device, device_budget, host_budget)
+        n_layers = self.config.num_hidden_layers
+        start = 0
+        if checkpoint is not None:
+            checkpoint.open()
+            start = checkpoint.finished_layers()
+        if start:
+            for i, h in checkpoint.load_hidden(start - 1).items():
+                hidden.put(i, h.to(self.source.device))
+        else:
+            for i in mine:
+                hidden.put(i, self.source.embed(documents[i]))
+        if hasattr(self.source, "release_embedding"):
+            self.source.release_embedding()
+        scores = checkpoint.load_scores(start) if start and parallel.is_main else {}
+        try:
+            for index in range(start, n_layers):
+                layer = self.source.layer(index)
+                error, rows = None, {}
+                try:
+                    rows = self._run_layer(index, layer, hidden, mine, on_step)
+                except Exception as exc:  # shared with every rank below, so none waits forever
+                    if parallel.world == 1:
+                        raise
+                    error = f"{type(exc).__name__}: {exc}"
+                parallel.check(error)
+                gathered = parallel.gather(rows)
+                layer_scores = None
+                if gathered is not None:
+                    layer_scores = {name: torch.stack([gathered[i][name] for i in range(len(documents))])
+                                    for name in gathered[0]}
+                    scores.update(layer_scores)
+                if checkpoint is not None:
+                    checkpoint.save_layer(index, layer_scores, {i: hidden.get(i) for i in mine})
+                self.source.release(index)
+        finally:
+            hidden.close()
+        return scores if parallel.is_main else None
+
     def score_document(self, input_ids: list[int]) -> dict[str, torch.Tensor]:
         """Scores of one document: tensor name -> float32 [features]."""
-        if not input_ids:
-            raise ValueError("cannot score an empty document")
-        device = next(self.model.parameters()).device
-        self._doc_row = {}
-        with self._instrumented():
-            self.model.model(input_ids=torch.tensor([input_ids], device=device), use_cache=False)
-        row, self._doc_row = self._doc_row, None
-        return row
-
-    def score_documents(self, documents: list[list[int]], on_document: Callable[[int, int], None] | None = None):
-        """Scores of several documents: tensor name -> float32 [n_docs, features]."""
-        rows = []
-        for index, ids in enumerate(documents):
-            rows.append(self.score_document(ids))
-            if on_document is not None:
-                on_document(index, len(ids))
-        return {name: torch.stack([r[name] for r in rows]) for name in rows[0]} if rows else {}
+        return {name: t[0] for name, t in self.score_documents([input_ids]).items()}

@@ -125,11 +125,10 @@ def _gguf_progress(enabled: bool):
         gguf_utils.tqdm = original
 
 
-def load_model(spec: str, dtype: str = "float32", device: str = "cpu", need_tokenizer: bool = True,
-               quiet: bool = False, allow_sliced: bool = False):
-    """Load ``spec`` for inference. Returns ``(model, tokenizer or None, ModelSource)``."""
+def open_model(spec: str, quiet: bool = False, allow_sliced: bool = False, need_tokenizer: bool = True):
+    """Config, tokenizer (or None) and source of ``spec``, without loading its weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     import cusprun  # noqa: F401  (registers the sliced architectures)
@@ -147,20 +146,46 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", need_toke
     except (OSError, ValueError) as exc:
         raise CusprunError(f"cannot read the model config of {spec}: {str(exc).splitlines()[0]}") from None
     check_architecture(config, allow_sliced)
-    try:
-        with _gguf_progress(enabled=not quiet):
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], local_files_only=True,
-                                                         **kw)
-    except (OSError, ValueError) as exc:
-        raise CusprunError(f"cannot load model {spec}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval()
     tokenizer = None
     if need_tokenizer and has_tokenizer_files(source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kw)
         except (OSError, ValueError, TypeError):
             tokenizer = None  # pre-tokenized corpora need none; text corpora report it when read
-    return model, tokenizer, source
+    return config, tokenizer, source
+
+
+def load_weights(source: ModelSource, dtype: str = "float32", device: str = "cpu", quiet: bool = False):
+    """The model of ``source`` in memory, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        with _gguf_progress(enabled=not quiet):
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], local_files_only=True,
+                                                         **kw)
+    except (OSError, ValueError) as exc:
+        raise CusprunError(f"cannot load model {source.model_id}: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", need_tokenizer: bool = True,
+               quiet: bool = False, allow_sliced: bool = False):
+    """Load ``spec`` for inference. Returns ``(model, tokenizer or None, ModelSource)``."""
+    _, tokenizer, source = open_model(spec, quiet, allow_sliced, need_tokenizer)
+    return load_weights(source, dtype, device, quiet), tokenizer, source
+
+
+def local_folder(source: ModelSource) -> Path | None:
+    """The folder holding the model's safetensors files (a local folder or the hub cache snapshot)."""
+    if source.gguf_file:
+        return None
+    if Path(source.path).is_dir():
+        return Path(source.path)
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(source.path, "config.json")
+    return Path(config).parent if isinstance(config, str) else None
 
 
 def sliding_window(attn: torch.nn.Module, config) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 import time
@@ -13,10 +14,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import __version__
+from .checkpoint import Checkpoint, fingerprint
 from .corpus import Document, corpus_sha256, read_corpus, tokenize
 from .engine import MEASURES, Scorer
 from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .models import ALIASES, DEFAULT_MODEL, DTYPES, config_hash, load_model
+from .models import ALIASES, DEFAULT_MODEL, DTYPES, config_hash, load_weights, local_folder, open_model
+from .parallel import Parallel
 from .scorefile import save_scores
 
 DESCRIPTION = """\
@@ -33,6 +36,7 @@ measures:
 corpora: NAME=PATH where PATH is a .jsonl file (one document per line, field "text" or pre-tokenized
 "input_ids"), a .txt file (documents separated by blank lines) or a folder of .txt files.
 """
+CHECKPOINTS = ".cusprun-checkpoint"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -58,6 +62,11 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="model dtype (scores accumulate in float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--stream", action="store_true",
+                   help="hold one decoder layer's weights on the device at a time (automatic when the model "
+                        "does not fit --max-memory)")
+    p.add_argument("--max-memory", metavar="SIZE", help="memory budget for weights, e.g. 60GiB (default: 90%% of "
+                   "the GPU's free memory, or half of the available RAM)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -98,15 +107,57 @@ def check_device(device: str) -> None:
         raise CusprunError(f"--device {device!r}: expected cpu or cuda[:N]")
 
 
-def _advance(bar, total: int, index: int, n_tokens: int) -> None:
-    bar.set_postfix_str(f"doc {index + 1}/{total}")
-    bar.update(n_tokens)
+def _advance(bar, n_layers: int, layer: int, doc: int, n_tokens: int) -> None:
+    bar.set_postfix_str(f"layer {layer + 1}/{n_layers}", refresh=False)
+    bar.update(n_tokens / n_layers)
+
+
+def parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?)?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise CusprunError(f"--max-memory {text!r}: expected a size such as 60GiB, 500MB or 1e9")
+    unit = (match.group(2) or "").upper()
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    return int(float(match.group(1)) * scale)
+
+
+def default_budget(device: str) -> int:
+    """Memory the weights may take: 90% of the GPU's free memory, or half of the available RAM."""
+    import torch
+
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(0.9 * free)
+    with open("/proc/meminfo") as fh:
+        info = dict(line.split(":", 1) for line in fh)
+    return int(info["MemAvailable"].split()[0]) * 1024 // 2
+
+
+def open_scorer(args, parallel: Parallel):
+    """An in-memory or a streaming scorer, as the model's size, --stream and --max-memory decide.
+    Returns (scorer, tokenizer, source, memory budget, streamed)."""
+    from .layers import StreamedLayers, weights_bytes
+
+    config, tokenizer, source = open_model(args.model, quiet=args.quiet)
+    device = parallel.device(args.device)
+    folder = local_folder(source)
+    budget = parse_bytes(args.max_memory) if args.max_memory else default_budget(device)
+    if args.stream or (folder is not None and weights_bytes(folder) > budget):
+        if folder is None:
+            raise CusprunError(f"--stream needs a model in safetensors format; {args.model} is a GGUF file")
+        layers = StreamedLayers(folder, config, DTYPES[args.dtype], device)
+        return Scorer(measure=args.measure, layers=layers), tokenizer, source, budget, True
+    model = load_weights(source, args.dtype, device, args.quiet)
+    return Scorer(model, args.measure), tokenizer, source, budget, False
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 1:
         raise CusprunError("--max-tokens must be at least 1")
+    if args.max_memory:
+        parse_bytes(args.max_memory)
     corpora = parse_corpora(args.corpus)
     out = prepare_out(args.out)
     check_device(args.device)
@@ -117,11 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         backend = cusprun_kernels.resolve_backend(args.device.split(":")[0], announce=False)
     except cusprun_kernels.BackendUnavailable as exc:
         raise CusprunError(str(exc)) from None
-    model, tokenizer, source = load_model(args.model, args.dtype, args.device, quiet=args.quiet)
-    scorer = Scorer(model, args.measure)
-    options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend}
-    results = [score_corpus(scorer, tokenizer, source, spec, out, options, args.quiet) for spec in corpora]
-    print_summary(results)
+    parallel = Parallel()
+    try:
+        scorer, tokenizer, source, budget, streamed = open_scorer(args, parallel)
+        options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend}
+        results = [score_corpus(scorer, tokenizer, source, spec, out, options, args.quiet, parallel, budget)
+                   for spec in corpora]
+    finally:
+        parallel.close()
+    if parallel.is_main:
+        print_summary(results)
+        if streamed:
+            print("(weights streamed one decoder layer at a time)")
     return 0
 
 
@@ -136,28 +194,41 @@ class CorpusResult:
 
 
 def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path, options: dict,
-                 quiet: bool = False) -> CorpusResult:
-    """Score one corpus and write ``out/NAME.safetensors`` atomically."""
-    model = scorer.model
-    ids = tokenize(spec.documents, tokenizer, options["max_tokens"], model.config.vocab_size)
+                 quiet: bool = False, parallel: Parallel | None = None, budget: float = float("inf")):
+    """Score one corpus and write ``out/NAME.safetensors`` atomically (rank 0). Resumable: per-layer
+    checkpoints live in ``out/.cusprun-checkpoint/NAME`` until the score file is written."""
+    parallel = parallel or Parallel()
+    config = scorer.config
+    ids = tokenize(spec.documents, tokenizer, options["max_tokens"], config.vocab_size)
     skipped = [doc.where for doc, t in zip(spec.documents, ids) if not t]
     kept = [t for t in ids if t]
     if not kept:
         raise CusprunError(f"corpus {spec.name} ({spec.path}) has no document with tokens")
-    for where in skipped:
-        print(f"warning: {where}: document has no tokens, skipped", file=sys.stderr)
+    if parallel.is_main:
+        for where in skipped:
+            print(f"warning: {where}: document has no tokens, skipped", file=sys.stderr)
     n_tokens = sum(map(len, kept))
-    start = time.perf_counter()
-    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=spec.name, file=sys.stderr,
-              disable=quiet, dynamic_ncols=True) as bar:
-        scores = scorer.score_documents(kept, partial(_advance, bar, len(kept)))
-    seconds = time.perf_counter() - start
-    target = out / f"{spec.name}.safetensors"
-    save_scores(target, scores, {
-        "measure": scorer.measure, "model": source.model_id, "config_hash": config_hash(model.config),
+    metadata = {
+        "measure": scorer.measure, "model": source.model_id, "config_hash": config_hash(config),
         "corpus": spec.path, "corpus_sha256": corpus_sha256(spec.path), "n_docs": len(kept),
         "token_counts": [len(t) for t in kept], "skipped": skipped, "cusprun_version": __version__, **options,
-    })
+    }
+    tokens_hash = hashlib.sha256(repr(kept).encode()).hexdigest()
+    checkpoint = Checkpoint(out / CHECKPOINTS / spec.name, fingerprint(metadata=metadata, tokens=tokens_hash),
+                            parallel.rank, parallel.world)
+    start = time.perf_counter()
+    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=spec.name, file=sys.stderr,
+              disable=quiet or not parallel.is_main, dynamic_ncols=True,
+              bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} tok [{elapsed}<{remaining}, {rate_fmt}{postfix}]") as bar:
+        scores = scorer.score_documents(kept, partial(_advance, bar, config.num_hidden_layers), checkpoint,
+                                        parallel, device_budget=budget / 4)
+    seconds = time.perf_counter() - start
+    target = out / f"{spec.name}.safetensors"
+    if parallel.is_main:
+        save_scores(target, scores, metadata)
+    parallel.barrier()
+    if parallel.is_main:
+        checkpoint.remove()
     return CorpusResult(spec.name, len(kept), n_tokens, len(skipped), seconds, target)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import CusprunError
 
@@ -38,13 +38,31 @@ def atomic_write(path: str | Path, write) -> None:
         raise
 
 
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A float32 safetensors file with its header in sorted order, so that equal contents give equal
+    bytes (the safetensors library writes metadata in hash-map order, which varies run to run)."""
+    header, offset, names = {"__metadata__": dict(sorted(metadata.items()))}, 0, sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        if t.dtype != torch.float32:
+            raise ValueError(f"{name}: score tensors are float32")
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.numel() * 4]}
+        offset += t.numel() * 4
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as fh:
+        fh.write(len(blob).to_bytes(8, "little") + blob)
+        for name in names:
+            fh.write(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+
+
 def save_scores(path: str | Path, scores: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write a score file atomically. JSON-valued metadata fields are serialized here."""
     meta = {"format": FORMAT}
     for key, value in metadata.items():
         meta[key] = json.dumps(value) if key in JSON_FIELDS else str(value)
-    tensors = {k: v.float().contiguous() for k, v in scores.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    tensors = {k: v.float() for k, v in scores.items()}
+    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, meta))
 
 
 def load_scores(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

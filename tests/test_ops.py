@@ -76,8 +76,12 @@ def test_v_row_energies_matches_dense_recompute():
 
 
 def test_explicit_missing_backend_fails_with_reason(monkeypatch):
+    monkeypatch.setenv("CUSPRUN_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match="CUSPRUN_BACKEND=cuda: .*extension"):
+        resolve_backend("cpu")
     monkeypatch.setenv("CUSPRUN_BACKEND", "triton")
-    with pytest.raises(BackendUnavailable, match="CUSPRUN_BACKEND=triton"):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="CUSPRUN_BACKEND=triton: .*TRITON_INTERPRET"):
         resolve_backend("cpu")
     monkeypatch.setenv("CUSPRUN_BACKEND", "bogus")
     with pytest.raises(BackendUnavailable, match="unknown backend"):

@@ -107,7 +107,7 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(scorefile, "save_file", boom)
+    monkeypatch.setattr(scorefile, "write_safetensors", boom)
     with pytest.raises(KeyboardInterrupt):
         scorefile.save_scores(tmp_path / "x.safetensors", {"a": torch.zeros(1, 2)}, {})
     assert list(tmp_path.iterdir()) == []

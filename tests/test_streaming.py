@@ -1,0 +1,129 @@
+"""Layer streaming, resume after kill -9, and several processes (torchrun, gloo) — all bit-identical."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cusprun.engine import Scorer
+from cusprun.layers import StreamedLayers
+from cusprun.scorefile import load_scores
+from tests.conftest import write_ids_corpus
+from tests.tiny import random_ids, tiny_model
+
+
+def score_cli(*args, env=None, launcher=(sys.executable, "-m")):
+    return subprocess.run([*launcher, "cusprun.score", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    model = tiny_model("qwen2", seed=11, layers=4)
+    model.save_pretrained(root / "model", max_shard_size="20KB")  # several shards + index
+    write_ids_corpus(root / "c.jsonl", [9, 1, 14, 6, 11], seed=5)
+    return root
+
+
+@pytest.mark.parametrize("measure", ["block", "local"])
+def test_streamed_equals_in_memory_bit_for_bit(saved, measure):
+    model = AutoModelForCausalLM.from_pretrained(saved / "model").eval()
+    docs = [random_ids(n, seed=n) for n in (7, 1, 12)]
+    in_memory = Scorer(model, measure).score_documents(docs)
+    layers = StreamedLayers(saved / "model", AutoConfig.from_pretrained(saved / "model"), torch.float32, "cpu")
+    streamed = Scorer(measure=measure, layers=layers).score_documents(docs)
+    assert in_memory.keys() == streamed.keys()
+    assert all(torch.equal(in_memory[k], streamed[k]) for k in in_memory)
+
+
+def test_stream_flag_writes_identical_score_file(saved, tmp_path):
+    a = score_cli("--model", saved / "model", "--corpus", f"c={saved / 'c.jsonl'}", "--out", tmp_path / "a", "--quiet")
+    b = score_cli("--model", saved / "model", "--corpus", f"c={saved / 'c.jsonl'}", "--out", tmp_path / "b", "--quiet",
+                  "--stream")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert "streamed" in b.stdout
+    assert (tmp_path / "a/c.safetensors").read_bytes() == (tmp_path / "b/c.safetensors").read_bytes()
+    assert not (tmp_path / "b/.cusprun-checkpoint/c").exists()  # removed once the file is written
+
+
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+    model_dir = tmp_path / "model"
+    tiny_model("llama", seed=12, layers=8).save_pretrained(model_dir)
+    write_ids_corpus(tmp_path / "c.jsonl", [60] * 12, seed=2)
+    args = ["--model", model_dir, "--corpus", f"c={tmp_path / 'c.jsonl'}", "--quiet"]
+    reference = score_cli(*args, "--out", tmp_path / "ref")
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "out"
+    checkpoint = out / ".cusprun-checkpoint" / "c"
+    proc = subprocess.Popen([sys.executable, "-m", "cusprun.score", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (checkpoint / "layer-1.safetensors").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "c.safetensors").exists(), "the run finished before it could be killed"
+    finished = sorted(p.name for p in checkpoint.glob("layer-*.safetensors"))
+    assert finished and len(finished) < 8
+    resumed = score_cli(*args, "--out", out)
+    assert resumed.returncode == 0, resumed.stderr
+    assert (out / "c.safetensors").read_bytes() == (tmp_path / "ref/c.safetensors").read_bytes()
+
+
+def test_checkpoint_from_other_inputs_is_refused(saved, tmp_path):
+    stale = tmp_path / "out/.cusprun-checkpoint/c"
+    stale.mkdir(parents=True)
+    (stale / "fingerprint.json").write_text('{"fingerprint": "from another run"}')
+    res = score_cli("--model", saved / "model", "--corpus", f"c={saved / 'c.jsonl'}", "--out", tmp_path / "out",
+                    "--quiet")
+    assert res.returncode == 2 and "made from different inputs" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m")
+
+
+def test_two_ranks_equal_one_process(saved, tmp_path):
+    args = ["--model", saved / "model", "--corpus", f"c={saved / 'c.jsonl'}", "--quiet"]
+    # CPU reductions round differently with different thread counts; torchrun gives each rank one thread
+    one = score_cli(*args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
+    two = score_cli(*args, "--out", tmp_path / "two", launcher=TORCHRUN, env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    assert (tmp_path / "one/c.safetensors").read_bytes() == (tmp_path / "two/c.safetensors").read_bytes()
+    tensors, meta = load_scores(tmp_path / "two/c.safetensors")
+    assert meta["n_docs"] == "5" and all(t.shape[0] == 5 for t in tensors.values())
+
+
+def test_a_failing_rank_fails_the_run_and_writes_nothing(saved, tmp_path):
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import cusprun.engine as e\n"
+        "    def fail(self, index, *a, **k):\n"
+        "        raise RuntimeError(f'injected failure at layer {index}')\n"
+        "    e.Scorer._run_layer = fail\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(inject), str(Path.cwd()), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    res = score_cli("--model", saved / "model", "--corpus", f"c={saved / 'c.jsonl'}", "--out", tmp_path / "out",
+                    "--quiet", launcher=TORCHRUN, env=env)
+    assert res.returncode != 0
+    assert "rank 1: RuntimeError: injected failure at layer 0" in res.stderr
+    assert not (tmp_path / "out/c.safetensors").exists()
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_hidden_states_spill_to_disk_without_changing_scores(saved):
+    model = AutoModelForCausalLM.from_pretrained(saved / "model").eval()
+    docs = [random_ids(n, seed=n) for n in (5, 9)]
+    plain = Scorer(model, "block").score_documents(docs)
+    spilled = Scorer(model, "block").score_documents(docs, device_budget=0, host_budget=0)
+    assert all(torch.equal(plain[k], spilled[k]) for k in plain)
