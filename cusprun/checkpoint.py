@@ -57,14 +57,18 @@ class Checkpoint:
             n -= 1
         return n
 
-    def save_layer(self, layer: int, scores: dict[str, torch.Tensor] | None, hidden: dict[int, torch.Tensor]) -> None:
-        """Hidden states first (every rank), then scores (rank 0): a layer counts once both exist."""
+    def save_hidden(self, layer: int, hidden: dict[int, torch.Tensor]) -> None:
+        """This rank's hidden states after ``layer`` (written by every rank before rank 0 writes the scores)."""
         tensors = {str(i): h.contiguous().cpu() for i, h in hidden.items()}
         atomic_write(self._hidden(layer), lambda tmp: save_file(tensors, tmp))
-        if scores is not None:
-            atomic_write(self._scores(layer), lambda tmp: save_file(scores, tmp))
-        if layer > 0:
-            self._hidden(layer - 1).unlink(missing_ok=True)
+
+    def save_scores(self, layer: int, scores: dict[str, torch.Tensor]) -> None:
+        """The layer's scores (rank 0): from now on the layer counts as finished."""
+        atomic_write(self._scores(layer), lambda tmp: save_file(scores, tmp))
+
+    def drop_hidden(self, layer: int) -> None:
+        if layer >= 0:
+            self._hidden(layer).unlink(missing_ok=True)
 
     def load_hidden(self, layer: int) -> dict[int, torch.Tensor]:
         return {int(k): v for k, v in load_file(str(self._hidden(layer))).items()}

@@ -196,7 +196,7 @@ class Scorer:
         start = 0
         if checkpoint is not None:
             checkpoint.open()
-            start = checkpoint.finished_layers()
+            start = parallel.minimum(checkpoint.finished_layers())
         if start:
             for i, h in checkpoint.load_hidden(start - 1).items():
                 hidden.put(i, h.to(self.source.device))
@@ -224,7 +224,13 @@ class Scorer:
                                     for name in gathered[0]}
                     scores.update(layer_scores)
                 if checkpoint is not None:
-                    checkpoint.save_layer(index, layer_scores, {i: hidden.get(i) for i in mine})
+                    # hidden states of every rank first, then the scores: a layer's score file exists only
+                    # once every rank can resume after it
+                    checkpoint.save_hidden(index, {i: hidden.get(i) for i in mine})
+                    parallel.barrier()
+                    if layer_scores is not None:
+                        checkpoint.save_scores(index, layer_scores)
+                    checkpoint.drop_hidden(index - 1)
                 self.source.release(index)
         finally:
             hidden.close()

@@ -64,6 +64,14 @@ class Parallel:
             rank, message = failed[0]
             raise CusprunError(f"rank {rank}: {message}")
 
+    def minimum(self, value: int) -> int:
+        """The smallest ``value`` over all ranks (the layer every rank can resume from)."""
+        if self._dist is None:
+            return value
+        values = [None] * self.world
+        self._dist.all_gather_object(values, value)
+        return min(values)
+
     def barrier(self) -> None:
         if self._dist is not None:
             self._dist.barrier()

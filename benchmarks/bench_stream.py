@@ -1,0 +1,137 @@
+"""Layer streaming on this machine: score with a model whose weights are larger than RAM.
+
+    python benchmarks/bench_stream.py [--ram-multiple 1.5] [--docs 4] [--tokens 64] [--measure block]
+
+Builds once (cached in benchmarks/.cache/) a random Llama-architecture model at Llama-3-70B width
+(hidden 8192, 64 heads, 8 k/v heads, intermediate 28672) with enough layers that its bfloat16 weights
+on disk are at least ``--ram-multiple`` times this machine's RAM, written shard by shard so it never
+exists in memory. It then scores a small corpus with ``python -m cusprun.score --stream`` and, for
+comparison, a model of the same width that fits (2 layers) in memory, each in a child process that
+reports its own peak RSS. Prints a table and appends rows to benchmarks/results/bench_stream.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, report  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / ".cache"
+WIDTH = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+             head_dim=128, vocab_size=32000)
+CHILD = """
+import resource, sys, time
+from cusprun.errors import run_cli
+from cusprun.score import main
+start = time.perf_counter()
+code = run_cli(main, sys.argv[1:])
+print(f"BENCH {time.perf_counter() - start:.3f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}",
+      file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def ram_bytes() -> int:
+    with open("/proc/meminfo") as fh:
+        return int(next(line for line in fh if line.startswith("MemTotal")).split()[1]) * 1024
+
+
+def layer_bytes() -> int:
+    h, i, kv = WIDTH["hidden_size"], WIDTH["intermediate_size"], WIDTH["num_key_value_heads"] * WIDTH["head_dim"]
+    return 2 * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
+
+
+def build(folder: Path, layers: int) -> Path:
+    """A random Llama checkpoint, one safetensors shard per layer; skipped when already complete."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    if (folder / "model.safetensors.index.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(num_hidden_layers=layers, max_position_embeddings=4096, tie_word_embeddings=False, **WIDTH)
+    gen = torch.Generator().manual_seed(0)
+    h, inter = WIDTH["hidden_size"], WIDTH["intermediate_size"]
+    kv = WIDTH["num_key_value_heads"] * WIDTH["head_dim"]
+
+    def rand(*shape, std=0.02):
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    weight_map = {}
+
+    def shard(name: str, tensors: dict):
+        save_file(tensors, str(folder / name))
+        weight_map.update(dict.fromkeys(tensors, name))
+
+    shard("embed.safetensors", {"model.embed_tokens.weight": rand(WIDTH["vocab_size"], h),
+                                "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+                                "lm_head.weight": rand(WIDTH["vocab_size"], h)})
+    for layer in range(layers):
+        p = f"model.layers.{layer}."
+        shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                  "self_attn.o_proj": (h, h), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
+                  "mlp.down_proj": (h, inter)}
+        tensors = {f"{p}{name}.weight": rand(*shape) for name, shape in shapes.items()}
+        tensors[f"{p}input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        tensors[f"{p}post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        shard(f"layer-{layer:03d}.safetensors", tensors)
+        print(f"  wrote layer {layer + 1}/{layers}", file=sys.stderr)
+    config.save_pretrained(folder)
+    index = {"metadata": {"total_size": sum(f.stat().st_size for f in folder.glob("*.safetensors"))},
+             "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))  # last: marks the build complete
+    return folder
+
+
+def run(model: Path, corpus: Path, out: Path, extra: list[str]) -> tuple[float, int]:
+    cmd = [sys.executable, "-c", CHILD, "--model", str(model), "--corpus", f"bench={corpus}", "--out", str(out),
+           "--quiet", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"scoring failed: {res.stderr.strip().splitlines()[-1]}")
+    line = next(x for x in res.stderr.splitlines() if x.startswith("BENCH "))
+    seconds, rss = line.split()[1:]
+    return float(seconds), int(rss)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ram-multiple", type=float, default=1.5)
+    ap.add_argument("--docs", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--measure", default="block", choices=["block", "local"])
+    args = ap.parse_args()
+    ram = ram_bytes()
+    layers = int(-(-(args.ram_multiple * ram - 2 * 2 * WIDTH["vocab_size"] * WIDTH["hidden_size"]) // layer_bytes()))
+    big = build(CACHE / f"llama-8192-{layers}L", layers)
+    small = build(CACHE / "llama-8192-2L", 2)
+    corpus = CACHE / f"corpus-{args.docs}x{args.tokens}.jsonl"
+    gen = torch.Generator().manual_seed(1)
+    corpus.write_text("".join(json.dumps({"input_ids": torch.randint(0, WIDTH["vocab_size"], (args.tokens,),
+                                                                     generator=gen).tolist()}) + "\n"
+                              for _ in range(args.docs)))
+    tokens = args.docs * args.tokens
+    rows = []
+    for name, model, extra in (("streamed", big, ["--stream"]), ("in memory", small, [])):
+        disk = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        start = time.perf_counter()
+        seconds, rss = run(model, corpus, CACHE / "out", ["--measure", args.measure, *extra])
+        layer_count = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+        rows.append([name, layer_count, disk / 1e9, disk / ram, rss / 1e9, rss / ram, seconds,
+                     tokens / seconds, tokens * layer_count / seconds])
+        print(f"  {name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    report("bench_stream", ["run", "layers", "weights GB", "x RAM", "peak RSS GB", "RSS / RAM", "seconds",
+                            "tokens/s", "token-layers/s"], rows,
+           {**environment(), "ram_gb": f"{ram / 1e9:.1f}", "measure": args.measure, "dtype": "float32"})
+
+
+if __name__ == "__main__":
+    main()
