@@ -67,8 +67,11 @@ class _LayerTap:
             offsets = torch.tensor([0, flat.shape[0]], device=flat.device)
             y, row_sq, col_sq = ops.projection_energies(flat, linear.weight, linear.bias, offsets)
             self.energies[proj] = (row_sq[0], col_sq[0])
-            if self.scorer.measure == "block":
-                self.tensors[f"{proj}.in"], self.tensors[f"{proj}.out"] = flat, y
+            if self.scorer.measure == "block":  # the attention-side block scores need these, nothing else
+                if proj == "self_attn.o_proj":
+                    self.tensors[f"{proj}.in"] = flat
+                elif proj.startswith("self_attn"):
+                    self.tensors[f"{proj}.out"] = y
             return y.reshape(*x.shape[:-1], y.shape[-1])
         return forward
 

@@ -107,8 +107,9 @@ def check_device(device: str) -> None:
         raise CusprunError(f"--device {device!r}: expected cpu or cuda[:N]")
 
 
-def _advance(bar, n_layers: int, layer: int, doc: int, n_tokens: int) -> None:
-    bar.set_postfix_str(f"layer {layer + 1}/{n_layers}", refresh=False)
+def _advance(bar, n_docs: int, n_layers: int, layer: int, doc: int, n_tokens: int) -> None:
+    """Documents pass the model layer by layer: a document's tokens count 1/n_layers per layer."""
+    bar.set_postfix_str(f"{n_docs} docs, layer {layer + 1}/{n_layers}", refresh=False)
     bar.update(n_tokens / n_layers)
 
 
@@ -220,7 +221,7 @@ def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path,
     with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=spec.name, file=sys.stderr,
               disable=quiet or not parallel.is_main, dynamic_ncols=True,
               bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} tok [{elapsed}<{remaining}, {rate_fmt}{postfix}]") as bar:
-        scores = scorer.score_documents(kept, partial(_advance, bar, config.num_hidden_layers), checkpoint,
+        scores = scorer.score_documents(kept, partial(_advance, bar, len(kept), config.num_hidden_layers), checkpoint,
                                         parallel, device_budget=budget / 4)
     seconds = time.perf_counter() - start
     target = out / f"{spec.name}.safetensors"
