@@ -50,9 +50,7 @@ class SlicedLinear(nn.Module):
         y = nn.functional.linear(x, self.weight, self.bias)
         if self.out_index is None:
             return y
-        full = y.new_zeros(*y.shape[:-1], self.out_features)
-        full[..., self.out_index] = y
-        return full
+        return y.new_zeros(*y.shape[:-1], self.out_features).index_copy_(-1, self.out_index, y)
 
 
 def install_sliced_projections(model: nn.Module, slices: dict) -> None:

@@ -40,7 +40,7 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--eval", action="append", metavar="NAME",
                    help=f"held-out texts to evaluate on (default: {', '.join(DEFAULT_EVAL)})")
     p.add_argument("--ratio", type=float, default=0.25, help="fraction of projection parameters removed")
-    p.add_argument("--docs", type=int, default=8, help="calibration documents per corpus")
+    p.add_argument("--docs", type=int, default=16, help="calibration documents per corpus")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per calibration document")
     p.add_argument("--eval-max-tokens", type=int, default=512)
     p.add_argument("--measure", choices=MEASURES, default="block")

@@ -109,8 +109,9 @@ def check_device(device: str) -> None:
 
 def _advance(bar, n_docs: int, n_layers: int, layer: int, doc: int, n_tokens: int) -> None:
     """Documents pass the model layer by layer: a document's tokens count 1/n_layers per layer."""
+    bar.token_layers = getattr(bar, "token_layers", 0) + n_tokens  # exact count: float sums would overshoot
     bar.set_postfix_str(f"{n_docs} docs, layer {layer + 1}/{n_layers}", refresh=False)
-    bar.update(n_tokens / n_layers)
+    bar.update(bar.token_layers / n_layers - bar.n)
 
 
 def parse_bytes(text: str) -> int:
