@@ -220,7 +220,13 @@ def _segment_sums(e: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
                            sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                            block: int = 64, block_n: int = 64):
-    """Triton launcher of the exact q/k-row ablation (same contract as :func:`qk_row_ablation_torch`)."""
+    """Triton launcher of the exact q/k-row ablation (same contract as :func:`qk_row_ablation_torch`).
+
+    FLOPs per document of length L (causal band ≈ L²/2 score entries per pass): every q row
+    (heads·hd of them) and every k row once per query head of its group (kv_heads·n_rep·hd = heads·hd)
+    is one attention pass of 2·(L²/2)·hd for QKᵀ and as many for P·V, so ≈ 4·heads·hd²·L² in all,
+    plus one unperturbed pass per head — about head_dim attention passes per head, twice.
+    """
     _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     T, nh, hd = q.shape
     nkv = k.shape[1]
