@@ -12,9 +12,8 @@ from safetensors.torch import load_file, save_file
 
 
 class HiddenStore:
-    def __init__(self, device: torch.device, device_budget: int, host_budget: int, spill_dir: Path | None = None):
+    def __init__(self, device: torch.device, device_budget: float, host_budget: float):
         self.device, self.device_budget, self.host_budget = device, device_budget, host_budget
-        self.spill_root = spill_dir
         self._spill: Path | None = None
         self._items: dict[int, torch.Tensor | Path] = {}
         self._bytes = {"device": 0, "host": 0}
@@ -33,7 +32,7 @@ class HiddenStore:
             self._bytes["host"] += size
         else:
             if self._spill is None:
-                self._spill = Path(tempfile.mkdtemp(prefix="cusprun-hidden-", dir=self.spill_root))
+                self._spill = Path(tempfile.mkdtemp(prefix="cusprun-hidden-"))
             path = self._spill / f"{index}.safetensors"
             save_file({"h": t.contiguous().cpu()}, str(path))
             self._items[index] = path

@@ -79,13 +79,15 @@ class StreamedLayers:
 
     def _load(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
         module.to_empty(device=self.device)
-        state = {}
+        by_file: dict[str, list[str]] = {}
         for name in module.state_dict():
-            key = prefix + name
-            if key not in self.files:
-                raise CusprunError(f"tensor {key} is missing from the model's safetensors files")
-            with safe_open(self.files[key], framework="pt", device="cpu") as fh:
-                state[name] = fh.get_tensor(key).to(self.dtype)
+            if prefix + name not in self.files:
+                raise CusprunError(f"tensor {prefix + name} is missing from the model's safetensors files")
+            by_file.setdefault(self.files[prefix + name], []).append(name)
+        state = {}
+        for file, names in by_file.items():  # each shard is opened (memory-mapped) once per module
+            with safe_open(file, framework="pt", device="cpu") as fh:
+                state.update({name: fh.get_tensor(prefix + name).to(self.dtype) for name in names})
         module.load_state_dict(state, strict=True)
         return module.eval()
 

@@ -21,7 +21,7 @@ from .engine import MEASURES, Scorer
 from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .eval import evaluate
 from .models import DEFAULT_MODEL, config_hash, load_model
-from .prune import build_expert
+from .prune import build_expert, check_ratio
 from .score import CorpusSpec, score_corpus
 from .scorefile import atomic_write, load_scores
 
@@ -80,12 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in evals:
         if not (data / "heldout" / f"{name}.jsonl").is_file():
             raise CusprunError(f"no held-out text {data / 'heldout' / name}.jsonl")
-    if not 0 < args.ratio < 1:
-        raise CusprunError(f"--ratio {args.ratio}: must be strictly between 0 and 1")
+    check_ratio(args.ratio)
     for sub in ("corpora", "scores", "experts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model, tokenizer, source = load_model(args.model, quiet=args.quiet)
+    from transformers import AutoModelForCausalLM
+
     import cusprun_kernels
 
     cusprun_kernels.set_quiet(args.quiet)
@@ -109,8 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         loaded = [load_scores(p) for p in paths]
         report = build_expert(model, tokenizer, source, [t for t, _ in loaded], [m for _, m in loaded], paths,
                               args.ratio, "sliced", out / "experts" / expert)
-        from transformers import AutoModelForCausalLM
-
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
         rows.append((expert, evaluate(pruned, tokenizer, texts, args.eval_max_tokens, 32, expert), report))
     summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": args.ratio,

@@ -46,6 +46,11 @@ def build_parser() -> OneLineArgumentParser:
     return p
 
 
+def check_ratio(ratio: float) -> None:
+    if not 0 < ratio < 1:
+        raise CusprunError(f"--ratio {ratio}: must be strictly between 0 and 1")
+
+
 def load_score_sets(paths: list[str]):
     sets, metas = [], []
     for path in paths:
@@ -73,8 +78,7 @@ def check_against_model(sets, metas, paths, config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not 0 < args.ratio < 1:
-        raise CusprunError(f"--ratio {args.ratio}: must be strictly between 0 and 1")
+    check_ratio(args.ratio)
     out = check_out_dir(args.out, args.overwrite)
     sets, metas = load_score_sets(args.scores)
     model, tokenizer, source = load_model(args.model, args.dtype, quiet=args.quiet)

@@ -136,7 +136,7 @@ def default_budget(device: str) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024 // 2
 
 
-def open_scorer(args, parallel: Parallel):
+def open_scorer(args, max_memory: int | None, parallel: Parallel):
     """An in-memory or a streaming scorer, as the model's size, --stream and --max-memory decide.
     Returns (scorer, tokenizer, source, memory budget, streamed)."""
     from .layers import StreamedLayers, weights_bytes
@@ -144,7 +144,7 @@ def open_scorer(args, parallel: Parallel):
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     device = parallel.device(args.device)
     folder = local_folder(source)
-    budget = parse_bytes(args.max_memory) if args.max_memory else default_budget(device)
+    budget = max_memory if max_memory is not None else default_budget(device)
     if args.stream or (folder is not None and weights_bytes(folder) > budget):
         if folder is None:
             raise CusprunError(f"--stream needs a model in safetensors format; {args.model} is a GGUF file")
@@ -158,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 1:
         raise CusprunError("--max-tokens must be at least 1")
-    if args.max_memory:
-        parse_bytes(args.max_memory)
+    max_memory = parse_bytes(args.max_memory) if args.max_memory else None
     corpora = parse_corpora(args.corpus)
     out = prepare_out(args.out)
     check_device(args.device)
@@ -172,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(str(exc)) from None
     parallel = Parallel()
     try:
-        scorer, tokenizer, source, budget, streamed = open_scorer(args, parallel)
+        scorer, tokenizer, source, budget, streamed = open_scorer(args, max_memory, parallel)
         options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend}
         results = [score_corpus(scorer, tokenizer, source, spec, out, options, args.quiet, parallel, budget)
                    for spec in corpora]

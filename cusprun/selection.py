@@ -15,6 +15,7 @@ of equal R. σ is reported as the R of the last neuron removed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -65,8 +66,12 @@ def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: flo
         keep = dict(zip(names, (~removed).split(sizes)))
         return propagate(keep, geo)
 
+    @cache  # the search and the final pick revisit the same prefix lengths
+    def kept(k: int) -> int:
+        return kept_params(plan_for(k), geo)
+
     def fraction(k: int) -> float:
-        return 1 - kept_params(plan_for(k), geo) / total
+        return 1 - kept(k) / total
 
     lo, hi = 0, values.numel()  # fraction(lo) < ratio <= fraction(hi)
     if fraction(hi) < ratio:
@@ -78,6 +83,4 @@ def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: flo
         else:
             lo = mid
     k = hi if lo == 0 or abs(fraction(hi) - ratio) <= abs(fraction(lo) - ratio) else lo
-    plan = plan_for(k)
-    kept = kept_params(plan, geo)
-    return Selection(plan, float(values[order[k - 1]]) if k else 0.0, 1 - kept / total, kept, total)
+    return Selection(plan_for(k), float(values[order[k - 1]]) if k else 0.0, fraction(k), kept(k), total)

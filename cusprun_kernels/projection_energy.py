@@ -24,12 +24,18 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, off
         raise ValueError(f"projection_energies: offsets must run from 0 to T_total={x.shape[0]}")
 
 
+def segment_sums(t: torch.Tensor, offsets: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Sums over each document's segment of ``dim``, stacked as a new leading [n_docs] axis.
+
+    Slice by slice in a fixed order (no atomics, unlike index_add_ on a GPU): results are identical
+    run to run, which bit-identical score files rely on."""
+    bounds = offsets.tolist()
+    return torch.stack([t.narrow(dim, s, e - s).sum(dim) for s, e in zip(bounds[:-1], bounds[1:])])
+
+
 def segment_sum_sq(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[T_total, F] -> [n_docs, F] float32 sums of squares per document segment."""
-    lengths = (offsets[1:] - offsets[:-1]).to(t.device)
-    seg = torch.repeat_interleave(torch.arange(lengths.numel(), device=t.device), lengths)
-    out = torch.zeros(lengths.numel(), t.shape[1], dtype=torch.float32, device=t.device)
-    return out.index_add_(0, seg, t.float().square())
+    return segment_sums(t.float().square(), offsets)
 
 
 def projection_energies_torch(x, weight, bias, offsets):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from .projection_energy import segment_sums
 from .rope import apply_rope, rope_partner
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
@@ -211,12 +212,6 @@ def _attention_tiles(offsets, block, sliding_window, device):
     return tiles, key_lo.to(torch.int32)
 
 
-def _segment_sums(e: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """[..., T] -> [n_docs, ...]: sums over each document's tokens, in a fixed order."""
-    bounds = offsets.tolist()
-    return torch.stack([e[..., s:t].sum(dim=-1) for s, t in zip(bounds[:-1], bounds[1:])])
-
-
 def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
                            sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                            block: int = 64, block_n: int = 64):
@@ -263,12 +258,12 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
                      (sign[dims] * qf[:, :, dims] * sinf[:, None, pd]).contiguous(),
                      kr[:, :, dims].contiguous(), kr[:, :, pd].contiguous(), base, c, True)
         e = torch.einsum("chti,hij,chtj->cht", d_o, gram_heads, d_o)
-        q_sq[:, :, d0:d0 + c] = _segment_sums(e, offsets).permute(0, 2, 1)
+        q_sq[:, :, d0:d0 + c] = segment_sums(e, offsets, dim=-1).permute(0, 2, 1)
         # k rows of every k/v head: the query heads of a group are concatenated before the Gram fold
         d_o = launch(qr[:, :, dims].contiguous(), qr[:, :, pd].contiguous(),
                      (kf[:, :, dims] * cosf[:, None, dims]).contiguous(),
                      (sign[dims] * kf[:, :, dims] * sinf[:, None, pd]).contiguous(), base, c, True)
         d_o = d_o.view(c, nkv, n_rep, T, hd).permute(0, 1, 3, 2, 4).reshape(c, nkv, T, n_rep * hd)
         e = torch.einsum("cgti,gij,cgtj->cgt", d_o, gram, d_o)
-        k_sq[:, :, d0:d0 + c] = _segment_sums(e, offsets).permute(0, 2, 1)
+        k_sq[:, :, d0:d0 + c] = segment_sums(e, offsets, dim=-1).permute(0, 2, 1)
     return q_sq.reshape(q_sq.shape[0], -1), k_sq.reshape(k_sq.shape[0], -1)
