@@ -2,6 +2,9 @@
 
 ``import cusprun`` registers the sliced architectures with transformers' Auto classes, so
 ``AutoModelForCausalLM.from_pretrained(OUT)`` loads an expert model written by ``cusprun.prune``.
+
+API: ``cusprun.score(model, documents) -> ScoreSet``; ``ScoreSet.load/save``, ``.relevance()``,
+``a & b`` (intersection), ``.select(ratio) -> Selection``; ``cusprun.apply(model, selection)``.
 """
 
 __version__ = "0.1.0"
@@ -9,3 +12,10 @@ __version__ = "0.1.0"
 from .modeling_cusprun import register as _register  # noqa: E402
 
 _register()
+
+from .api import score  # noqa: E402
+from .apply import apply  # noqa: E402
+from .scoreset import ScoreSet, intersect  # noqa: E402
+from .selection import Selection  # noqa: E402
+
+__all__ = ["ScoreSet", "Selection", "apply", "intersect", "score"]

@@ -9,7 +9,7 @@ import torch
 from .modeling_cusprun import PROJECTIONS, SLICED
 from .plan import Plan
 
-FORMATS = ("sliced", "masked")
+FORMATS = ("sliced", "masked", "stock")
 
 
 def _masks(plan: Plan, layer: int, proj: str):
@@ -67,8 +67,19 @@ def sliced(model, plan: Plan):
     return out.to(dtype=next(model.parameters()).dtype).eval()
 
 
-def apply(model, plan: Plan, format: str = "sliced"):
-    """The pruned model, in memory: ``format`` is ``sliced`` (default) or ``masked``."""
+def apply(model, plan, format: str = "sliced"):
+    """The pruned model, in memory (``model`` is left as it was).
+
+    plan: a :class:`~cusprun.selection.Selection` (from ``ScoreSet.select``) or a dict of keep masks.
+    format: ``sliced`` (default; physically smaller, computes exactly what ``masked`` computes),
+    ``masked`` (original architecture, removed rows/columns zero) or ``stock`` (the original
+    architecture class with fewer MLP channels and k/v groups; needs a plan uniform across layers,
+    from ``ScoreSet.select(ratio, uniform=True)``, see :mod:`cusprun.stock`)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    return sliced(model, plan) if format == "sliced" else masked(model, plan)
+    keep = getattr(plan, "plan", plan)
+    if format == "stock":
+        from .stock import stock
+
+        return stock(model, keep)
+    return sliced(model, keep) if format == "sliced" else masked(model, keep)

@@ -22,10 +22,23 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
+def ship_modeling_code(model, folder: Path) -> None:
+    """Sliced models: put modeling_cusprun.py (torch + transformers only) beside the weights and name its
+    classes in ``auto_map``, so ``from_pretrained(folder, trust_remote_code=True)`` needs no cusprun."""
+    from . import modeling_cusprun
+
+    shutil.copyfile(modeling_cusprun.__file__, folder / "modeling_cusprun.py")
+    model.config.auto_map = {"AutoConfig": f"modeling_cusprun.{type(model.config).__name__}",
+                             "AutoModelForCausalLM": f"modeling_cusprun.{type(model).__name__}"}
+
+
 def save_model_dir(out: Path, model, tokenizer, report: dict, max_shard_size: str = "2GB") -> None:
-    """config.json, model.safetensors (sharded when large), the tokenizer and pruning.json, all or nothing."""
+    """config.json, model.safetensors (sharded when large), the tokenizer and pruning.json (and, for sliced
+    models, their modeling code), all or nothing."""
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+        if model.config.model_type.startswith("cusprun_"):
+            ship_modeling_code(model, staging)
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

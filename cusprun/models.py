@@ -26,6 +26,9 @@ ALIASES = {
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# Config fields that define a model's projection shapes: hashed to match score files with models.
+ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "vocab_size", "attention_bias", "mlp_bias")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -103,9 +106,7 @@ def check_architecture(config, allow_sliced: bool = False) -> None:
 
 def config_hash(config) -> str:
     """sha256 of the architecture-defining config fields: score files and models must agree on it."""
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "vocab_size", "attention_bias", "mlp_bias")
-    fields = {k: getattr(config, k, None) for k in keys}
+    fields = {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 

@@ -24,6 +24,7 @@ from .models import DEFAULT_MODEL, config_hash, load_model
 from .prune import build_expert, check_ratio
 from .score import CorpusSpec, score_corpus
 from .scorefile import atomic_write, load_scores
+from .scoreset import ScoreSet
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_EXPERTS = ["de", "de+medical"]
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("dense", evaluate(model, tokenizer, texts, args.eval_max_tokens, 32, source.model_id), None)]
     for expert in experts:
         paths = [score_files[d] for d in expert.split("+")]
-        loaded = [load_scores(p) for p in paths]
-        report = build_expert(model, tokenizer, source, [t for t, _ in loaded], [m for _, m in loaded], paths,
+        report = build_expert(model, tokenizer, source, [ScoreSet.load(p) for p in paths], paths,
                               args.ratio, "sliced", out / "experts" / expert)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
         rows.append((expert, evaluate(pruned, tokenizer, texts, args.eval_max_tokens, 32, expert), report))

@@ -13,8 +13,7 @@ from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .export import check_out_dir, save_model_dir
 from .models import DEFAULT_MODEL, DTYPES, config_hash, load_model
 from .plan import Geometry, kept_counts
-from .scorefile import load_scores
-from .selection import relevance, select
+from .scoreset import ScoreSet, intersect
 
 DESCRIPTION = """\
 Build an expert model from one score file per dimension (language, domain, task).
@@ -28,6 +27,13 @@ formats:
   sliced  (default) each matrix keeps only its live rows and columns: physically smaller, computes
           exactly what the masked model computes; loads with `import cusprun` and AutoModelForCausalLM.
   masked  the original architecture with removed rows, biases and columns set to zero.
+  stock   the original architecture class (LlamaForCausalLM, ...) with fewer MLP channels and k/v groups:
+          the plan is made uniform across layers (same number of channels and of k/v groups, each with
+          its query heads, kept in every layer), so plain transformers and serving engines load it.
+          It reaches the asked ratio only as closely as whole units allow (reported).
+
+Sliced models carry their modeling code (modeling_cusprun.py, auto_map in config.json): they load
+with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) where cusprun is not installed.
 """
 
 
@@ -51,24 +57,23 @@ def check_ratio(ratio: float) -> None:
         raise CusprunError(f"--ratio {ratio}: must be strictly between 0 and 1")
 
 
-def load_score_sets(paths: list[str]):
-    sets, metas = [], []
+def load_score_sets(paths: list[str]) -> list[ScoreSet]:
+    sets = []
     for path in paths:
         if not Path(path).is_file():
             raise CusprunError(f"score file not found: {path}")
-        tensors, meta = load_scores(path)
-        sets.append(tensors)
-        metas.append(meta)
-    measures = {m.get("measure") for m in metas}
+        sets.append(ScoreSet.load(path))
+    measures = {s.metadata.get("measure") for s in sets}
     if len(measures) > 1:
         raise CusprunError(f"score files mix measures ({', '.join(sorted(map(str, measures)))}): score all corpora "
                            "with the same --measure")
-    return sets, metas
+    return sets
 
 
-def check_against_model(sets, metas, paths, config) -> None:
+def check_against_model(sets: list[ScoreSet], paths, config) -> None:
     expected_hash, shapes = config_hash(config), score_shapes(config)
-    for tensors, meta, path in zip(sets, metas, paths):
+    for score_set, path in zip(sets, paths):
+        meta, tensors = score_set.metadata, score_set.scores
         if meta.get("config_hash") != expected_hash:
             raise CusprunError(f"{path} was scored on another model ({meta.get('model')}, config hash differs)")
         for name, n in shapes.items():
@@ -80,36 +85,47 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_ratio(args.ratio)
     out = check_out_dir(args.out, args.overwrite)
-    sets, metas = load_score_sets(args.scores)
+    sets = load_score_sets(args.scores)
     model, tokenizer, source = load_model(args.model, args.dtype, quiet=args.quiet)
-    check_against_model(sets, metas, args.scores, model.config)
-    report = build_expert(model, tokenizer, source, sets, metas, args.scores, args.ratio, args.format, out)
+    check_against_model(sets, args.scores, model.config)
+    report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out)
     print(f"expert model   {out} ({args.format})")
     print(f"corpora        {', '.join(str(c['corpus']) for c in report['corpora'])}")
     print(f"sigma          {report['sigma']:.4f}")
     print(f"removed        {report['ratio_achieved_projection']:.4f} of projection parameters (asked {args.ratio}), "
           f"{report['ratio_achieved_all']:.4f} of all parameters")
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
+    if args.format == "stock":
+        print(f"uniform plan   {report['stock']['intermediate_size']} MLP channels, "
+              f"{report['stock']['num_key_value_heads']} k/v groups per layer: "
+              f"{report['stock']['share_of_asked']:.1%} of the asked ratio")
     return 0
 
 
-def build_expert(model, tokenizer, source, sets, metas, score_paths, ratio: float, format: str, out: Path) -> dict:
+def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
+                 out: Path) -> dict:
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
-    sel = select(relevance(sets), geo, ratio)
-    pruned = apply(model, sel.plan, format)
+    sel = intersect(*sets).select(ratio, model.config, uniform=format == "stock")
+    pruned = apply(model, sel, format)
     params = dense_params - (sel.total_projection_params - sel.kept_projection_params)
     report = {
         "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
-        "format": format, "measure": metas[0].get("measure"), "ratio_asked": ratio,
+        "format": format, "measure": sets[0].metadata.get("measure"), "ratio_asked": ratio,
         "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
         "sigma": sel.sigma, "params_dense": dense_params, "params": params,
         "projection_params_dense": sel.total_projection_params, "projection_params": sel.kept_projection_params,
-        "corpora": [{"scores": str(p), "corpus": m.get("corpus"), "corpus_sha256": m.get("corpus_sha256"),
-                     "n_docs": int(m.get("n_docs", 0))} for p, m in zip(score_paths, metas)],
+        "corpora": [{"scores": str(p), "corpus": s.metadata.get("corpus"),
+                     "corpus_sha256": s.metadata.get("corpus_sha256"), "n_docs": s.n_docs}
+                    for p, s in zip(score_paths, sets)],
         "kept": kept_counts(sel.plan, geo),
     }
+    if format == "stock":
+        report["stock"] = {"intermediate_size": pruned.config.intermediate_size,
+                           "num_key_value_heads": pruned.config.num_key_value_heads,
+                           "num_attention_heads": pruned.config.num_attention_heads,
+                           "share_of_asked": sel.removed_fraction / ratio}
     save_model_dir(out, pruned, tokenizer, report)
     return report
 

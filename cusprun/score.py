@@ -11,16 +11,15 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
 from . import __version__
+from .api import advance, progress_bar
 from .checkpoint import Checkpoint, fingerprint
 from .corpus import Document, corpus_sha256, read_corpus, tokenize
 from .engine import MEASURES, Scorer
 from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .models import ALIASES, DEFAULT_MODEL, DTYPES, config_hash, load_weights, local_folder, open_model
 from .parallel import Parallel
-from .scorefile import save_scores
+from .scoreset import ScoreSet, architecture
 
 DESCRIPTION = """\
 Score every neuron (each row and each column of q, k, v, o, gate, up and down in every layer) by
@@ -105,13 +104,6 @@ def check_device(device: str) -> None:
         raise CusprunError(f"--device {device}: no CUDA device is available (torch {torch.__version__})")
     if not re.match(r"^(cpu|cuda(:\d+)?)$", device):
         raise CusprunError(f"--device {device!r}: expected cpu or cuda[:N]")
-
-
-def _advance(bar, n_docs: int, n_layers: int, layer: int, doc: int, n_tokens: int) -> None:
-    """Documents pass the model layer by layer: a document's tokens count 1/n_layers per layer."""
-    bar.token_layers = getattr(bar, "token_layers", 0) + n_tokens  # exact count: float sums would overshoot
-    bar.set_postfix_str(f"{n_docs} docs, layer {layer + 1}/{n_layers}", refresh=False)
-    bar.update(bar.token_layers / n_layers - bar.n)
 
 
 def parse_bytes(text: str) -> int:
@@ -211,6 +203,7 @@ def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path,
     n_tokens = sum(map(len, kept))
     metadata = {
         "measure": scorer.measure, "model": source.model_id, "config_hash": config_hash(config),
+        "architecture": architecture(config),
         "corpus": spec.path, "corpus_sha256": corpus_sha256(spec.path), "n_docs": len(kept),
         "token_counts": [len(t) for t in kept], "skipped": skipped, "cusprun_version": __version__, **options,
     }
@@ -218,15 +211,13 @@ def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path,
     checkpoint = Checkpoint(out / CHECKPOINTS / spec.name, fingerprint(metadata=metadata, tokens=tokens_hash),
                             parallel.rank, parallel.world)
     start = time.perf_counter()
-    with tqdm(total=n_tokens, unit="tok", unit_scale=True, desc=spec.name, file=sys.stderr,
-              disable=quiet or not parallel.is_main, dynamic_ncols=True,
-              bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} tok [{elapsed}<{remaining}, {rate_fmt}{postfix}]") as bar:
-        scores = scorer.score_documents(kept, partial(_advance, bar, len(kept), config.num_hidden_layers), checkpoint,
+    with progress_bar(n_tokens, spec.name, disable=quiet or not parallel.is_main) as bar:
+        scores = scorer.score_documents(kept, partial(advance, bar, len(kept), config.num_hidden_layers), checkpoint,
                                         parallel, device_budget=budget / 4)
     seconds = time.perf_counter() - start
     target = out / f"{spec.name}.safetensors"
     if parallel.is_main:
-        save_scores(target, scores, metadata)
+        ScoreSet(scores, metadata).save(target)
     parallel.barrier()
     if parallel.is_main:
         checkpoint.remove()

@@ -3,7 +3,10 @@
 A safetensors file with, for every decoder layer l and projection P, ``model.layers.{l}.{P}.rows``
 (float32 [n_docs, out_features]) and ``model.layers.{l}.{P}.cols`` (float32 [n_docs, in_features]),
 and string metadata (``__metadata__``): format, measure, model, config_hash, corpus, corpus_sha256,
-n_docs, token_counts (JSON list), skipped (JSON list), cusprun_version and the scoring options.
+n_docs, token_counts (JSON list), skipped (JSON list), architecture (JSON object: the config fields
+that fix every tensor's shape), cusprun_version and the scoring options. An intersection of several
+corpora's sets (:meth:`cusprun.ScoreSet.intersect`) holds all their documents and lists them in parts
+(JSON list of {corpus, corpus_sha256, n_docs}).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from safetensors.torch import load_file
 from .errors import CusprunError
 
 FORMAT = "cusprun-scores/1"
-JSON_FIELDS = ("token_counts", "skipped")
+JSON_FIELDS = ("token_counts", "skipped", "architecture", "parts")
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -58,8 +61,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
 
 def save_scores(path: str | Path, scores: dict[str, torch.Tensor], metadata: dict) -> None:
     """Write a score file atomically. JSON-valued metadata fields are serialized here."""
-    meta = {"format": FORMAT}
-    for key, value in metadata.items():
+    meta = {}
+    for key, value in {**metadata, "format": FORMAT}.items():
         meta[key] = json.dumps(value) if key in JSON_FIELDS else str(value)
     tensors = {k: v.float() for k, v in scores.items()}
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, meta))

@@ -39,11 +39,17 @@ def relevance(score_sets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
 
 @dataclass
 class Selection:
-    plan: Plan  # propagated keep masks
+    """A pruning plan: ``plan[name]`` is the bool keep mask of tensor ``name`` (dead neurons propagated)."""
+
+    plan: Plan
     sigma: float
     removed_fraction: float  # of projection parameters
     kept_projection_params: int
     total_projection_params: int
+
+    def removed(self) -> dict[str, torch.Tensor]:
+        """Indices of the neurons to remove, per tensor name (``model.layers.{l}.{P}.rows|cols``)."""
+        return {name: (~keep).nonzero().flatten() for name, keep in self.plan.items()}
 
 
 def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: float) -> Selection:

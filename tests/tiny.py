@@ -38,3 +38,21 @@ def tiny_model(arch: str, seed: int = 0, layers: int = 2, vocab: int = 61, attn:
 def random_ids(length: int, vocab: int = 61, seed: int = 0) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (length,), generator=g).tolist()
+
+
+WORDS = ("the a of and in to is was for on with as by at from that this it be are or an not but "
+         "model expert neuron layer prune score text language domain task german english legal medical "
+         "data token head group channel").split()
+
+
+def tiny_tokenizer(vocab: int = 61):
+    """A word-level fast tokenizer (whitespace split, unknown words -> [UNK]) over ``vocab`` ids, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[UNK]", "<s>", "</s>", *WORDS][:vocab]
+    words += [f"w{i}" for i in range(vocab - len(words))]
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")

@@ -1,0 +1,127 @@
+"""``ScoreSet``: the scores of one corpus (or of several intersected), in memory.
+
+A ScoreSet holds, for every decoder layer l and projection P, ``model.layers.{l}.{P}.rows`` and
+``.cols`` as float32 [n_docs, features] tensors, plus the metadata of a ``cusprun-scores/1`` file.
+It is what :func:`cusprun.score` returns and what ``save``/``load`` write and read; ``relevance``,
+``intersect`` and ``select`` are the paper's thresholding and intersection (see :mod:`.selection`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from .models import ARCHITECTURE_KEYS
+from .plan import Geometry
+from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
+from .selection import Selection, relevance, select
+
+
+def architecture(config) -> dict:
+    """Metadata ``architecture``: the geometry-defining fields of a config (head_dim made explicit)."""
+    fields = {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
+    if not fields["head_dim"]:
+        fields["head_dim"] = config.hidden_size // config.num_attention_heads
+    return fields
+
+
+@dataclass
+class ScoreSet:
+    """Per-document relevance scores of every neuron: ``scores[name]`` is float32 [n_docs, features]."""
+
+    scores: dict[str, torch.Tensor]
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # as a file stores them: JSON fields decoded, every other value a string (so sets compare equal
+        # whether they were just computed or loaded)
+        self.metadata = {k: v if k in JSON_FIELDS else str(v) for k, v in self.metadata.items()}
+        self.metadata.setdefault("format", FORMAT)
+
+    @property
+    def n_docs(self) -> int:
+        return next(iter(self.scores.values())).shape[0]
+
+    @property
+    def corpora(self) -> list[str]:
+        """Names of the corpora behind this set (several after :meth:`intersect`)."""
+        parts = self.metadata.get("parts")
+        return [p["corpus"] for p in parts] if parts else [self.metadata.get("corpus", "")]
+
+    def save(self, path: str | Path) -> Path:
+        """Write a ``cusprun-scores/1`` file atomically (a temporary file renamed into place)."""
+        save_scores(path, self.scores, self.metadata)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ScoreSet:
+        tensors, meta = load_scores(path)
+        return cls(tensors, meta)
+
+    def relevance(self) -> dict[str, torch.Tensor]:
+        """R(n) per tensor name, float64 [features]: the maximum within-group rank fraction of each neuron
+        over all documents. A neuron is irrelevant at threshold σ when R(n) < σ."""
+        return relevance([self.scores])
+
+    def intersect(self, *others: ScoreSet) -> ScoreSet:
+        """The set whose irrelevant neurons, at any σ, are those irrelevant to every given set.
+
+        Irrelevant to all ⟺ below σ in every document of every set, so this is the sets' documents
+        together; its relevance is the element-wise maximum of the members' relevance."""
+        sets = (self, *others)
+        for other in others:
+            if other.metadata.get("config_hash") != self.metadata.get("config_hash"):
+                raise ValueError("score sets come from different models (config hashes differ)")
+            if other.metadata.get("measure") != self.metadata.get("measure"):
+                raise ValueError("score sets use different measures; score all corpora with the same measure")
+            if other.scores.keys() != self.scores.keys():
+                raise ValueError("score sets hold different tensors")
+        parts = [p for s in sets for p in s._parts()]
+        common = {k: v for k, v in self.metadata.items()
+                  if all(s.metadata.get(k) == v for s in others) and k not in _PER_CORPUS}
+        meta = {**common, "corpus": "+".join(p["corpus"] for p in parts), "n_docs": sum(s.n_docs for s in sets),
+                "token_counts": [n for s in sets for n in s.metadata.get("token_counts", [])],
+                "parts": parts}
+        return ScoreSet({name: torch.cat([s.scores[name] for s in sets]) for name in self.scores}, meta)
+
+    __and__ = intersect
+
+    def _parts(self) -> list[dict]:
+        if "parts" in self.metadata:
+            return list(self.metadata["parts"])
+        return [{"corpus": self.metadata.get("corpus", ""), "corpus_sha256": self.metadata.get("corpus_sha256", ""),
+                 "n_docs": self.n_docs}]
+
+    def geometry(self, config=None) -> Geometry:
+        """Projection shapes, from ``config`` or from the file's recorded architecture."""
+        if config is None:
+            arch = self.metadata.get("architecture")
+            if arch is None:
+                raise ValueError("this score file records no architecture; pass the model's config")
+            config = SimpleNamespace(**arch)
+        return Geometry(config)
+
+    def select(self, ratio: float, config=None, uniform: bool = False) -> Selection:
+        """The plan removing the least relevant neurons (and all they make dead) until ``ratio`` of the
+        projection parameters is gone; ``cusprun.apply`` it to the model. ``uniform=True`` gives the plan
+        the ``stock`` format needs: whole MLP channels and k/v groups, the same count in every layer."""
+        geo = self.geometry(config)
+        if uniform:
+            from .stock import select_uniform
+
+            return select_uniform(self.relevance(), geo, ratio)
+        return select(self.relevance(), geo, ratio)
+
+
+def intersect(*sets: ScoreSet) -> ScoreSet:
+    """The intersection of several dimensions' irrelevant sets, as one ScoreSet (see ScoreSet.intersect)."""
+    if not sets:
+        raise ValueError("intersect needs at least one ScoreSet")
+    return sets[0].intersect(*sets[1:])
+
+
+# Metadata that describes one corpus and has no single value for an intersection.
+_PER_CORPUS = ("corpus", "corpus_sha256", "n_docs", "token_counts", "skipped", "parts")
