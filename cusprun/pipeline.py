@@ -2,7 +2,8 @@
 
 score the calibration corpora -> build each expert (intersection of its dimensions' irrelevant
 neurons, sliced) -> evaluate the dense model and every expert on held-out text of the target
-dimensions and on general text -> a table (stdout) and OUT/summary.json / OUT/summary.md.
+dimensions and on general text -> a table (stdout), OUT/summary.json / OUT/summary.md, and each expert's
+pictures (python -m cusprun.plot) in OUT/plots/EXPERT/.
 
 Scoring resumes: a score file whose metadata matches the corpus, model and options is reused.
 """
@@ -21,6 +22,7 @@ from .engine import MEASURES, Scorer
 from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .eval import evaluate
 from .models import DEFAULT_MODEL, config_hash, load_model
+from .plot import write_plots
 from .prune import build_expert, check_ratio
 from .score import CorpusSpec, score_corpus
 from .scorefile import atomic_write, load_scores
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                               args.ratio, "sliced", out / "experts" / expert)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
         rows.append((expert, evaluate(pruned, tokenizer, texts, args.eval_max_tokens, 32, expert), report))
+        write_plots([ScoreSet.load(p) for p in paths], out / "plots" / expert, expert=out / "experts" / expert)
     summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": args.ratio,
                "measure": args.measure, "docs_per_corpus": args.docs, "max_tokens": args.max_tokens,
                "seconds": time.perf_counter() - started,
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     print(table)
-    print(f"\n{summary['seconds']:.0f} s; experts in {out / 'experts'}, summary in {out / 'summary.md'}")
+    print(f"\n{summary['seconds']:.0f} s; experts in {out / 'experts'}, summary in {out / 'summary.md'}, "
+          f"plots in {out / 'plots'}")
     return 0
 
 

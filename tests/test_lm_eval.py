@@ -55,7 +55,8 @@ def test_lm_eval_runs_shipped_and_tiny_tasks_on_a_pruned_model(expert, tmp_path)
     (tasks / "tiny.yaml").write_text(shipped.read_text().replace("task: cusprun_heldout_de", "task: cusprun_tiny")
                                      .replace("data/heldout/de.jsonl", str(tmp_path / "tiny.jsonl")))
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    res = subprocess.run([str(Path(sys.executable).parent / "lm_eval"), "--model", "hf", "--model_args", f"pretrained={expert},trust_remote_code=True",
+    lm_eval = str(Path(sys.executable).parent / "lm_eval")
+    res = subprocess.run([lm_eval, "--model", "hf", "--model_args", f"pretrained={expert},trust_remote_code=True",
                           "--include_path", str(tasks), "--tasks", "cusprun_heldout_de,cusprun_tiny", "--limit", "2",
                           "--device", "cpu", "--batch_size", "1", "--output_path", str(tmp_path / "out")],
                          cwd=ROOT, env=env, capture_output=True, text=True)
