@@ -47,3 +47,16 @@ def test_sliced_equals_masked_and_counts_match(smollm2, smollm2_scores):
     ids = torch.tensor([tokenizer("Ein Test mit etwas Text, der lang genug ist.")["input_ids"]])
     with torch.no_grad():
         assert (sliced(ids).logits - masked(ids).logits).abs().max() <= 1e-4
+
+
+def test_stock_format_on_smollm2_reaches_the_ratio_and_equals_masked(smollm2, smollm2_scores):
+    from cusprun.stock import select_uniform
+
+    model, tokenizer = smollm2
+    geo = Geometry(model.config)
+    sel = select_uniform(relevance(smollm2_scores), geo, 0.25)
+    assert abs(sel.removed_fraction - 0.25) < 0.005
+    stock, masked = apply(model, sel.plan, "stock"), apply(model, sel.plan, "masked")
+    ids = torch.tensor([tokenizer("Ein Modell für deutsche Rechtstexte.")["input_ids"]])
+    with torch.no_grad():
+        assert (stock(ids).logits - masked(ids).logits).abs().max() <= 1e-3
