@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import CusprunError
+from .scorefile import umask_mode
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
@@ -37,6 +38,7 @@ def save_model_dir(out: Path, model, tokenizer, report: dict, max_shard_size: st
     models, their modeling code), all or nothing."""
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
+        staging.chmod(umask_mode(0o777))
         if model.config.model_type.startswith("cusprun_"):
             ship_modeling_code(model, staging)
         model.save_pretrained(staging, max_shard_size=max_shard_size)

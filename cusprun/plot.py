@@ -25,6 +25,11 @@ from .scoreset import ScoreSet, intersect
 SHORT = {p: p.split(".")[1].removesuffix("_proj") for p in PROJECTIONS}
 
 
+def label(score_set: ScoreSet) -> str:
+    """A short name for a dimension: its corpus file's stem (the CLI records corpus paths)."""
+    return " & ".join(Path(c).stem if c.endswith((".jsonl", ".txt")) else c for c in score_set.corpora)
+
+
 def build_parser() -> OneLineArgumentParser:
     p = OneLineArgumentParser(prog="python -m cusprun.plot", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,7 +81,7 @@ def irrelevant_sets(sets: list[ScoreSet], sigma: float) -> list[dict[str, torch.
 
 
 def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: Path) -> None:
-    names = [s.corpora[0] for s in sets]
+    names = [label(s) for s in sets]
     masks = irrelevant_sets(sets, sigma)
     flat = torch.stack([torch.cat([m[n] for n in geo.names()]) for m in masks])  # [dims, all neurons]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.4]})
@@ -129,7 +134,7 @@ def plot_distributions(plt, sets: list[ScoreSet], layer: int, path: Path) -> Non
     axes[0, 0].set_ylabel("log10 score")
     axes[1, 0].set_ylabel("log10 score")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i % len(colors)]) for i in range(len(sets))]
-    fig.legend(handles, [s.corpora[0] for s in sets], loc="upper right", fontsize=8)
+    fig.legend(handles, [label(s) for s in sets], loc="upper left", fontsize=8, ncols=len(sets))
     fig.suptitle(f"per-document score distributions, layer {layer} (one box per document)", fontsize=10)
     _save(fig, path)
     plt.close(fig)
@@ -165,7 +170,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
     else:
         selection = combined.select(ratio)
         kept, sigma = kept_counts(selection.plan, geo), selection.sigma
-        title = f"{' & '.join(combined.corpora)}: {selection.removed_fraction:.1%} of projection parameters removed"
+        title = f"{label(combined)}: {selection.removed_fraction:.1%} of projection parameters removed"
     layer = geo.layers // 2 if layer is None else layer
     if not 0 <= layer < geo.layers:
         raise CusprunError(f"--layer {layer}: the model has layers 0..{geo.layers - 1}")

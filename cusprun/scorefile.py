@@ -26,6 +26,13 @@ FORMAT = "cusprun-scores/1"
 JSON_FIELDS = ("token_counts", "skipped", "architecture", "parts")
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """``mode`` as the user's umask leaves it: what open() would have given (mkstemp/mkdtemp give 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
     path = Path(path)
@@ -33,6 +40,7 @@ def atomic_write(path: str | Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, umask_mode())
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

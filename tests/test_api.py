@@ -117,3 +117,10 @@ def test_select_and_apply(arch):
             linear = masked.get_submodule(name.rsplit(".", 1)[0])
             weight = linear.weight if name.endswith("rows") else linear.weight.T
             assert not weight[index].any()
+
+
+def test_saved_files_get_the_umask_permissions_not_mkstemps(tmp_path):
+    from cusprun.scorefile import umask_mode
+
+    path = cusprun.score(tiny_model("llama"), [random_ids(4)], "local", progress=False).save(tmp_path / "s.safetensors")
+    assert path.stat().st_mode & 0o777 == umask_mode()

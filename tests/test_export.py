@@ -99,3 +99,11 @@ def test_exports_load_where_cusprun_is_not_installed(exported, tmp_path):
         assert (torch.tensor(got["logits"]) - logits(expected, ids)).abs().max() <= 1e-5
     assert json.loads((exported / "sliced" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
         "modeling_cusprun.CusprunQwen2ForCausalLM")
+
+
+def test_model_folders_get_the_umask_permissions(exported):
+    from cusprun.scorefile import umask_mode
+
+    for fmt in ("sliced", "stock"):
+        assert (exported / fmt).stat().st_mode & 0o777 == umask_mode(0o777)
+        assert (exported / fmt / "pruning.json").stat().st_mode & 0o777 == umask_mode()
