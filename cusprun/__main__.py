@@ -23,6 +23,9 @@ def main() -> int:
     print(f"python         {sys.version.split()[0]}")
     for dist in ("torch", "triton", "transformers", "safetensors"):
         print(f"{dist:<15}{_version(dist)}")
+    # optional: plots (python -m cusprun.plot), the Torch-Pruning adapter, lm-eval task definitions
+    for dist in ("matplotlib", "torch-pruning", "lm-eval"):
+        print(f"{dist:<15}{_version(dist)} (optional)")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"gpu            {gpu}")
     print(f"CUSPRUN_BACKEND={requested_backend()}")
