@@ -16,6 +16,8 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
+import cusprun_kernels
+
 from . import __version__
 from .engine import MEASURES, Scorer
 from .models import check_architecture, config_hash
@@ -80,8 +82,6 @@ def score(model, documents, measure: str = "block", *, tokenizer=None, max_token
         raise TypeError("model must be a Hugging Face *ForCausalLM with a decoder stack (model.model.layers)")
     check_architecture(model.config)
     ids = token_ids(documents, tokenizer, max_tokens, model.config.vocab_size)
-    import cusprun_kernels
-
     param = next(model.parameters())
     scorer = Scorer(model, measure)
     with progress_bar(sum(map(len, ids)), corpus, disable=not progress) as bar:

@@ -11,6 +11,7 @@ Scoring resumes: a score file whose metadata matches the corpus, model and optio
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -108,13 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         score_files[name] = target
     texts = [str(data / "heldout" / f"{name}.jsonl") for name in evals]
     rows = [("dense", evaluate(model, tokenizer, texts, args.eval_max_tokens, 32, source.model_id), None)]
+    plots = importlib.util.find_spec("matplotlib") is not None
+    if not plots:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
     for expert in experts:
         paths = [score_files[d] for d in expert.split("+")]
-        report = build_expert(model, tokenizer, source, [ScoreSet.load(p) for p in paths], paths,
-                              args.ratio, "sliced", out / "experts" / expert)
+        sets = [ScoreSet.load(p) for p in paths]
+        report = build_expert(model, tokenizer, source, sets, paths, args.ratio, "sliced", out / "experts" / expert)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
         rows.append((expert, evaluate(pruned, tokenizer, texts, args.eval_max_tokens, 32, expert), report))
-        write_plots([ScoreSet.load(p) for p in paths], out / "plots" / expert, expert=out / "experts" / expert)
+        if plots:
+            write_plots(sets, out / "plots" / expert, expert=out / "experts" / expert)
     summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": args.ratio,
                "measure": args.measure, "docs_per_corpus": args.docs, "max_tokens": args.max_tokens,
                "seconds": time.perf_counter() - started,

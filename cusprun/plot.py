@@ -19,6 +19,7 @@ import torch
 from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .models import PROJECTIONS
 from .plan import Geometry, kept_counts
+from .prune import load_score_sets
 from .scorefile import atomic_write
 from .scoreset import ScoreSet, intersect
 
@@ -141,10 +142,8 @@ def plot_distributions(plt, sets: list[ScoreSet], layer: int, path: Path) -> Non
 
 
 def load_sets(paths: list[str]) -> list[ScoreSet]:
-    for path in paths:
-        if not Path(path).is_file():
-            raise CusprunError(f"score file not found: {path}")
-    sets = [ScoreSet.load(p) for p in paths]
+    """The score files of one expert's dimensions, checked to go together and to record their architecture."""
+    sets = load_score_sets(paths)
     try:
         combined = intersect(*sets)
     except ValueError as exc:

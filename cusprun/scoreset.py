@@ -48,8 +48,7 @@ class ScoreSet:
     @property
     def corpora(self) -> list[str]:
         """Names of the corpora behind this set (several after :meth:`intersect`)."""
-        parts = self.metadata.get("parts")
-        return [p["corpus"] for p in parts] if parts else [self.metadata.get("corpus", "")]
+        return [p["corpus"] for p in self._parts()]
 
     def save(self, path: str | Path) -> Path:
         """Write a ``cusprun-scores/1`` file atomically (a temporary file renamed into place)."""
@@ -90,6 +89,7 @@ class ScoreSet:
     __and__ = intersect
 
     def _parts(self) -> list[dict]:
+        """{corpus, corpus_sha256, n_docs} of each corpus behind this set."""
         if "parts" in self.metadata:
             return list(self.metadata["parts"])
         return [{"corpus": self.metadata.get("corpus", ""), "corpus_sha256": self.metadata.get("corpus_sha256", ""),

@@ -18,6 +18,7 @@ projection parameters comes closest to the ratio. Hidden-size rows and columns a
 from __future__ import annotations
 
 import copy
+from functools import cache
 
 import torch
 
@@ -83,6 +84,7 @@ def select_uniform(rel: dict[str, torch.Tensor], geo: Geometry, ratio: float) ->
     g = min(geo.kv, max(1, round(geo.kv * attn_kept / attn_dense)))
     channels, groups = channel_relevance(rel, geo), group_relevance(rel, geo)
 
+    @cache  # the search and the final pick revisit the same counts
     def removed(k: int) -> float:
         return 1 - kept_params(uniform_plan(channels, groups, k, g, geo), geo) / total
 
