@@ -13,7 +13,8 @@ from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .export import check_out_dir, save_model_dir
 from .models import DEFAULT_MODEL, DTYPES, config_hash, load_model
 from .plan import Geometry, kept_counts
-from .scoreset import ScoreSet, intersect
+from .scoreset import NEURONS, ScoreSet, intersect
+from .selection import RULES
 
 DESCRIPTION = """\
 Build an expert model from one score file per dimension (language, domain, task).
@@ -22,6 +23,14 @@ A neuron is irrelevant to a corpus when it ranks in the lowest σ of its group (
 rows or columns) in every document of that corpus; the expert removes the neurons irrelevant to
 every given corpus (the intersection), plus everything their removal makes dead. σ is searched so
 that --ratio of the decoder layers' projection parameters is removed.
+
+rules (--rule), how a corpus's documents are combined:
+  all-docs   (default, the paper's) irrelevant = in the lowest σ in every document
+  mean-rank  irrelevant = mean rank fraction over the documents below σ
+  pooled     the corpus ranked as one document (squared scores summed over documents)
+
+Score files of a baseline method (python -m cusprun.score --method ...) go through the same path:
+ShortGPT's remove whole layers, FLAP's only heads and MLP channels.
 
 formats:
   sliced  (default) each matrix keeps only its live rows and columns: physically smaller, computes
@@ -46,6 +55,9 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--ratio", type=float, required=True, help="fraction of projection parameters to remove, in (0, 1)")
     p.add_argument("--out", required=True, help="output model folder")
     p.add_argument("--format", choices=FORMATS, default="sliced")
+    p.add_argument("--rule", choices=RULES, default="all-docs", help="aggregation over documents (default: all-docs)")
+    p.add_argument("--neurons", choices=tuple(NEURONS), default="all",
+                   help="all (default) or mlp: choose only MLP channels, keep attention whole")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -88,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     sets = load_score_sets(args.scores)
     model, tokenizer, source = load_model(args.model, args.dtype, quiet=args.quiet)
     check_against_model(sets, args.scores, model.config)
-    report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out)
+    try:
+        report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
+                              rule=args.rule, neurons=args.neurons)
+    except ValueError as exc:  # a ratio the candidate neurons cannot reach, a stock plan from layer scores
+        raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")
     print(f"corpora        {', '.join(str(c['corpus']) for c in report['corpora'])}")
     print(f"sigma          {report['sigma']:.4f}")
@@ -103,16 +119,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
-                 out: Path) -> dict:
+                 out: Path, rule: str = "all-docs", neurons: str = "all") -> dict:
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
-    sel = intersect(*sets).select(ratio, model.config, uniform=format == "stock")
+    sel = intersect(*sets).select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons)
     pruned = apply(model, sel, format)
     params = dense_params - (sel.total_projection_params - sel.kept_projection_params)
     report = {
         "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
-        "format": format, "measure": sets[0].metadata.get("measure"), "ratio_asked": ratio,
+        "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
+        "ratio_asked": ratio,
         "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
         "sigma": sel.sigma, "params_dense": dense_params, "params": params,
         "projection_params_dense": sel.total_projection_params, "projection_params": sel.kept_projection_params,

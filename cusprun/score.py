@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .api import advance, progress_bar
+from .baselines import DATA_FREE, METHODS, baseline_scores
 from .checkpoint import Checkpoint, fingerprint
 from .corpus import Document, corpus_sha256, read_corpus, tokenize
 from .engine import MEASURES, Scorer
@@ -31,6 +32,12 @@ measures:
          (RoPE, grouped k/v heads, causal softmax, SiLU gate, o_proj); input columns of q, k, v,
          gate and up use the local definition.
   local  the change of the projection's own output: rows ‖Y[:, i]‖, columns ‖W[:, j]‖·‖X[:, j]‖.
+
+methods (--method): cusprun (default) scores with the measure above; the baselines random,
+magnitude, wanda-sp, flap, plnd and shortgpt (README, "Baselines") write score files of the same
+format, so python -m cusprun.prune turns any of them into a model. wanda-sp, flap and shortgpt take
+a general calibration corpus, plnd the target corpus; random and magnitude need none (then the
+file is OUT/METHOD.safetensors).
 
 corpora: NAME=PATH where PATH is a .jsonl file (one document per line, field "text" or pre-tokenized
 "input_ids"), a .txt file (documents separated by blank lines) or a folder of .txt files.
@@ -53,10 +60,13 @@ def build_parser() -> OneLineArgumentParser:
                    help="model directory (safetensors), .gguf file, cached hub id, "
                         f"or alias: {DEFAULT_MODEL} "
                         f"(default, embedded), {', '.join(ALIASES)}")
-    p.add_argument("--corpus", action="append", required=True, metavar="NAME=PATH",
+    p.add_argument("--corpus", action="append", default=[], metavar="NAME=PATH",
                    help="a corpus to score (repeat for several; one model load)")
     p.add_argument("--out", required=True, help="output folder for NAME.safetensors score files")
     p.add_argument("--measure", choices=MEASURES, default="block", help="score definition (default: block)")
+    p.add_argument("--method", choices=("cusprun", *METHODS), default="cusprun",
+                   help="cusprun (default) or a baseline scorer (see methods above)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
     p.add_argument("--max-tokens", type=int, default=512, help="truncate each document to this many tokens")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="model dtype (scores accumulate in float32)")
@@ -151,9 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_tokens < 1:
         raise CusprunError("--max-tokens must be at least 1")
     max_memory = parse_bytes(args.max_memory) if args.max_memory else None
+    if not args.corpus and args.method not in DATA_FREE:
+        raise CusprunError(f"--corpus is required (method {args.method})")
     corpora = parse_corpora(args.corpus)
     out = prepare_out(args.out)
     check_device(args.device)
+    if args.method != "cusprun":
+        return run_baseline(args, corpora, out)
     import cusprun_kernels
 
     cusprun_kernels.set_quiet(args.quiet)
@@ -224,10 +238,35 @@ def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path,
     return CorpusResult(spec.name, len(kept), n_tokens, len(skipped), seconds, target)
 
 
+def run_baseline(args, corpora: list[CorpusSpec], out: Path) -> int:
+    """Score files of a baseline method: one per corpus, or OUT/METHOD.safetensors for data-free ones."""
+    config, tokenizer, source = open_model(args.model, quiet=args.quiet)
+    model = load_weights(source, args.dtype, args.device, args.quiet)
+    results = []
+    for spec in corpora or [CorpusSpec(args.method, "", [])]:
+        ids = [t for t in tokenize(spec.documents, tokenizer, args.max_tokens, config.vocab_size) if t]
+        if spec.documents and not ids:
+            raise CusprunError(f"corpus {spec.name} ({spec.path}) has no document with tokens")
+        start = time.perf_counter()
+        with progress_bar(sum(map(len, ids)), spec.name, disable=args.quiet or not ids) as bar:
+            score_set = baseline_scores(model, args.method, ids, seed=args.seed, corpus=spec.path,
+                                        on_doc=bar.update)
+        score_set.metadata.update({"model": source.model_id, "max_tokens": str(args.max_tokens),
+                                   "dtype": args.dtype})
+        if spec.path:
+            score_set.metadata["corpus_sha256"] = corpus_sha256(spec.path)
+        target = score_set.save(out / f"{spec.name}.safetensors")
+        results.append(CorpusResult(spec.name, len(ids), sum(map(len, ids)), 0,
+                                    time.perf_counter() - start, target))
+    print_summary(results)
+    return 0
+
+
 def print_summary(results: list[CorpusResult]) -> None:
     print(f"{'corpus':<16}{'docs':>6}{'tokens':>9}{'skipped':>9}{'seconds':>9}{'tok/s':>9}  file")
     for r in results:
-        print(f"{r.name:<16}{r.docs:>6}{r.tokens:>9}{r.skipped:>9}{r.seconds:>9.1f}{r.tokens / r.seconds:>9.1f}  "
+        print(f"{r.name:<16}{r.docs:>6}{r.tokens:>9}{r.skipped:>9}{r.seconds:>9.1f}"
+              f"{r.tokens / max(r.seconds, 1e-9):>9.1f}  "
               f"{r.path}")
 
 

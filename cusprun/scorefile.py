@@ -6,7 +6,10 @@ and string metadata (``__metadata__``): format, measure, model, config_hash, cor
 n_docs, token_counts (JSON list), skipped (JSON list), architecture (JSON object: the config fields
 that fix every tensor's shape), cusprun_version and the scoring options. An intersection of several
 corpora's sets (:meth:`cusprun.ScoreSet.intersect`) holds all their documents and lists them in parts
-(JSON list of {corpus, corpus_sha256, n_docs}).
+(JSON list of {corpus, corpus_sha256, n_docs}). Baseline scorers (:mod:`cusprun.baselines`) record
+their ``method`` (also as ``measure``) and, where a method needs them, ``prunable`` (JSON list of
+the groups, e.g. ``mlp.down_proj.cols``, a selection may choose) or ``granularity: layer`` with
+``block_influence`` (JSON list, one value per layer) for whole-layer removal.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from safetensors.torch import load_file
 from .errors import CusprunError
 
 FORMAT = "cusprun-scores/1"
-JSON_FIELDS = ("token_counts", "skipped", "architecture", "parts")
+JSON_FIELDS = ("token_counts", "skipped", "architecture", "parts", "prunable", "block_influence")
 
 
 def umask_mode(mode: int = 0o666) -> int:

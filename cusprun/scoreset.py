@@ -17,7 +17,10 @@ import torch
 from .models import ARCHITECTURE_KEYS
 from .plan import Geometry
 from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
-from .selection import Selection, relevance, select
+from .selection import Selection, relevance, select, select_layers
+
+# Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
+NEURONS = {"all": None, "mlp": ["mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols"]}
 
 
 def architecture(config) -> dict:
@@ -60,10 +63,19 @@ class ScoreSet:
         tensors, meta = load_scores(path)
         return cls(tensors, meta)
 
-    def relevance(self) -> dict[str, torch.Tensor]:
-        """R(n) per tensor name, float64 [features]: the maximum within-group rank fraction of each neuron
-        over all documents. A neuron is irrelevant at threshold σ when R(n) < σ."""
-        return relevance([self.scores])
+    def relevance(self, rule: str = "all-docs") -> dict[str, torch.Tensor]:
+        """R(n) per tensor name, float64 [features]. Under the paper's rule ``all-docs`` (default): the
+        maximum within-group rank fraction of each neuron over all documents; a neuron is irrelevant at
+        threshold σ when R(n) < σ. Other rules (``mean-rank``, ``pooled``) aggregate each corpus of the
+        set alone, then take the maximum over corpora (see :mod:`cusprun.selection`)."""
+        return relevance(self._per_corpus(), rule)
+
+    def _per_corpus(self) -> list[dict[str, torch.Tensor]]:
+        sizes = [int(p.get("n_docs", 0)) for p in self._parts()]
+        if sum(sizes) != self.n_docs or 0 in sizes:  # parts not recorded per corpus: one corpus
+            sizes = [self.n_docs]
+        chunks = {name: t.split(sizes) for name, t in self.scores.items()}
+        return [{name: c[i] for name, c in chunks.items()} for i in range(len(sizes))]
 
     def intersect(self, *others: ScoreSet) -> ScoreSet:
         """The set whose irrelevant neurons, at any σ, are those irrelevant to every given set.
@@ -104,16 +116,36 @@ class ScoreSet:
             config = SimpleNamespace(**arch)
         return Geometry(config)
 
-    def select(self, ratio: float, config=None, uniform: bool = False) -> Selection:
+    def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
+               neurons: str = "all") -> Selection:
         """The plan removing the least relevant neurons (and all they make dead) until ``ratio`` of the
-        projection parameters is gone; ``cusprun.apply`` it to the model. ``uniform=True`` gives the plan
-        the ``stock`` format needs: whole MLP channels and k/v groups, the same count in every layer."""
+        projection parameters is gone; ``cusprun.apply`` it to the model.
+
+        uniform: the plan the ``stock`` format needs: whole MLP channels and k/v groups, the same count
+            in every layer.
+        rule: aggregation over documents, ``all-docs`` (the paper's, default), ``mean-rank`` or ``pooled``.
+        neurons: ``all`` (default) or ``mlp`` (only MLP channels are chosen; attention stays whole).
+        Sets from layer-granularity methods (ShortGPT) remove whole layers; sets that name their
+        ``prunable`` groups (FLAP) choose only among those."""
         geo = self.geometry(config)
+        if neurons not in NEURONS:
+            raise ValueError(f"neurons must be one of {tuple(NEURONS)}, got {neurons!r}")
+        if self.metadata.get("granularity") == "layer":
+            if uniform:
+                raise ValueError("whole-layer scores (ShortGPT) cannot make a uniform (stock) plan")
+            return select_layers(self.metadata["block_influence"], geo, ratio)
+        groups = NEURONS[neurons]
+        if "prunable" in self.metadata:
+            groups = [g for g in self.metadata["prunable"] if groups is None or g in groups]
         if uniform:
+            if groups is not None:
+                raise ValueError("a uniform (stock) plan chooses among all neurons; use neurons='all' and "
+                                 "scores without a prunable list")
             from .stock import select_uniform
 
-            return select_uniform(self.relevance(), geo, ratio)
-        return select(self.relevance(), geo, ratio)
+            return select_uniform(self.relevance(rule), geo, ratio)
+        candidates = None if groups is None else {n for n in geo.names() if n.split(".", 3)[3] in groups}
+        return select(self.relevance(rule), geo, ratio, candidates)
 
 
 def intersect(*sets: ScoreSet) -> ScoreSet:

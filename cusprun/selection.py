@@ -6,6 +6,11 @@ corpus when its rank fraction is below σ in *every* document; the expert remove
 over the given corpora. Equivalently, with R(n) = the maximum rank fraction of n over all
 documents of all corpora, it removes {n : R(n) < σ}.
 
+Aggregation over documents (``rule``): ``all-docs`` (the paper's rule, default) takes the maximum
+rank fraction as above; ``mean-rank`` the mean rank fraction over the corpus's documents; ``pooled``
+ranks the corpus as one document (score² summed over documents). With several corpora, each
+corpus is aggregated alone and the intersection takes the maximum over corpora.
+
 σ is found from the asked ratio: neurons are ordered by (R, group in file order, index) and the
 shortest prefix whose removal, with every neuron it makes dead (:func:`plan.propagate`), reaches
 the asked fraction of projection parameters is taken — a deterministic tie-break among neurons
@@ -31,10 +36,25 @@ def rank_fractions(scores: torch.Tensor) -> torch.Tensor:
     return ranks.double() / n
 
 
-def relevance(score_sets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """R(n): the maximum within-group rank fraction over all documents of all corpora."""
+RULES = ("all-docs", "mean-rank", "pooled")
+
+
+def aggregate(scores: torch.Tensor, rule: str = "all-docs") -> torch.Tensor:
+    """[n_docs, n] scores of one corpus -> [n] float64 relevance in [0, 1) under ``rule``."""
+    if rule == "all-docs":
+        return rank_fractions(scores).max(dim=0).values
+    if rule == "mean-rank":
+        return rank_fractions(scores).mean(dim=0)
+    if rule == "pooled":
+        return rank_fractions(scores.double().square().sum(dim=0, keepdim=True).sqrt())[0]
+    raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+
+
+def relevance(score_sets: list[dict[str, torch.Tensor]], rule: str = "all-docs") -> dict[str, torch.Tensor]:
+    """R(n) per tensor name: each corpus aggregated under ``rule``, then the maximum over corpora
+    (for ``all-docs``: the maximum within-group rank fraction over all documents of all corpora)."""
     names = score_sets[0].keys()
-    return {name: torch.cat([rank_fractions(s[name]) for s in score_sets]).max(dim=0).values for name in names}
+    return {name: torch.stack([aggregate(s[name], rule) for s in score_sets]).max(dim=0).values for name in names}
 
 
 @dataclass
@@ -52,12 +72,17 @@ class Selection:
         return {name: (~keep).nonzero().flatten() for name, keep in self.plan.items()}
 
 
-def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: float) -> Selection:
-    """Remove the least relevant neurons until ``ratio`` of the projection parameters is gone."""
+def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: float,
+           candidates: set[str] | None = None) -> Selection:
+    """Remove the least relevant neurons until ``ratio`` of the projection parameters is gone.
+
+    ``candidates``: the tensor names whose neurons may be chosen (default: all); the others go only
+    where a chosen removal makes them dead."""
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     names = geo.names()
-    values = torch.cat([relevance_by_name[n] for n in names])
+    values = torch.cat([relevance_by_name[n] if candidates is None or n in candidates
+                        else torch.full_like(relevance_by_name[n], float("inf")) for n in names])
     group = torch.cat([torch.full((relevance_by_name[n].numel(),), i) for i, n in enumerate(names)])
     index = torch.cat([torch.arange(relevance_by_name[n].numel()) for n in names])
     # lexicographic order (R, group, index): sort by the minor keys first, then stably by R
@@ -79,9 +104,9 @@ def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: flo
     def fraction(k: int) -> float:
         return 1 - kept(k) / total
 
-    lo, hi = 0, values.numel()  # fraction(lo) < ratio <= fraction(hi)
+    lo, hi = 0, int(values.isfinite().sum())  # fraction(lo) < ratio <= fraction(hi)
     if fraction(hi) < ratio:
-        raise ValueError(f"ratio {ratio} cannot be reached")
+        raise ValueError(f"ratio {ratio} cannot be reached by removing the candidate neurons")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fraction(mid) >= ratio:
@@ -90,3 +115,22 @@ def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: flo
             lo = mid
     k = hi if lo == 0 or abs(fraction(hi) - ratio) <= abs(fraction(lo) - ratio) else lo
     return Selection(plan_for(k), float(values[order[k - 1]]) if k else 0.0, fraction(k), kept(k), total)
+
+
+def select_layers(influence: list[float], geo: Geometry, ratio: float) -> Selection:
+    """Whole-layer removal (ShortGPT): the layers with the lowest influence go, as many as bring the
+    removed share of projection parameters nearest to ``ratio`` (at least one). Removing every row
+    and column of a layer's projections makes the layer the identity (its blocks add zero)."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if len(influence) != geo.layers:
+        raise ValueError(f"{len(influence)} layer influences for {geo.layers} layers")
+    count = min(geo.layers - 1, max(1, round(ratio * geo.layers)))
+    order = sorted(range(geo.layers), key=lambda layer: (influence[layer], layer))[:count]
+    plan = geo.full_plan()
+    for name in plan:
+        if int(name.split(".")[2]) in order:
+            plan[name][:] = False
+    total = geo.projection_params()
+    kept = kept_params(plan, geo)
+    return Selection(plan, float(influence[order[-1]]), 1 - kept / total, kept, total)

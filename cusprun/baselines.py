@@ -1,0 +1,202 @@
+"""Baseline scorers: the methods the benchmark compares Cus-Prun with, as ScoreSets.
+
+Every baseline writes the same ``cusprun-scores/1`` tensors (``model.layers.{l}.{P}.rows|cols``) as
+the Cus-Prun scorer, so selection, intersection, slicing and export are shared and only the scores
+differ. Notation for a projection y = x Wᵀ with inputs X [T, in] and outputs Y [T, out] over the
+calibration tokens; A [T, inter] is the MLP's down_proj input act(gate)·up.
+
+``random``     i.i.d. uniform scores (seeded): the floor any method must beat.
+``magnitude``  rows ‖W[i, :]‖₂, columns ‖W[:, j]‖₂ (structured magnitude pruning; e.g. Li et al.
+               2017, "Pruning Filters for Efficient ConvNets"), no data.
+``wanda-sp``   structured Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for LLMs";
+               structured variant as defined in An et al. 2024, FLAP): |W| weighted by the input
+               channel norms ‖X[:, j]‖₂ of a general corpus: rows Σ_j |W_ij|·‖X_j‖, columns
+               ‖X_j‖·Σ_i |W_ij|.
+``flap``       FLAP (An et al. 2024, "Fluctuation-based Adaptive Structured Pruning for LLMs"): the
+               fluctuation Var_t(X[:, j])·‖W[:, j]‖₂² of o_proj and down_proj input channels on a
+               general corpus, summed per attention head for o_proj (FLAP removes whole heads and MLP
+               channels); only those two groups are prunable (``metadata["prunable"]``).
+``plnd``       PLND (Zhao et al. 2024, "How do Large Language Models Handle Multilingualism?"):
+               a neuron's importance is the L1 norm over tokens of the change its deactivation makes:
+               MLP channel k: Σ_t |A[t, k]|·‖W_down[:, k]‖₂ (gate, up and down share it); other rows
+               Σ_t |Y[t, i]|; columns ‖W[:, j]‖₂·Σ_t |X[t, j]|. Per document on the *target* corpus,
+               like Cus-Prun. (PLND's approximation for q/k neurons through the softmax is replaced
+               here by the projection-output rule above.)
+``shortgpt``   ShortGPT (Men et al. 2024, "ShortGPT: Layers in LLMs are More Redundant Than You
+               Expect"): block influence BI_l = 1 - mean_t cos(h_l[t], h_l+1[t]) of each decoder
+               layer on a general corpus; whole layers with the lowest BI are removed
+               (``metadata["granularity"] = "layer"``), every neuron of layer l carries BI_l.
+
+Corpus-free (random, magnitude), general-corpus (wanda-sp, flap, shortgpt: one pooled row) and
+target-corpus (plnd: one row per document) methods all return [n_docs, features] tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import __version__
+from .engine import score_names
+from .models import PROJECTIONS, check_architecture, config_hash
+from .scoreset import ScoreSet, architecture
+
+METHODS = ("random", "magnitude", "wanda-sp", "flap", "plnd", "shortgpt")
+DATA_FREE = ("random", "magnitude")
+FLAP_PRUNABLE = ("self_attn.o_proj.cols", "mlp.down_proj.cols")
+
+
+class _Stats:
+    """Per-document sums over tokens of one projection's inputs and outputs (float64)."""
+
+    def __init__(self):
+        self.x_abs, self.x_sq, self.x_sum, self.y_abs, self.tokens = [], [], [], [], []
+
+    def add(self, x: torch.Tensor, y: torch.Tensor):
+        x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
+        self.x_abs.append(x.abs().sum(0))
+        self.x_sq.append(x.square().sum(0))
+        self.x_sum.append(x.sum(0))
+        self.y_abs.append(y.abs().sum(0))
+        self.tokens.append(x.shape[0])
+
+
+def _collect(model, documents: list[list[int]], want_hidden: bool, on_doc=None):
+    """One forward pass per document with hooks: projection stats, and per-layer mean cos(h_in, h_out)."""
+    stats = {(layer, proj): _Stats() for layer in range(len(model.model.layers)) for proj in PROJECTIONS}
+    cos_sums = torch.zeros(len(model.model.layers), dtype=torch.float64)
+    handles = []
+    for index, layer in enumerate(model.model.layers):
+        for proj in PROJECTIONS:
+            def hook(module, args, output, key=(index, proj)):
+                stats[key].add(args[0], output)
+            handles.append(layer.get_submodule(proj).register_forward_hook(hook))
+        if want_hidden:
+            def layer_hook(module, args, kwargs, output, index=index):
+                h_in = (args[0] if args else kwargs["hidden_states"]).double()
+                h_out = (output[0] if isinstance(output, tuple) else output).double()
+                cos_sums[index] += torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).sum()
+            handles.append(layer.register_forward_hook(layer_hook, with_kwargs=True))
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for ids in documents:
+                model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+                if on_doc is not None:
+                    on_doc(len(ids))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, cos_sums / sum(map(len, documents))
+
+
+def _weights(model, layer: int, proj: str) -> torch.Tensor:
+    return model.model.layers[layer].get_submodule(proj).weight.detach().double().cpu()
+
+
+def _name(layer: int, proj: str, side: str) -> str:
+    return f"model.layers.{layer}.{proj}.{side}"
+
+
+def _stack(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v.cpu() for v in values]).float()
+
+
+def baseline_scores(model, method: str, documents: list[list[int]] | None = None, *, seed: int = 0,
+                    corpus: str = "", on_doc=None) -> ScoreSet:
+    """The ``method`` baseline's ScoreSet for ``model`` (see the module docstring for definitions).
+
+    documents: token-id lists — a general corpus for wanda-sp, flap and shortgpt, the target corpus
+    for plnd; ignored by random and magnitude. ``on_doc(tokens)`` is called after each document.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_architecture(model.config)
+    n_layers = model.config.num_hidden_layers
+    if method not in DATA_FREE and not documents:
+        raise ValueError(f"{method} needs calibration documents")
+    scores: dict[str, torch.Tensor] = {}
+    extra: dict = {}
+    if method == "random":
+        gen = torch.Generator().manual_seed(seed)
+        for layer in range(n_layers):
+            for proj in PROJECTIONS:
+                out_f, in_f = model.model.layers[layer].get_submodule(proj).weight.shape
+                scores[_name(layer, proj, "rows")] = torch.rand(1, out_f, generator=gen)
+                scores[_name(layer, proj, "cols")] = torch.rand(1, in_f, generator=gen)
+        extra["seed"] = seed
+    elif method == "magnitude":
+        for layer in range(n_layers):
+            for proj in PROJECTIONS:
+                w = _weights(model, layer, proj)
+                scores[_name(layer, proj, "rows")] = w.norm(dim=1)[None].float()
+                scores[_name(layer, proj, "cols")] = w.norm(dim=0)[None].float()
+    else:
+        stats, mean_cos = _collect(model, documents, method == "shortgpt", on_doc)
+        if method == "shortgpt":
+            bi = 1 - mean_cos
+            for layer in range(n_layers):
+                for proj in PROJECTIONS:
+                    out_f, in_f = model.model.layers[layer].get_submodule(proj).weight.shape
+                    scores[_name(layer, proj, "rows")] = torch.full((1, out_f), float(bi[layer]))
+                    scores[_name(layer, proj, "cols")] = torch.full((1, in_f), float(bi[layer]))
+            extra["granularity"] = "layer"
+            extra["block_influence"] = [float(b) for b in bi]
+        else:
+            scorer = {"wanda-sp": _wanda_sp, "flap": _flap, "plnd": _plnd}[method]
+            for layer in range(n_layers):
+                scores.update(scorer(model, layer, stats))
+            if method == "flap":
+                extra["prunable"] = list(FLAP_PRUNABLE)
+    order = score_names(n_layers)
+    metadata = {"measure": method, "method": method, "model": getattr(model.config, "_name_or_path", "") or "",
+                "config_hash": config_hash(model.config), "architecture": architecture(model.config),
+                "corpus": corpus, "n_docs": next(iter(scores.values())).shape[0],
+                "token_counts": [len(d) for d in documents] if documents and method not in DATA_FREE else [],
+                "skipped": [], "cusprun_version": __version__, **extra}
+    return ScoreSet({name: scores[name].contiguous() for name in order}, metadata)
+
+
+def _pooled(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(values).sum(0)
+
+
+def _wanda_sp(model, layer, stats):
+    out = {}
+    for proj in PROJECTIONS:
+        s = stats[layer, proj]
+        w = _weights(model, layer, proj).abs()
+        x_norm = _pooled(s.x_sq).sqrt()  # [in], over the whole general corpus
+        out[_name(layer, proj, "rows")] = (w @ x_norm)[None].float()
+        out[_name(layer, proj, "cols")] = (x_norm * w.sum(0))[None].float()
+    return out
+
+
+def _flap(model, layer, stats):
+    out = {}
+    cfg = model.config
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for proj in PROJECTIONS:
+        w = _weights(model, layer, proj)
+        out[_name(layer, proj, "rows")] = torch.zeros(1, w.shape[0])
+        s = stats[layer, proj]
+        n = sum(s.tokens)
+        mean = _pooled(s.x_sum) / n
+        var = (_pooled(s.x_sq) / n - mean.square()).clamp_min(0)  # Var_t(X_j), population variance
+        fluct = var * w.square().sum(0)
+        if proj == "self_attn.o_proj":  # whole heads: every column of a head carries the head's sum
+            fluct = fluct.view(-1, hd).sum(1, keepdim=True).expand(-1, hd).reshape(-1)
+        out[_name(layer, proj, "cols")] = (fluct if f"{proj}.cols" in FLAP_PRUNABLE else torch.zeros_like(fluct))[
+            None].float()
+    return out
+
+
+def _plnd(model, layer, stats):
+    out = {}
+    w_down_norm = _weights(model, layer, "mlp.down_proj").norm(dim=0)  # [inter]
+    channel = _stack([a * w_down_norm for a in stats[layer, "mlp.down_proj"].x_abs])  # [docs, inter]
+    for proj in PROJECTIONS:
+        s = stats[layer, proj]
+        w_col_norm = _weights(model, layer, proj).norm(dim=0)
+        out[_name(layer, proj, "rows")] = channel if proj in ("mlp.gate_proj", "mlp.up_proj") else _stack(s.y_abs)
+        out[_name(layer, proj, "cols")] = _stack([a * w_col_norm for a in s.x_abs])
+    return out
