@@ -1,0 +1,316 @@
+"""Expert quality against the baselines, on SmolLM2-135M with real corpora (README, "Expert quality").
+
+    python benchmarks/expert_quality.py            # the full benchmark (under an hour on 2 CPU cores)
+    python benchmarks/expert_quality.py --quick    # a smoke test of every path (minutes; CI)
+
+Experts, each built from the calibration corpora (data/corpora) of its dimensions:
+  de                   German (Debian Reference)
+  de+medical           German x medical (MEDLINE abstracts)
+  de+medical+qa        German x medical x question answering (SQuAD-shifts new_wiki)
+Methods at each ratio of projection parameters removed (same selection, same slicing path):
+  cusprun   block measure, all neuron kinds, the paper's rule (lowest σ in every document)
+  plnd      PLND importances on the same target corpora, same selection
+  wanda-sp, flap, shortgpt   on a general corpus (equal shares of every calibration corpus)
+  magnitude, random          no data
+Evaluation (data/heldout, disjoint from calibration): perplexity on each held-out set; an expert's
+*target* perplexity is the geometric mean over its dimensions of each dimension's geometric mean over
+its sets (German: Debian Reference and news from another source, MLSUM; medical: MEDLINE; QA:
+new_wiki and New York Times paragraphs); *general* perplexity the geometric mean over English news
+(XSum) and English manual pages, which no expert targets.
+Also at the first ratio: the local measure, MLP-only selection and the mean-rank and pooled rules
+(ablations), and the German expert's quality against its corpus size (sweep).
+
+Writes benchmarks/results/expert_quality.{csv,md,png} and expert_quality_sweep.png (with --quick:
+under --out only, default a temporary folder). Scores are cached under benchmarks/.cache/ so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import math
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment  # noqa: E402
+
+import cusprun  # noqa: E402
+from cusprun.baselines import baseline_scores  # noqa: E402
+from cusprun.corpus import read_corpus, tokenize  # noqa: E402
+from cusprun.evaluate import perplexity  # noqa: E402
+from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
+from cusprun.scorefile import atomic_write  # noqa: E402
+from cusprun.scoreset import ScoreSet  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+CACHE = Path(__file__).resolve().parent / ".cache" / "expert_quality"
+EXPERTS = (("de",), ("de", "medical"), ("de", "medical", "qa"))
+EVAL_SETS = {"de": ("de", "de_news"), "medical": ("medical",), "qa": ("qa", "qa_nyt")}
+GENERAL_SETS = ("en_news", "en_man")
+GENERAL_CALIBRATION = ("de", "en", "medical", "legal", "qa")
+TARGETED = ("cusprun", "plnd")  # methods whose scores come from the expert's own corpora
+GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
+ABLATIONS = {"local measure": dict(measure="local"), "MLP only": dict(neurons="mlp"),
+             "mean-rank rule": dict(rule="mean-rank"), "pooled rule": dict(rule="pooled")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    ratios: tuple[float, ...]
+    docs: int  # calibration documents per dimension
+    sweep: tuple[int, ...]
+    max_tokens: int
+    eval_docs: int
+    general_docs: int  # per corpus of the general calibration mix
+    experts: tuple[tuple[str, ...], ...]
+
+
+FULL = Settings((0.25, 0.35, 0.45), 25, (10, 25, 50, 100), 128, 16, 5, EXPERTS)
+QUICK = Settings((0.25,), 2, (1, 2), 24, 2, 1, EXPERTS[:2])
+
+
+def expert_name(dims) -> str:
+    return "+".join(dims)
+
+
+def geomean(values) -> float:
+    values = list(values)
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+class Bench:
+    def __init__(self, settings: Settings, quiet: bool):
+        self.s, self.quiet = settings, quiet
+        self.model, self.tokenizer, _ = load_model(DEFAULT_MODEL, quiet=quiet)
+        vocab = self.model.config.vocab_size
+        dims = sorted({d for e in settings.experts for d in e})
+        calib_n = {d: max(settings.docs, *settings.sweep) if d == "de" else settings.docs for d in dims}
+        self.calib = {d: self._ids(DATA / "corpora" / f"{d}.jsonl", calib_n[d], vocab) for d in dims}
+        self.general = [i for c in GENERAL_CALIBRATION
+                        for i in self._ids(DATA / "corpora" / f"{c}.jsonl", settings.general_docs, vocab)]
+        sets = {s for d in dims for s in EVAL_SETS[d]} | set(GENERAL_SETS)
+        self.heldout = {s: self._ids(DATA / "heldout" / f"{s}.jsonl", settings.eval_docs, vocab) for s in sorted(sets)}
+
+    def _ids(self, path: Path, n: int, vocab: int) -> list[list[int]]:
+        ids = [t for t in tokenize(read_corpus(path), self.tokenizer, self.s.max_tokens, vocab) if t][:n]
+        if len(ids) < n:
+            raise SystemExit(f"{path} holds {len(ids)} documents, {n} are needed")
+        return ids
+
+    def scores(self, method: str, corpus: str, docs: list[list[int]], measure: str = "block") -> ScoreSet:
+        """A cached ScoreSet: the file name carries the method and a hash of the exact tokens scored."""
+        digest = hashlib.sha256(repr(docs).encode()).hexdigest()[:16]
+        tag = measure if method == "cusprun" else method
+        path = CACHE / f"{tag}-{corpus}-{len(docs)}docs-{digest}.safetensors"
+        if path.exists():
+            return ScoreSet.load(path)
+        start = time.perf_counter()
+        if method == "cusprun":
+            result = cusprun.score(self.model, docs, measure, corpus=corpus, progress=not self.quiet)
+        else:
+            result = baseline_scores(self.model, method, docs, corpus=corpus)
+        result.metadata["seconds"] = f"{time.perf_counter() - start:.1f}"
+        CACHE.mkdir(parents=True, exist_ok=True)
+        result.save(path)
+        return ScoreSet.load(path)  # as a rerun will see it (metadata as stored)
+
+    def expert_scores(self, method: str, dims, n_docs: int | None = None, measure: str = "block") -> ScoreSet:
+        n = n_docs or self.s.docs
+        return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure) for d in dims))
+
+    def evaluate(self, selection) -> dict[str, float]:
+        model = self.model if selection is None else cusprun.apply(self.model, selection, format="masked")
+        return {name: perplexity(model, docs)[0] for name, docs in self.heldout.items()}
+
+
+def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:
+    """(target, general) perplexity of an expert with dimensions ``dims``."""
+    target = geomean(geomean(ppl[s] for s in EVAL_SETS[d]) for d in dims)
+    return target, geomean(ppl[s] for s in GENERAL_SETS)
+
+
+def run(settings: Settings, quiet: bool) -> list[dict]:
+    bench = Bench(settings, quiet)
+    rows: list[dict] = []
+    jobs = ["dense"]
+    for ratio in settings.ratios:
+        jobs += [("main", ratio, m, dims, {}) for dims in settings.experts for m in TARGETED]
+        jobs += [("main", ratio, m, None, {}) for m in GENERAL_METHODS]
+    first = settings.ratios[0]
+    jobs += [("ablation", first, "cusprun", dims, {"variant": v, **kw})
+             for v, kw in ABLATIONS.items() for dims in settings.experts]
+    jobs += [("sweep", first, "cusprun", ("de",), {"docs": n}) for n in settings.sweep if n != settings.docs]
+    bar = tqdm(jobs, desc="models", unit="model", disable=quiet, file=sys.stderr, dynamic_ncols=True)
+    for job in bar:
+        if job == "dense":
+            ppl = bench.evaluate(None)
+            for dims in settings.experts:
+                rows.append(_row("main", "dense", dims, 0.0, 0.0, settings.docs, ppl, "-"))
+            continue
+        experiment, ratio, method, dims, kw = job
+        bar.set_postfix_str(f"{experiment} {method} {expert_name(dims) if dims else 'general'} {ratio:.0%}")
+        kw = dict(kw)
+        variant = kw.pop("variant", "default")
+        n_docs = kw.pop("docs", settings.docs)
+        measure = kw.pop("measure", "block")
+        if dims is None:  # general-corpus and data-free baselines: one model, reported for every expert
+            docs = None if method in ("magnitude", "random") else bench.general
+            score_set = bench.scores(method, "general", docs) if docs else baseline_scores(bench.model, method)
+        else:
+            score_set = bench.expert_scores(method, dims, n_docs, measure)
+        selection = score_set.select(ratio, **kw)
+        ppl = bench.evaluate(selection)
+        for expert in [dims] if dims else settings.experts:
+            rows.append(_row(experiment, method, expert, ratio, selection.removed_fraction,
+                             n_docs if dims else "-", ppl, variant))
+    return rows
+
+
+def _row(experiment, method, dims, ratio, achieved, docs, ppl, variant) -> dict:
+    target, general = summarize(ppl, dims)
+    return {"experiment": experiment, "expert": expert_name(dims), "method": method, "variant": variant,
+            "ratio": ratio, "achieved": round(achieved, 4), "docs": docs, "target_ppl": round(target, 2),
+            "general_ppl": round(general, 2), **{f"ppl_{k}": round(v, 2) for k, v in ppl.items()}}
+
+
+def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
+    experts = [expert_name(d) for d in settings.experts]
+    lines = [f"Expert quality on {DEFAULT_MODEL}: perplexity, target (geometric mean over the expert's "
+             "dimensions) / general (English news and manual pages). Lower is better; the best target per "
+             "expert and ratio is bold.", "",
+             "`" + " | ".join(f"{k}={v}" for k, v in env.items()) + "`", ""]
+    main = [r for r in rows if r["experiment"] == "main"]
+    dense = {r["expert"]: r for r in main if r["method"] == "dense"}
+    lines += ["| ratio | method | " + " | ".join(f"{e} target / general" for e in experts) + " |",
+              "|---|---|" + "---|" * len(experts)]
+    lines.append("| 0 | dense | " + " | ".join(f"{dense[e]['target_ppl']:.1f} / {dense[e]['general_ppl']:.1f}"
+                                               for e in experts) + " |")
+    for ratio in settings.ratios:
+        at = [r for r in main if r["ratio"] == ratio]
+        best = {e: min(r["target_ppl"] for r in at if r["expert"] == e) for e in experts}
+        for method in (*TARGETED, *GENERAL_METHODS):
+            cells = []
+            for e in experts:
+                r = next(r for r in at if r["expert"] == e and r["method"] == method)
+                target = f"{r['target_ppl']:.1f}"
+                cells.append(f"{'**' + target + '**' if r['target_ppl'] == best[e] else target} / "
+                             f"{r['general_ppl']:.1f}")
+            achieved = next(r["achieved"] for r in at if r["method"] == method)
+            label = method if abs(achieved - ratio) < 0.005 else f"{method} ({achieved:.1%} removed)"
+            lines.append(f"| {ratio:.0%} | {label} | " + " | ".join(cells) + " |")
+    first = settings.ratios[0]
+    lines += ["", f"Ablations at {first:.0%} (Cus-Prun, one change each from the default: block measure, "
+              "all neuron kinds, all-docs rule):", "",
+              "| variant | " + " | ".join(f"{e} target / general" for e in experts) + " |",
+              "|---|" + "---|" * len(experts)]
+    variants = {"default (block, all, all-docs)": [r for r in main if r["method"] == "cusprun" and r["ratio"] == first]}
+    for v in ABLATIONS:
+        variants[v] = [r for r in rows if r["experiment"] == "ablation" and r["variant"] == v]
+    for v, vrows in variants.items():
+        by = {r["expert"]: r for r in vrows}
+        lines.append(f"| {v} | " + " | ".join(f"{by[e]['target_ppl']:.1f} / {by[e]['general_ppl']:.1f}"
+                                                for e in experts) + " |")
+    sweep = sorted((r for r in rows if r["expert"] == "de" and r["method"] == "cusprun" and r["ratio"] == first
+                    and r["variant"] == "default"), key=lambda r: r["docs"])
+    lines += ["", f"Corpus size, German expert at {first:.0%}:", "",
+              "| documents | target | general |", "|---|---|---|"]
+    lines += [f"| {r['docs']} | {r['target_ppl']:.1f} | {r['general_ppl']:.1f} |" for r in sweep]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], settings: Settings, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    experts = [expert_name(d) for d in settings.experts]
+    main = [r for r in rows if r["experiment"] == "main"]
+    fig, axes = plt.subplots(2, len(experts), figsize=(4.6 * len(experts), 7.5), squeeze=False, sharex=True)
+    for col, e in enumerate(experts):
+        for row, key in enumerate(("target_ppl", "general_ppl")):
+            ax = axes[row][col]
+            for method in (*TARGETED, *GENERAL_METHODS):
+                pts = sorted((r["ratio"], r[key]) for r in main if r["expert"] == e and r["method"] == method)
+                style = "-o" if method in TARGETED else "--."
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method,
+                        linewidth=2.2 if method == "cusprun" else 1.2)
+            dense = next(r[key] for r in main if r["expert"] == e and r["method"] == "dense")
+            ax.axhline(dense, color="black", linewidth=0.8, linestyle=":", label="dense")
+            ax.set_yscale("log")
+            ax.set_title(f"{e}: {'target' if row == 0 else 'general'} perplexity", fontsize=10)
+            if row == 1:
+                ax.set_xlabel("projection parameters removed")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    paths = [out / "expert_quality.png", out / "expert_quality_sweep.png"]
+    _save(fig, paths[0])
+    first = settings.ratios[0]
+    sweep = sorted((r for r in rows if r["expert"] == "de" and r["method"] == "cusprun" and r["ratio"] == first
+                    and r["variant"] == "default"), key=lambda r: r["docs"])
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for key, label in (("target_ppl", "German (target)"), ("general_ppl", "general")):
+        ax.plot([r["docs"] for r in sweep], [r[key] for r in sweep], "-o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks([r["docs"] for r in sweep], [str(r["docs"]) for r in sweep])
+    ax.set_xlabel("calibration documents")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"German expert at {first:.0%}: corpus size", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, paths[1])
+    plt.close("all")
+    return paths
+
+
+def _save(fig, path: Path):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+
+
+def write_csv(rows: list[dict], env: dict, path: Path):
+    columns = list(env) + list(dict.fromkeys(k for r in rows for k in r))
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, columns)
+            writer.writeheader()
+            writer.writerows({**env, **r} for r in rows)
+    atomic_write(path, write)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny settings: every path in a few minutes (CI)")
+    ap.add_argument("--out", help="folder for the results (default: benchmarks/results; with --quick a temporary "
+                                  "folder)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args()
+    settings = QUICK if args.quick else FULL
+    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="expert-quality-")) if args.quick else RESULTS)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    rows = run(settings, args.quiet)
+    env = {**environment(), "minutes": f"{(time.perf_counter() - start) / 60:.1f}",
+           "settings": "quick" if args.quick else "full"}
+    table = markdown(rows, settings, env)
+    print(table)
+    write_csv(rows, env, out / "expert_quality.csv")
+    atomic_write(out / "expert_quality.md", lambda tmp: Path(tmp).write_text(table))
+    for path in plot(rows, settings, out):
+        print(f"wrote {path}")
+    print(f"wrote {out / 'expert_quality.csv'} and {out / 'expert_quality.md'}")
+
+
+if __name__ == "__main__":
+    main()
