@@ -1,10 +1,12 @@
-"""Kernel benchmarks on a CUDA GPU: torch reference vs Triton, at Llama-3-8B and -70B shapes, bfloat16.
+"""Kernel benchmarks on a CUDA GPU: torch reference, Triton and CUDA C++ side by side, at Llama-3-8B and
+-70B shapes, bfloat16.
 
     python benchmarks/bench_kernels.py [--lengths 512 2048] [--models 8b 70b] [--skip-torch-qk]
 
-Medians from ``triton.testing.do_bench``. For each op it prints achieved TFLOP/s and GB/s against the
-FLOP and byte floors counted here, and appends rows to benchmarks/results/bench_kernels.csv naming
-the GPU, versions and commit.
+Medians from ``triton.testing.do_bench``, one row per op and shape with a column per backend (the
+CUDA column is "-" where the extension is not built), each backend's speed-up over torch measured in
+the same run, and the best backend's TFLOP/s and GB/s against the FLOP and byte floors counted here.
+Rows are appended to benchmarks/results/bench_kernels.csv naming the GPU, versions and commit.
 
 Floors: projection + energies: 2·T·in·out FLOPs, (T·in + in·out + T·out)·2 bytes (bf16). q/k-row
 ablation of one layer: each of the heads·hd q rows and kv_heads·hd k rows (times the query heads of
@@ -40,11 +42,26 @@ def main():
         raise SystemExit("bench_kernels.py measures GPU kernels: no CUDA device is available here")
     import triton.testing
 
-    from cusprun_kernels.projection_energy import projection_energies_torch, projection_energies_triton
-    from cusprun_kernels.qk_ablation import qk_row_ablation_torch, qk_row_ablation_triton
+    from cusprun_kernels.cuda_ext import extension
+    from cusprun_kernels.projection_energy import (
+        projection_energies_cuda,
+        projection_energies_torch,
+        projection_energies_triton,
+    )
+    from cusprun_kernels.qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton
 
+    cuda_built = extension()[0] is not None
+    if not cuda_built:
+        print(f"CUDA column empty: {extension()[1]}", file=sys.stderr)
     dev, bf16 = "cuda", torch.bfloat16
     rows = []
+
+    def measure(label, impls, flops, nbytes, **bench):
+        ms = {impl: triton.testing.do_bench(fn, **bench) for impl, fn in impls.items() if fn is not None}
+        best = min(ms.values())
+        cells = [f"{ms[i]:.3f}" if i in ms else "-" for i in ("torch", "triton", "cuda")]
+        ratios = [f"{ms['torch'] / ms[i]:.2f}x" if "torch" in ms and i in ms else "-" for i in ("triton", "cuda")]
+        rows.append([name, L, label, *cells, *ratios, flops / best / 1e9, nbytes / best / 1e6])
     for name in args.models:
         hidden, heads, kv, hd, inter = SHAPES[name]
         for L in args.lengths:
@@ -54,11 +71,12 @@ def main():
                 x = torch.randn(L, n_in, device=dev, dtype=bf16)
                 w = torch.randn(n_out, n_in, device=dev, dtype=bf16) / n_in**0.5
                 flops, nbytes = 2 * L * n_in * n_out, 2 * (L * n_in + n_in * n_out + L * n_out)
-                for impl, fn in (("matmul only", partial(torch.matmul, x, w.T)),
-                                 ("torch", partial(projection_energies_torch, x, w, None, off)),
-                                 ("triton", partial(projection_energies_triton, x, w, None, off))):
-                    ms = triton.testing.do_bench(fn)
-                    rows.append([name, L, f"projection {proj}", impl, ms, flops / ms / 1e9, nbytes / ms / 1e6])
+                measure(f"matmul only {proj}", {"torch": partial(torch.matmul, x, w.T)}, flops, nbytes)
+                measure(f"projection {proj}", {
+                    "torch": partial(projection_energies_torch, x, w, None, off),
+                    "triton": partial(projection_energies_triton, x, w, None, off),
+                    "cuda": partial(projection_energies_cuda, x, w, None, off) if cuda_built else None,
+                }, flops, nbytes)
             q = torch.randn(L, heads, hd, device=dev, dtype=bf16)
             k, v = torch.randn(L, kv, hd, device=dev, dtype=bf16), torch.randn(L, kv, hd, device=dev, dtype=bf16)
             ang = torch.rand(L, hd // 2, device=dev)
@@ -67,13 +85,13 @@ def main():
             qk_args = (q, k, v, cos, sin, w_o, off)
             flops = 4 * heads * hd * hd * L * L
             nbytes = 2 * L * hd * (heads + 2 * kv) + 4 * 2 * heads * hd * L * hd
-            impls = [("triton", partial(qk_row_ablation_triton, *qk_args, n_rep=heads // kv))]
-            if not args.skip_torch_qk:
-                impls.insert(0, ("torch", partial(qk_row_ablation_torch, *qk_args, n_rep=heads // kv)))
-            for impl, fn in impls:
-                ms = triton.testing.do_bench(fn, warmup=1, rep=1)
-                rows.append([name, L, "q/k-row ablation", impl, ms, flops / ms / 1e9, nbytes / ms / 1e6])
-    report("bench_kernels", ["model", "L", "op", "impl", "ms", "TFLOP/s", "GB/s"], rows, environment())
+            measure("q/k-row ablation", {
+                "torch": None if args.skip_torch_qk else partial(qk_row_ablation_torch, *qk_args, n_rep=heads // kv),
+                "triton": partial(qk_row_ablation_triton, *qk_args, n_rep=heads // kv),
+                "cuda": partial(qk_row_ablation_cuda, *qk_args, n_rep=heads // kv) if cuda_built else None,
+            }, flops, nbytes, warmup=1, rep=1)
+    report("bench_kernels", ["model", "L", "op", "torch ms", "triton ms", "cuda ms", "triton vs torch",
+                             "cuda vs torch", "best TFLOP/s", "best GB/s"], rows, environment())
 
 
 if __name__ == "__main__":

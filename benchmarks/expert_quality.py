@@ -124,12 +124,21 @@ class Bench:
         return ScoreSet.load(path)  # as a rerun will see it (metadata as stored)
 
     def expert_scores(self, method: str, dims, n_docs: int | None = None, measure: str = "block") -> ScoreSet:
+        """The intersection over ``dims`` of each dimension's first ``n_docs`` documents' scores.
+
+        A document's scores do not depend on the others, so every dimension is scored once over all
+        its calibration documents and the corpus-size sweep takes leading rows."""
         n = n_docs or self.s.docs
-        return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure) for d in dims))
+        return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d], measure), n) for d in dims))
 
     def evaluate(self, selection) -> dict[str, float]:
         model = self.model if selection is None else cusprun.apply(self.model, selection, format="masked")
         return {name: perplexity(model, docs)[0] for name, docs in self.heldout.items()}
+
+
+def first_documents(score_set: ScoreSet, n: int) -> ScoreSet:
+    meta = {**score_set.metadata, "n_docs": n, "token_counts": score_set.metadata["token_counts"][:n]}
+    return ScoreSet({name: t[:n] for name, t in score_set.scores.items()}, meta)
 
 
 def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:

@@ -26,6 +26,9 @@ def main() -> int:
     # optional: plots (python -m cusprun.plot), the Torch-Pruning adapter, lm-eval task definitions
     for dist in ("matplotlib", "torch-pruning", "lm-eval"):
         print(f"{dist:<15}{_version(dist)} (optional)")
+    from cusprun_kernels.cuda_ext import describe
+
+    print(f"cuda extension {describe()}")
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"gpu            {gpu}")
     print(f"CUSPRUN_BACKEND={requested_backend()}")

@@ -10,16 +10,17 @@ Ops (all on packed documents with segment offsets):
 from __future__ import annotations
 
 from .backend import BackendUnavailable, backend_status, resolve_backend, set_quiet
-from .projection_energy import projection_energies_torch, projection_energies_triton
-from .qk_ablation import qk_row_ablation_torch, qk_row_ablation_triton
+from .projection_energy import projection_energies_cuda, projection_energies_torch, projection_energies_triton
+from .qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton
 from .v_row_energy import v_row_energies_torch
 
 # v-row energies are two small einsums over data already on the device (O(T·hd·rep²)); every
 # backend runs them through torch, which dispatches them to cuBLAS on a GPU.
 _IMPLEMENTATIONS = {
-    "projection_energies": {"torch": projection_energies_torch, "triton": projection_energies_triton},
-    "qk_row_ablation": {"torch": qk_row_ablation_torch, "triton": qk_row_ablation_triton},
-    "v_row_energies": {"torch": v_row_energies_torch, "triton": v_row_energies_torch},
+    "projection_energies": {"torch": projection_energies_torch, "triton": projection_energies_triton,
+                            "cuda": projection_energies_cuda},
+    "qk_row_ablation": {"torch": qk_row_ablation_torch, "triton": qk_row_ablation_triton, "cuda": qk_row_ablation_cuda},
+    "v_row_energies": {"torch": v_row_energies_torch, "triton": v_row_energies_torch, "cuda": v_row_energies_torch},
 }
 
 

@@ -56,7 +56,9 @@ def backend_status(name: str, device_type: str | None = None) -> str | None:
             return "Triton kernels run on CUDA GPUs; on the CPU only under TRITON_INTERPRET=1 (its interpreter)"
         return None
     if name == "cuda":
-        return "the CUDA C++ extension is not part of this version of cusprun (csrc/ holds no kernels yet)"
+        from .cuda_ext import status
+
+        return status(device_type)
     return f"unknown backend {name!r} (choose one of auto, {', '.join(BACKENDS)})"
 
 

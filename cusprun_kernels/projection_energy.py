@@ -109,3 +109,31 @@ def projection_energies_triton(x, weight, bias, offsets, block_m: int = 64, bloc
         HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BM=block_m, BN=block_n, BK=block_k)
     return y, tiles.per_document(row_part), tiles.per_document(col_part)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA C++ (csrc/segment_energy.cu). Y comes from cuBLAS through torch on the current stream; the row
+# energies (of Y) and column energies (of X) from one deterministic segmented reduction kernel each,
+# reading the tensors in place through their strides.
+# ---------------------------------------------------------------------------------------------------
+def segment_sum_sq_cuda(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[T_total, F] (float32, float16 or bfloat16, any strides) -> [n_docs, F] float32, on the GPU."""
+    from .cuda_ext import DTYPE_CODES, extension, pointer, stream
+
+    if t.dtype not in DTYPE_CODES:
+        raise ValueError(f"segment_sum_sq: dtype {t.dtype} is not float32, float16 or bfloat16")
+    offs = offsets.to(device=t.device, dtype=torch.int64).contiguous()
+    out = torch.full((offs.numel() - 1, t.shape[1]), float("nan"), dtype=torch.float32, device=t.device)
+    if t.device.type != "cuda":
+        raise ValueError(f"segment_sum_sq: a CUDA tensor is needed, got {t.device}")
+    extension()[0].segment_sum_sq(t.data_ptr(), DTYPE_CODES[t.dtype], t.shape[0], t.shape[1], t.stride(0),
+                                  t.stride(1), pointer(offs, "offsets"), offs.numel() - 1, pointer(out, "out"),
+                                  stream())
+    return out
+
+
+def projection_energies_cuda(x, weight, bias, offsets):
+    """CUDA launcher of the projection + energies op (same contract as the torch reference)."""
+    _check(x, weight, bias, offsets)
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y, segment_sum_sq_cuda(y, offsets), segment_sum_sq_cuda(x, offsets)

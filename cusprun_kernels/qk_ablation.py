@@ -224,25 +224,58 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     """
     _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     T, nh, hd = q.shape
+    tiles, key_lo = _attention_tiles(offsets, block, sliding_window, q.device)
+    meta = dict(WINDOWED=sliding_window is not None, PRECISION="ieee", BM=block, BN=block_n,
+                HDP=max(16, triton.next_power_of_2(hd)))
+
+    def attention(qr, kr, v, r1, r2, c1, c2, base, chunk, perturb, scale):
+        out = torch.full((chunk, nh, T, hd), float("nan"), dtype=torch.float32, device=q.device)
+        _ablated_attention_kernel[(tiles.count, nh, chunk)](
+            qr, kr, v, r1, r2, c1, c2, base, out, tiles.start, tiles.end, key_lo,
+            T, nh, k.shape[1], hd, n_rep, chunk, scale, sliding_window or 0, PERTURB=perturb, **meta)
+        return out
+    return _flash_ablation(q, k, v, cos, sin, w_o, offsets, n_rep, scaling, chunk_bytes, attention)
+
+
+def qk_row_ablation_cuda(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
+                         sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """CUDA C++ launcher (csrc/ablated_attention.cu) of the exact q/k-row ablation; same contract and the
+    same driver as the Triton launcher, with the extension's flash-style kernel for the attention passes."""
+    from .cuda_ext import extension, pointer, stream
+
+    _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+    ext = extension()[0]
+    T, nh, hd = q.shape
+    tiles, key_lo = _attention_tiles(offsets, ext.attention_rows, sliding_window, q.device)
+    f32 = torch.float32
+
+    def attention(qr, kr, v, r1, r2, c1, c2, base, chunk, perturb, scale):
+        out = torch.full((chunk, nh, T, hd), float("nan"), dtype=f32, device=q.device)
+        ptrs = [pointer(t, name, f32) for t, name in ((qr, "qr"), (kr, "kr"), (v, "v"), (r1, "r1"), (r2, "r2"),
+                                                       (c1, "c1"), (c2, "c2"), (base, "base"), (out, "out"))]
+        ext.ablated_attention(*ptrs, pointer(tiles.start, "tile_start"), pointer(tiles.end, "tile_end"),
+                              pointer(key_lo, "tile_key_lo"), tiles.count, T, nh, k.shape[1], hd, n_rep, chunk,
+                              float(scale), sliding_window or 0, perturb, stream())
+        return out
+    return _flash_ablation(q, k, v, cos, sin, w_o, offsets, n_rep, scaling, chunk_bytes, attention)
+
+
+def _flash_ablation(q, k, v, cos, sin, w_o, offsets, n_rep, scaling, chunk_bytes, attention):
+    """The driver shared by the Triton and CUDA launchers: RoPE, the rank-2 perturbation coefficients of
+    every removed row, ``attention(...)`` passes giving ΔO [chunk, heads, T, hd], and the Gram folds."""
+    T, nh, hd = q.shape
     nkv = k.shape[1]
     scaling = hd ** -0.5 if scaling is None else scaling
     dev = q.device
     qf, kf, vf, cosf, sinf = (t.float().contiguous() for t in (q, k, v, cos, sin))
     qr, kr = apply_rope(qf, cosf, sinf).contiguous(), apply_rope(kf, cosf, sinf).contiguous()
     partner, sign = rope_partner(hd, dev)
-    tiles, key_lo = _attention_tiles(offsets, block, sliding_window, dev)
-    meta = dict(WINDOWED=sliding_window is not None, PRECISION="ieee", BM=block, BN=block_n,
-                HDP=max(16, triton.next_power_of_2(hd)))
-    window = sliding_window or 0
 
     def launch(r1, r2, c1, c2, base, chunk, perturb):
-        out = torch.full((chunk, nh, T, hd), float("nan"), dtype=torch.float32, device=dev)
-        _ablated_attention_kernel[(tiles.count, nh, chunk)](
-            qr, kr, vf, r1, r2, c1, c2, base, out, tiles.start, tiles.end, key_lo,
-            T, nh, nkv, hd, n_rep, chunk, scaling, window, PERTURB=perturb, **meta)
-        return out
+        return attention(qr, kr, vf, r1, r2, c1, c2, base, chunk, perturb, scaling)
 
-    base = launch(qr, qr, kr, kr, qr, 1, False)[0]  # [nh, T, hd]; coefficient pointers unused
+    # [nh, T, hd]; coefficient arguments unused (contiguous float32 stand-ins for the pointer checks)
+    base = launch(qr, qr, kr, kr, qr, 1, False)[0].contiguous()
     w = w_o.float().reshape(w_o.shape[0], nkv, n_rep * hd)
     gram = torch.einsum("kgi,kgj->gij", w, w)  # [nkv, rep·hd, rep·hd]
     gram_heads = torch.stack([gram[h // n_rep, (h % n_rep) * hd:(h % n_rep + 1) * hd,

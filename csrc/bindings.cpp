@@ -1,0 +1,31 @@
+// pybind11 module cusprun_kernels._cuda: the CUDA kernels' host entry points (see kernels.h).
+#include <pybind11/pybind11.h>
+
+#include "kernels.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "cusprun CUDA C++ kernels: device pointers, shapes, strides and a CUDA stream in; errors raise.";
+  m.def("segment_sum_sq", &cusprun::segment_sum_sq, py::arg("x"), py::arg("dtype"), py::arg("tokens"),
+        py::arg("features"), py::arg("stride_t"), py::arg("stride_f"), py::arg("offsets"), py::arg("n_docs"),
+        py::arg("out"), py::arg("stream"),
+        "out[d, f] = sum over document d's tokens of x[t, f]^2 (float32; x float32, float16 or bfloat16)");
+  m.def("ablated_attention", &cusprun::ablated_attention, py::arg("qr"), py::arg("kr"), py::arg("v"), py::arg("r1"),
+        py::arg("r2"), py::arg("c1"), py::arg("c2"), py::arg("base"), py::arg("out"), py::arg("tile_start"),
+        py::arg("tile_end"), py::arg("tile_key_lo"), py::arg("n_tiles"), py::arg("tokens"), py::arg("heads"),
+        py::arg("kv_heads"), py::arg("head_dim"), py::arg("n_rep"), py::arg("chunk"), py::arg("scale"),
+        py::arg("window"), py::arg("perturb"), py::arg("stream"),
+        "flash-style causal attention with a rank-2 score perturbation per ablated dimension (float32)");
+  m.def("device_count", &cusprun::device_count, "CUDA devices the driver reports (0 without a GPU)");
+  m.def("require_device", &cusprun::require_device, "raise RuntimeError naming why no CUDA device is usable");
+  m.attr("cuda_runtime_version") = cusprun::runtime_version();
+  m.attr("attention_rows") = cusprun::kAttentionRows;
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const std::invalid_argument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+}

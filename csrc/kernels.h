@@ -1,0 +1,38 @@
+// Host entry points of the CUDA kernels (plain types only: bindings.cpp needs no CUDA headers).
+//
+// Every function takes device pointers as integers (torch's Tensor.data_ptr()), shapes, strides and
+// the CUDA stream to launch on (torch.cuda.current_stream().cuda_stream), checks the device and
+// every launch, and throws std::runtime_error / std::invalid_argument with the reason.
+#pragma once
+
+#include <cstdint>
+
+namespace cusprun {
+
+// out [n_docs, features] float32 = per-document sums over tokens of x[t, f]^2; x [tokens, features] with
+// strides (stride_t, stride_f) in elements and dtype 0 float32, 1 float16, 2 bfloat16; offsets int64 [n_docs + 1].
+void segment_sum_sq(std::uintptr_t x, int dtype, int64_t tokens, int64_t features, int64_t stride_t,
+                    int64_t stride_f, std::uintptr_t offsets, int64_t n_docs, std::uintptr_t out,
+                    std::uintptr_t stream);
+
+// One flash-style causal attention pass per (query tile, query head h, ablated dimension j < chunk), with the
+// scores perturbed by the rank-2 term of the removed row (see cusprun_kernels/qk_ablation.py):
+//   S[t, s] = scale * (qr[t, h] . kr[s, g] - (r1[t, h, j] * c1[s, g, j] + r2[t, h, j] * c2[s, g, j]))
+// out [chunk, heads, tokens, head_dim] = softmax(S) v - base (base [heads, tokens, head_dim]); perturb = false
+// gives the unperturbed output itself (chunk 1). All float32, contiguous. Tiles (int32 [n_tiles]) never span
+// two documents; each tile's rows see keys [key_lo, row] (and row - key < window when window > 0).
+void ablated_attention(std::uintptr_t qr, std::uintptr_t kr, std::uintptr_t v, std::uintptr_t r1,
+                       std::uintptr_t r2, std::uintptr_t c1, std::uintptr_t c2, std::uintptr_t base,
+                       std::uintptr_t out, std::uintptr_t tile_start, std::uintptr_t tile_end,
+                       std::uintptr_t tile_key_lo, int64_t n_tiles, int64_t tokens, int heads, int kv_heads,
+                       int head_dim, int n_rep, int chunk, float scale, int window, bool perturb,
+                       std::uintptr_t stream);
+
+// Rows of queries per tile that ablated_attention expects (one warp each).
+constexpr int kAttentionRows = 8;
+
+int device_count();           // 0 where the driver finds no GPU
+int runtime_version();        // CUDART_VERSION the module was built with
+void require_device();        // throws the reason when no CUDA device is usable
+
+}  // namespace cusprun

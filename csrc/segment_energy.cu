@@ -1,0 +1,83 @@
+// Per-document sums of squares over token segments: out[d, f] = sum_{t in doc d} x[t, f]^2 (float32).
+//
+// The row energies (of a projection's output Y, computed by cuBLAS through torch) and the column
+// energies (of its input X) of the projection_energies op. One block per (document, 32-feature
+// tile): threadIdx.x runs over features (coalesced when the feature stride is 1), threadIdx.y over a
+// fixed stride of tokens; the 8 partial sums are added in a fixed order in shared memory, so the
+// result is bit-identical run to run (no atomics), as score files require.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace cusprun {
+namespace {
+
+constexpr int kFeatures = 32;
+constexpr int kTokenLanes = 8;
+
+template <typename T>
+__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__global__ void segment_sum_sq_kernel(const T* __restrict__ x, int64_t stride_t, int64_t stride_f,
+                                      const int64_t* __restrict__ offsets, int64_t features,
+                                      float* __restrict__ out) {
+  __shared__ float partial[kTokenLanes][kFeatures];
+  const int64_t doc = blockIdx.x;
+  const int64_t f = static_cast<int64_t>(blockIdx.y) * kFeatures + threadIdx.x;
+  const int64_t begin = offsets[doc], end = offsets[doc + 1];
+  float acc = 0.f;
+  if (f < features) {
+    for (int64_t t = begin + threadIdx.y; t < end; t += kTokenLanes) {
+      const float v = to_float(x[t * stride_t + f * stride_f]);
+      acc = fmaf(v, v, acc);
+    }
+  }
+  partial[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && f < features) {
+    float sum = 0.f;
+    for (int lane = 0; lane < kTokenLanes; ++lane) sum += partial[lane][threadIdx.x];
+    out[doc * features + f] = sum;
+  }
+}
+
+}  // namespace
+
+void segment_sum_sq(std::uintptr_t x, int dtype, int64_t tokens, int64_t features, int64_t stride_t,
+                    int64_t stride_f, std::uintptr_t offsets, int64_t n_docs, std::uintptr_t out,
+                    std::uintptr_t stream) {
+  if (tokens < 0 || features <= 0 || n_docs <= 0) throw std::invalid_argument("segment_sum_sq: empty shape");
+  require_device_pointer(x, "x");
+  require_device_pointer(offsets, "offsets");
+  require_device_pointer(out, "out");
+  const dim3 grid(static_cast<unsigned>(n_docs), static_cast<unsigned>((features + kFeatures - 1) / kFeatures));
+  const dim3 block(kFeatures, kTokenLanes);
+  const auto* off = reinterpret_cast<const int64_t*>(offsets);
+  auto* o = reinterpret_cast<float*>(out);
+  switch (static_cast<DType>(dtype)) {
+    case DType::kFloat32:
+      segment_sum_sq_kernel<<<grid, block, 0, as_stream(stream)>>>(reinterpret_cast<const float*>(x), stride_t,
+                                                                   stride_f, off, features, o);
+      break;
+    case DType::kFloat16:
+      segment_sum_sq_kernel<<<grid, block, 0, as_stream(stream)>>>(reinterpret_cast<const __half*>(x), stride_t,
+                                                                   stride_f, off, features, o);
+      break;
+    case DType::kBFloat16:
+      segment_sum_sq_kernel<<<grid, block, 0, as_stream(stream)>>>(reinterpret_cast<const __nv_bfloat16*>(x),
+                                                                   stride_t, stride_f, off, features, o);
+      break;
+    default:
+      throw std::invalid_argument("segment_sum_sq: dtype must be float32, float16 or bfloat16");
+  }
+  check_launch("segment_sum_sq_kernel");
+}
+
+}  // namespace cusprun
