@@ -88,8 +88,8 @@ def geomean(values) -> float:
 
 
 class Bench:
-    def __init__(self, settings: Settings, quiet: bool):
-        self.s, self.quiet = settings, quiet
+    def __init__(self, settings: Settings, quiet: bool, cache: Path):
+        self.s, self.quiet, self.cache = settings, quiet, cache
         self.model, self.tokenizer, _ = load_model(DEFAULT_MODEL, quiet=quiet)
         vocab = self.model.config.vocab_size
         dims = sorted({d for e in settings.experts for d in e})
@@ -110,7 +110,7 @@ class Bench:
         """A cached ScoreSet: the file name carries the method and a hash of the exact tokens scored."""
         digest = hashlib.sha256(repr(docs).encode()).hexdigest()[:16]
         tag = measure if method == "cusprun" else method
-        path = CACHE / f"{tag}-{corpus}-{len(docs)}docs-{digest}.safetensors"
+        path = self.cache / f"{tag}-{corpus}-{len(docs)}docs-{digest}.safetensors"
         if path.exists():
             return ScoreSet.load(path)
         start = time.perf_counter()
@@ -119,7 +119,7 @@ class Bench:
         else:
             result = baseline_scores(self.model, method, docs, corpus=corpus)
         result.metadata["seconds"] = f"{time.perf_counter() - start:.1f}"
-        CACHE.mkdir(parents=True, exist_ok=True)
+        self.cache.mkdir(parents=True, exist_ok=True)
         result.save(path)
         return ScoreSet.load(path)  # as a rerun will see it (metadata as stored)
 
@@ -147,8 +147,8 @@ def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:
     return target, geomean(ppl[s] for s in GENERAL_SETS)
 
 
-def run(settings: Settings, quiet: bool) -> list[dict]:
-    bench = Bench(settings, quiet)
+def run(settings: Settings, quiet: bool, cache: Path = CACHE) -> list[dict]:
+    bench = Bench(settings, quiet, cache)
     rows: list[dict] = []
     jobs = ["dense"]
     for ratio in settings.ratios:
@@ -302,6 +302,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny settings: every path in a few minutes (CI)")
     ap.add_argument("--out", help="folder for the results (default: benchmarks/results; with --quick a temporary "
                                   "folder)")
+    ap.add_argument("--cache", default=str(CACHE), help=f"score cache (default: {CACHE})")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args()
     settings = QUICK if args.quick else FULL
@@ -309,7 +310,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    rows = run(settings, args.quiet)
+    rows = run(settings, args.quiet, Path(args.cache))
     env = {**environment(), "minutes": f"{(time.perf_counter() - start) / 60:.1f}",
            "settings": "quick" if args.quick else "full"}
     table = markdown(rows, settings, env)

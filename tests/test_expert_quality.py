@@ -1,0 +1,35 @@
+"""benchmarks/expert_quality.py --quick: every method, ablation and sweep path on SmolLM2, end to end."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("matplotlib")
+
+
+def test_quick_benchmark_writes_tables_and_plots(tmp_path):
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "expert_quality.py"), "--quick", "--quiet",
+                          "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality.csv")))
+    methods = {r["method"] for r in rows}
+    assert methods == {"dense", "cusprun", "plnd", "wanda-sp", "flap", "shortgpt", "magnitude", "random"}
+    assert {r["variant"] for r in rows if r["experiment"] == "ablation"} == {
+        "local measure", "MLP only", "mean-rank rule", "pooled rule"}
+    assert {r["docs"] for r in rows if r["method"] == "cusprun" and r["variant"] == "default"} == {"1", "2"}
+    for r in rows:
+        assert float(r["target_ppl"]) > 1 and float(r["general_ppl"]) > 1
+        if r["method"] not in ("dense", "shortgpt"):
+            assert abs(float(r["achieved"]) - float(r["ratio"])) < 0.01, r
+    dense = {r["expert"]: float(r["target_ppl"]) for r in rows if r["method"] == "dense"}
+    pruned = [r for r in rows if r["method"] == "cusprun"]
+    assert all(float(r["target_ppl"]) > dense[r["expert"]] for r in pruned)  # pruning without retraining costs
+    for png in ("expert_quality.png", "expert_quality_sweep.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 25% | cusprun |" in (tmp_path / "out" / "expert_quality.md").read_text()
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) >= 9  # resumable: scores were cached
