@@ -46,23 +46,32 @@ FLAP_PRUNABLE = ("self_attn.o_proj.cols", "mlp.down_proj.cols")
 
 
 class _Stats:
-    """Per-document sums over tokens of one projection's inputs and outputs (float64)."""
+    """Sums over tokens of one projection's inputs and outputs (float64): per document (PLND's L1 sums) or
+    pooled over the corpus (Wanda-sp's and FLAP's second moments), whichever the method needs."""
 
-    def __init__(self):
-        self.x_abs, self.x_sq, self.x_sum, self.y_abs, self.tokens = [], [], [], [], []
+    def __init__(self, per_document: bool):
+        self.per_document = per_document
+        self.x_abs: list[torch.Tensor] = []  # per document
+        self.y_abs: list[torch.Tensor] = []
+        self.x_sq = self.x_sum = 0.0  # pooled
+        self.tokens = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor):
         x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-        self.x_abs.append(x.abs().sum(0))
-        self.x_sq.append(x.square().sum(0))
-        self.x_sum.append(x.sum(0))
-        self.y_abs.append(y.abs().sum(0))
-        self.tokens.append(x.shape[0])
+        if self.per_document:
+            self.x_abs.append(x.abs().sum(0))
+            self.y_abs.append(y.abs().sum(0))
+        else:
+            self.x_sq = self.x_sq + x.square().sum(0)
+            self.x_sum = self.x_sum + x.sum(0)
+            self.tokens += x.shape[0]
 
 
-def _collect(model, documents: list[list[int]], want_hidden: bool, on_doc=None):
+def _collect(model, documents: list[list[int]], method: str, on_doc=None):
     """One forward pass per document with hooks: projection stats, and per-layer mean cos(h_in, h_out)."""
-    stats = {(layer, proj): _Stats() for layer in range(len(model.model.layers)) for proj in PROJECTIONS}
+    want_hidden = method == "shortgpt"
+    stats = {(layer, proj): _Stats(per_document=method == "plnd")
+             for layer in range(len(model.model.layers)) for proj in PROJECTIONS}
     cos_sums = torch.zeros(len(model.model.layers), dtype=torch.float64)
     handles = []
     for index, layer in enumerate(model.model.layers):
@@ -131,7 +140,7 @@ def baseline_scores(model, method: str, documents: list[list[int]] | None = None
                 scores[_name(layer, proj, "rows")] = w.norm(dim=1)[None].float()
                 scores[_name(layer, proj, "cols")] = w.norm(dim=0)[None].float()
     else:
-        stats, mean_cos = _collect(model, documents, method == "shortgpt", on_doc)
+        stats, mean_cos = _collect(model, documents, method, on_doc)
         if method == "shortgpt":
             bi = 1 - mean_cos
             for layer in range(n_layers):
@@ -156,16 +165,12 @@ def baseline_scores(model, method: str, documents: list[list[int]] | None = None
     return ScoreSet({name: scores[name].contiguous() for name in order}, metadata)
 
 
-def _pooled(values: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(values).sum(0)
-
-
 def _wanda_sp(model, layer, stats):
     out = {}
     for proj in PROJECTIONS:
         s = stats[layer, proj]
         w = _weights(model, layer, proj).abs()
-        x_norm = _pooled(s.x_sq).sqrt()  # [in], over the whole general corpus
+        x_norm = s.x_sq.sqrt()  # [in], over the whole general corpus
         out[_name(layer, proj, "rows")] = (w @ x_norm)[None].float()
         out[_name(layer, proj, "cols")] = (x_norm * w.sum(0))[None].float()
     return out
@@ -179,9 +184,8 @@ def _flap(model, layer, stats):
         w = _weights(model, layer, proj)
         out[_name(layer, proj, "rows")] = torch.zeros(1, w.shape[0])
         s = stats[layer, proj]
-        n = sum(s.tokens)
-        mean = _pooled(s.x_sum) / n
-        var = (_pooled(s.x_sq) / n - mean.square()).clamp_min(0)  # Var_t(X_j), population variance
+        mean = s.x_sum / s.tokens
+        var = (s.x_sq / s.tokens - mean.square()).clamp_min(0)  # Var_t(X_j), population variance
         fluct = var * w.square().sum(0)
         if proj == "self_attn.o_proj":  # whole heads: every column of a head carries the head's sum
             fluct = fluct.view(-1, hd).sum(1, keepdim=True).expand(-1, hd).reshape(-1)
