@@ -61,6 +61,8 @@ TARGETED = ("cusprun", "plnd")  # methods whose scores come from the expert's ow
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
 ABLATIONS = {"local measure": dict(measure="local"), "MLP only": dict(neurons="mlp"),
              "mean-rank rule": dict(rule="mean-rank"), "pooled rule": dict(rule="pooled")}
+# --ablations: every variant at every ratio, and the two that helped most together
+ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "MLP only + mean-rank": dict(neurons="mlp", rule="mean-rank")}
 
 
 @dataclass(frozen=True)
@@ -147,17 +149,21 @@ def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:
     return target, geomean(ppl[s] for s in GENERAL_SETS)
 
 
-def run(settings: Settings, quiet: bool, cache: Path = CACHE) -> list[dict]:
+def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bool = False) -> list[dict]:
     bench = Bench(settings, quiet, cache)
     rows: list[dict] = []
     jobs = ["dense"]
-    for ratio in settings.ratios:
-        jobs += [("main", ratio, m, dims, {}) for dims in settings.experts for m in TARGETED]
-        jobs += [("main", ratio, m, None, {}) for m in GENERAL_METHODS]
     first = settings.ratios[0]
-    jobs += [("ablation", first, "cusprun", dims, {"variant": v, **kw})
-             for v, kw in ABLATIONS.items() for dims in settings.experts]
-    jobs += [("sweep", first, "cusprun", ("de",), {"docs": n}) for n in settings.sweep if n != settings.docs]
+    if ablations_only:
+        jobs += [("ablation", ratio, "cusprun", dims, {"variant": v, **kw}) for ratio in settings.ratios
+                 for v, kw in ALL_RATIO_VARIANTS.items() for dims in settings.experts]
+    else:
+        for ratio in settings.ratios:
+            jobs += [("main", ratio, m, dims, {}) for dims in settings.experts for m in TARGETED]
+            jobs += [("main", ratio, m, None, {}) for m in GENERAL_METHODS]
+        jobs += [("ablation", first, "cusprun", dims, {"variant": v, **kw})
+                 for v, kw in ABLATIONS.items() for dims in settings.experts]
+        jobs += [("sweep", first, "cusprun", ("de",), {"docs": n}) for n in settings.sweep if n != settings.docs]
     bar = tqdm(jobs, desc="models", unit="model", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for job in bar:
         if job == "dense":
@@ -236,6 +242,29 @@ def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_ablations(rows: list[dict], settings: Settings, env: dict) -> str:
+    """--ablations: target / general perplexity of every Cus-Prun variant at every ratio."""
+    experts = [expert_name(d) for d in settings.experts]
+    lines = [f"Cus-Prun variants on {DEFAULT_MODEL} at every ratio: perplexity target / general (as in "
+             "expert_quality.md); one change from the default (block measure, all neuron kinds, all-docs rule) "
+             "per row, and the last row two. The best target per expert and ratio is bold.", "",
+             "`" + " | ".join(f"{k}={v}" for k, v in env.items()) + "`", "",
+             "| ratio | variant | " + " | ".join(f"{e} target / general" for e in experts) + " |",
+             "|---|---|" + "---|" * len(experts)]
+    dense = {r["expert"]: r for r in rows if r["method"] == "dense"}
+    lines.append("| 0 | dense | " + " | ".join(f"{dense[e]['target_ppl']:.1f} / {dense[e]['general_ppl']:.1f}"
+                                               for e in experts) + " |")
+    for ratio in settings.ratios:
+        at = [r for r in rows if r["experiment"] == "ablation" and r["ratio"] == ratio]
+        best = {e: min(r["target_ppl"] for r in at if r["expert"] == e) for e in experts}
+        for v in ALL_RATIO_VARIANTS:
+            by = {r["expert"]: r for r in at if r["variant"] == v}
+            cells = [(f"**{by[e]['target_ppl']:.1f}**" if by[e]["target_ppl"] == best[e] else
+                      f"{by[e]['target_ppl']:.1f}") + f" / {by[e]['general_ppl']:.1f}" for e in experts]
+            lines.append(f"| {ratio:.0%} | {v} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(rows: list[dict], settings: Settings, out: Path) -> list[Path]:
     import matplotlib
 
@@ -302,6 +331,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny settings: every path in a few minutes (CI)")
     ap.add_argument("--out", help="folder for the results (default: benchmarks/results; with --quick a temporary "
                                   "folder)")
+    ap.add_argument("--ablations", action="store_true",
+                    help="instead of the comparison: every Cus-Prun variant at every ratio "
+                         "(expert_quality_ablations.{csv,md})")
     ap.add_argument("--cache", default=str(CACHE), help=f"score cache (default: {CACHE})")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args()
@@ -310,9 +342,16 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    rows = run(settings, args.quiet, Path(args.cache))
+    rows = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations)
     env = {**environment(), "minutes": f"{(time.perf_counter() - start) / 60:.1f}",
            "settings": "quick" if args.quick else "full"}
+    if args.ablations:
+        table = markdown_ablations(rows, settings, env)
+        print(table)
+        write_csv(rows, env, out / "expert_quality_ablations.csv")
+        atomic_write(out / "expert_quality_ablations.md", lambda tmp: Path(tmp).write_text(table))
+        print(f"wrote {out / 'expert_quality_ablations.csv'} and {out / 'expert_quality_ablations.md'}")
+        return
     table = markdown(rows, settings, env)
     print(table)
     write_csv(rows, env, out / "expert_quality.csv")
