@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import math
 import sys
 import tempfile
@@ -134,8 +135,20 @@ class Bench:
         return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d], measure), n) for d in dims))
 
     def evaluate(self, selection) -> dict[str, float]:
+        """Perplexity on every held-out set; cached by the plan's masks and the exact held-out tokens, so a
+        rerun evaluates only plans it has not seen."""
+        h = hashlib.sha256(repr(sorted(self.heldout.items())).encode())
+        if selection is not None:
+            for name in sorted(selection.plan):
+                h.update(name.encode() + selection.plan[name].numpy().tobytes())
+        path = self.cache / f"ppl-{h.hexdigest()[:20]}.json"
+        if path.exists():
+            return json.loads(path.read_text())
         model = self.model if selection is None else cusprun.apply(self.model, selection, format="masked")
-        return {name: perplexity(model, docs)[0] for name, docs in self.heldout.items()}
+        ppl = {name: perplexity(model, docs)[0] for name, docs in self.heldout.items()}
+        self.cache.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(ppl)))
+        return ppl
 
 
 def first_documents(score_set: ScoreSet, n: int) -> ScoreSet:

@@ -6,16 +6,17 @@ differ. Notation for a projection y = x Wᵀ with inputs X [T, in] and outputs Y
 calibration tokens; A [T, inter] is the MLP's down_proj input act(gate)·up.
 
 ``random``     i.i.d. uniform scores (seeded): the floor any method must beat.
-``magnitude``  rows ‖W[i, :]‖₂, columns ‖W[:, j]‖₂ (structured magnitude pruning; e.g. Li et al.
-               2017, "Pruning Filters for Efficient ConvNets"), no data.
+``magnitude``  structured weight magnitude (as the magnitude baseline of An et al. 2024 and LLM-Pruner):
+               ‖W[:, j]‖₂ of o_proj and down_proj input columns, no data.
 ``wanda-sp``   structured Wanda (Sun et al. 2024, "A Simple and Effective Pruning Approach for LLMs";
-               structured variant as defined in An et al. 2024, FLAP): |W| weighted by the input
-               channel norms ‖X[:, j]‖₂ of a general corpus: rows Σ_j |W_ij|·‖X_j‖, columns
-               ‖X_j‖·Σ_i |W_ij|.
+               structured variant as defined in An et al. 2024, FLAP): Σ_i |W_ij|·‖X[:, j]‖₂ of o_proj
+               and down_proj input columns, X over a general corpus.
 ``flap``       FLAP (An et al. 2024, "Fluctuation-based Adaptive Structured Pruning for LLMs"): the
-               fluctuation Var_t(X[:, j])·‖W[:, j]‖₂² of o_proj and down_proj input channels on a
-               general corpus, summed per attention head for o_proj (FLAP removes whole heads and MLP
-               channels); only those two groups are prunable (``metadata["prunable"]``).
+               fluctuation Var_t(X[:, j])·‖W[:, j]‖₂² of o_proj and down_proj input columns on a
+               general corpus.
+               These three remove what the papers remove, whole attention heads (o_proj columns summed
+               per head) and MLP channels (down_proj columns): only those groups are prunable
+               (``metadata["prunable"]``), the rest goes where a removal makes it dead.
 ``plnd``       PLND (Zhao et al. 2024, "How do Large Language Models Handle Multilingualism?"):
                a neuron's importance is the L1 norm over tokens of the change its deactivation makes:
                MLP channel k: Σ_t |A[t, k]|·‖W_down[:, k]‖₂ (gate, up and down share it); other rows
@@ -42,7 +43,9 @@ from .scoreset import ScoreSet, architecture
 
 METHODS = ("random", "magnitude", "wanda-sp", "flap", "plnd", "shortgpt")
 DATA_FREE = ("random", "magnitude")
-FLAP_PRUNABLE = ("self_attn.o_proj.cols", "mlp.down_proj.cols")
+# The structures FLAP and Wanda-sp remove (attention heads through o_proj's input, MLP channels through
+# down_proj's input); everything else follows where a removal makes it dead.
+HEADS_AND_CHANNELS = ("self_attn.o_proj.cols", "mlp.down_proj.cols")
 
 
 class _Stats:
@@ -135,10 +138,8 @@ def baseline_scores(model, method: str, documents: list[list[int]] | None = None
         extra["seed"] = seed
     elif method == "magnitude":
         for layer in range(n_layers):
-            for proj in PROJECTIONS:
-                w = _weights(model, layer, proj)
-                scores[_name(layer, proj, "rows")] = w.norm(dim=1)[None].float()
-                scores[_name(layer, proj, "cols")] = w.norm(dim=0)[None].float()
+            scores.update(_heads_and_channels(model, layer, lambda proj, w: w.norm(dim=0)))
+        extra["prunable"] = list(HEADS_AND_CHANNELS)
     else:
         stats, mean_cos = _collect(model, documents, method, on_doc)
         if method == "shortgpt":
@@ -151,11 +152,15 @@ def baseline_scores(model, method: str, documents: list[list[int]] | None = None
             extra["granularity"] = "layer"
             extra["block_influence"] = [float(b) for b in bi]
         else:
-            scorer = {"wanda-sp": _wanda_sp, "flap": _flap, "plnd": _plnd}[method]
+            column_score = _wanda_sp if method == "wanda-sp" else _flap
             for layer in range(n_layers):
-                scores.update(scorer(model, layer, stats))
-            if method == "flap":
-                extra["prunable"] = list(FLAP_PRUNABLE)
+                if method == "plnd":
+                    scores.update(_plnd(model, layer, stats))
+                else:
+                    scores.update(_heads_and_channels(
+                        model, layer, lambda proj, w, layer=layer: column_score(w, stats[layer, proj])))
+            if method != "plnd":
+                extra["prunable"] = list(HEADS_AND_CHANNELS)
     order = score_names(n_layers)
     metadata = {"measure": method, "method": method, "model": getattr(model.config, "_name_or_path", "") or "",
                 "config_hash": config_hash(model.config), "architecture": architecture(model.config),
@@ -165,33 +170,35 @@ def baseline_scores(model, method: str, documents: list[list[int]] | None = None
     return ScoreSet({name: scores[name].contiguous() for name in order}, metadata)
 
 
-def _wanda_sp(model, layer, stats):
-    out = {}
-    for proj in PROJECTIONS:
-        s = stats[layer, proj]
-        w = _weights(model, layer, proj).abs()
-        x_norm = s.x_sq.sqrt()  # [in], over the whole general corpus
-        out[_name(layer, proj, "rows")] = (w @ x_norm)[None].float()
-        out[_name(layer, proj, "cols")] = (x_norm * w.sum(0))[None].float()
-    return out
-
-
-def _flap(model, layer, stats):
-    out = {}
+def _heads_and_channels(model, layer: int, column_score) -> dict[str, torch.Tensor]:
+    """Scores for the structured methods: ``column_score(proj, W)`` of o_proj's input columns, summed per
+    attention head (each column carries its head's sum), and of down_proj's input columns (MLP
+    channels). Every other group gets zeros and is not prunable; it goes only where made dead."""
     cfg = model.config
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    out = {}
     for proj in PROJECTIONS:
         w = _weights(model, layer, proj)
         out[_name(layer, proj, "rows")] = torch.zeros(1, w.shape[0])
-        s = stats[layer, proj]
-        mean = s.x_sum / s.tokens
-        var = (s.x_sq / s.tokens - mean.square()).clamp_min(0)  # Var_t(X_j), population variance
-        fluct = var * w.square().sum(0)
-        if proj == "self_attn.o_proj":  # whole heads: every column of a head carries the head's sum
-            fluct = fluct.view(-1, hd).sum(1, keepdim=True).expand(-1, hd).reshape(-1)
-        out[_name(layer, proj, "cols")] = (fluct if f"{proj}.cols" in FLAP_PRUNABLE else torch.zeros_like(fluct))[
-            None].float()
+        if f"{proj}.cols" in HEADS_AND_CHANNELS:
+            col = column_score(proj, w)
+            if proj == "self_attn.o_proj":
+                col = col.view(-1, hd).sum(1, keepdim=True).expand(-1, hd).reshape(-1)
+            out[_name(layer, proj, "cols")] = col[None].float()
+        else:
+            out[_name(layer, proj, "cols")] = torch.zeros(1, w.shape[1])
     return out
+
+
+def _wanda_sp(w: torch.Tensor, s: _Stats) -> torch.Tensor:
+    """Σ_i |W_ij|·‖X_j‖₂ over the pooled general corpus."""
+    return w.abs().sum(0) * s.x_sq.sqrt()
+
+
+def _flap(w: torch.Tensor, s: _Stats) -> torch.Tensor:
+    """Var_t(X_j)·‖W[:, j]‖₂² (population variance over the pooled general corpus)."""
+    mean = s.x_sum / s.tokens
+    return (s.x_sq / s.tokens - mean.square()).clamp_min(0) * w.square().sum(0)
 
 
 def _plnd(model, layer, stats):

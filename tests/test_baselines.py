@@ -39,27 +39,32 @@ def close(got, expected, rtol=1e-5):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_wanda_sp_and_flap_follow_their_definitions(arch):
+def test_structured_baselines_follow_their_definitions(arch):
+    """Wanda-sp, FLAP and magnitude score attention heads (o_proj columns, summed per head) and MLP channels
+    (down_proj columns) only, on the pooled general corpus."""
     model = tiny_model(arch, seed=3)
     x = captured_inputs(model, DOCS)
-    wanda = baseline_scores(model, "wanda-sp", DOCS)
-    flap = baseline_scores(model, "flap", DOCS)
+    sets = {m: baseline_scores(model, m, DOCS) for m in ("wanda-sp", "flap", "magnitude")}
     hd = model.config.head_dim
-    assert wanda.n_docs == flap.n_docs == 1
     for (layer, proj), xs in x.items():
         w = model.model.layers[layer].get_submodule(proj).weight.double()
         X = torch.cat(xs)  # the general corpus pooled
-        norm = X.norm(dim=0)
         name = f"model.layers.{layer}.{proj}"
-        assert close(wanda.scores[f"{name}.rows"][0], (w.abs() * norm).sum(1))
-        assert close(wanda.scores[f"{name}.cols"][0], (w.abs() * norm).sum(0))
-        fluct = X.var(dim=0, unbiased=False) * w.square().sum(0)
-        if proj == "self_attn.o_proj":
-            per_head = fluct.view(-1, hd).sum(1)
-            assert close(flap.scores[f"{name}.cols"][0], per_head.repeat_interleave(hd))
-        elif proj == "mlp.down_proj":
-            assert close(flap.scores[f"{name}.cols"][0], fluct)
-    assert flap.metadata["prunable"] == ["self_attn.o_proj.cols", "mlp.down_proj.cols"]
+        expected = {"wanda-sp": w.abs().sum(0) * X.norm(dim=0),
+                    "flap": X.var(dim=0, unbiased=False) * w.square().sum(0),
+                    "magnitude": w.norm(dim=0)}
+        for method, score_set in sets.items():
+            assert not score_set.scores[f"{name}.rows"].any()
+            got = score_set.scores[f"{name}.cols"][0]
+            if proj == "self_attn.o_proj":
+                assert close(got, expected[method].view(-1, hd).sum(1).repeat_interleave(hd)), method
+            elif proj == "mlp.down_proj":
+                assert close(got, expected[method]), method
+            else:
+                assert not got.any()
+    for score_set in sets.values():
+        assert score_set.n_docs == 1
+        assert score_set.metadata["prunable"] == ["self_attn.o_proj.cols", "mlp.down_proj.cols"]
 
 
 def test_plnd_channel_score_is_brute_force_l1_of_the_mlp_change():
@@ -89,12 +94,8 @@ def test_plnd_channel_score_is_brute_force_l1_of_the_mlp_change():
                          q.abs().sum(0) * w_q.norm(dim=0))
 
 
-def test_magnitude_and_random():
+def test_random_is_seeded():
     model = tiny_model("llama", seed=5)
-    mag = baseline_scores(model, "magnitude")
-    w = model.model.layers[1].mlp.down_proj.weight.double()
-    assert close(mag.scores["model.layers.1.mlp.down_proj.rows"][0], w.norm(dim=1))
-    assert close(mag.scores["model.layers.1.mlp.down_proj.cols"][0], w.norm(dim=0))
     a, b, c = (baseline_scores(model, "random", seed=s) for s in (0, 0, 1))
     assert all(torch.equal(a.scores[n], b.scores[n]) for n in a.scores)
     assert not torch.equal(a.scores["model.layers.0.mlp.up_proj.rows"], c.scores["model.layers.0.mlp.up_proj.rows"])
