@@ -30,7 +30,8 @@ rules (--rule), how a corpus's documents are combined:
   pooled     the corpus ranked as one document (squared scores summed over documents)
 
 Score files of a baseline method (python -m cusprun.score --method ...) go through the same path:
-ShortGPT's remove whole layers, FLAP's only heads and MLP channels.
+ShortGPT's remove whole layers; FLAP's, Wanda-sp's and magnitude's only attention heads and MLP
+channels.
 
 formats:
   sliced  (default) each matrix keeps only its live rows and columns: physically smaller, computes

@@ -33,3 +33,15 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 25% | cusprun |" in (tmp_path / "out" / "expert_quality.md").read_text()
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) >= 9  # resumable: scores were cached
+    evaluated = len(list((tmp_path / "cache").glob("ppl-*.json")))
+
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "expert_quality.py"), "--quick", "--quiet",
+                          "--ablations", "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality_ablations.csv")))
+    assert {r["variant"] for r in rows if r["method"] == "cusprun"} == {
+        "default", "local measure", "MLP only", "mean-rank rule", "pooled rule", "MLP only + mean-rank"}
+    # the variants the first run evaluated came from the cache: only the new combination was evaluated
+    assert len(list((tmp_path / "cache").glob("ppl-*.json"))) <= evaluated + 2
+    assert "MLP only + mean-rank" in (tmp_path / "out" / "expert_quality_ablations.md").read_text()
