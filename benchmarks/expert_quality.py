@@ -102,6 +102,7 @@ class Bench:
                         for i in self._ids(DATA / "corpora" / f"{c}.jsonl", settings.general_docs, vocab)]
         sets = {s for d in dims for s in EVAL_SETS[d]} | set(GENERAL_SETS)
         self.heldout = {s: self._ids(DATA / "heldout" / f"{s}.jsonl", settings.eval_docs, vocab) for s in sorted(sets)}
+        self.heldout_digest = hashlib.sha256(repr(sorted(self.heldout.items())).encode()).digest()
 
     def _ids(self, path: Path, n: int, vocab: int) -> list[list[int]]:
         ids = [t for t in tokenize(read_corpus(path), self.tokenizer, self.s.max_tokens, vocab) if t][:n]
@@ -137,7 +138,7 @@ class Bench:
     def evaluate(self, selection) -> dict[str, float]:
         """Perplexity on every held-out set; cached by the plan's masks and the exact held-out tokens, so a
         rerun evaluates only plans it has not seen."""
-        h = hashlib.sha256(repr(sorted(self.heldout.items())).encode())
+        h = hashlib.sha256(self.heldout_digest)
         if selection is not None:
             for name in sorted(selection.plan):
                 h.update(name.encode() + selection.plan[name].numpy().tobytes())
@@ -210,31 +211,54 @@ def _row(experiment, method, dims, ratio, achieved, docs, ppl, variant) -> dict:
             "general_ppl": round(general, 2), **{f"ppl_{k}": round(v, 2) for k, v in ppl.items()}}
 
 
+def _preamble(caption: str, env: dict, experts: list[str], first_column: str) -> list[str]:
+    """Caption, environment line and the header of a table with a target / general column per expert."""
+    return [caption, "", "`" + " | ".join(f"{k}={v}" for k, v in env.items()) + "`", "",
+            f"| {first_column} | " + " | ".join(f"{e} target / general" for e in experts) + " |",
+            "|---|" + "---|" * (len(experts) + first_column.count("|"))]
+
+
+def _cells(by_expert: dict[str, dict], experts: list[str], best: dict[str, float] | None = None) -> str:
+    """``target / general`` per expert, the target bold where it equals ``best[expert]``."""
+    cells = []
+    for e in experts:
+        r = by_expert[e]
+        target = f"{r['target_ppl']:.1f}"
+        if best is not None and r["target_ppl"] == best[e]:
+            target = f"**{target}**"
+        cells.append(f"{target} / {r['general_ppl']:.1f}")
+    return " | ".join(cells) + " |"
+
+
+def _best_targets(rows: list[dict], experts: list[str]) -> dict[str, float]:
+    return {e: min(r["target_ppl"] for r in rows if r["expert"] == e) for e in experts}
+
+
+def _dense_row(rows: list[dict], experts: list[str]) -> str:
+    return "| 0 | dense | " + _cells({r["expert"]: r for r in rows if r["method"] == "dense"}, experts)
+
+
+def _sweep_rows(rows: list[dict], ratio: float) -> list[dict]:
+    """The German expert's default Cus-Prun rows at ``ratio``, by corpus size."""
+    return sorted((r for r in rows if r["expert"] == "de" and r["method"] == "cusprun" and r["ratio"] == ratio
+                   and r["variant"] == "default"), key=lambda r: r["docs"])
+
+
 def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
     experts = [expert_name(d) for d in settings.experts]
-    lines = [f"Expert quality on {DEFAULT_MODEL}: perplexity, target (geometric mean over the expert's "
-             "dimensions) / general (English news and manual pages). Lower is better; the best target per "
-             "expert and ratio is bold.", "",
-             "`" + " | ".join(f"{k}={v}" for k, v in env.items()) + "`", ""]
     main = [r for r in rows if r["experiment"] == "main"]
-    dense = {r["expert"]: r for r in main if r["method"] == "dense"}
-    lines += ["| ratio | method | " + " | ".join(f"{e} target / general" for e in experts) + " |",
-              "|---|---|" + "---|" * len(experts)]
-    lines.append("| 0 | dense | " + " | ".join(f"{dense[e]['target_ppl']:.1f} / {dense[e]['general_ppl']:.1f}"
-                                               for e in experts) + " |")
+    lines = _preamble(f"Expert quality on {DEFAULT_MODEL}: perplexity, target (geometric mean over the expert's "
+                      "dimensions) / general (English news and manual pages). Lower is better; the best target per "
+                      "expert and ratio is bold.", env, experts, "ratio | method")
+    lines.append(_dense_row(main, experts))
     for ratio in settings.ratios:
         at = [r for r in main if r["ratio"] == ratio]
-        best = {e: min(r["target_ppl"] for r in at if r["expert"] == e) for e in experts}
+        best = _best_targets(at, experts)
         for method in (*TARGETED, *GENERAL_METHODS):
-            cells = []
-            for e in experts:
-                r = next(r for r in at if r["expert"] == e and r["method"] == method)
-                target = f"{r['target_ppl']:.1f}"
-                cells.append(f"{'**' + target + '**' if r['target_ppl'] == best[e] else target} / "
-                             f"{r['general_ppl']:.1f}")
-            achieved = next(r["achieved"] for r in at if r["method"] == method)
+            by = {r["expert"]: r for r in at if r["method"] == method}
+            achieved = next(iter(by.values()))["achieved"]
             label = method if abs(achieved - ratio) < 0.005 else f"{method} ({achieved:.1%} removed)"
-            lines.append(f"| {ratio:.0%} | {label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {ratio:.0%} | {label} | " + _cells(by, experts, best))
     first = settings.ratios[0]
     lines += ["", f"Ablations at {first:.0%} (Cus-Prun, one change each from the default: block measure, "
               "all neuron kinds, all-docs rule):", "",
@@ -244,37 +268,27 @@ def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
     for v in ABLATIONS:
         variants[v] = [r for r in rows if r["experiment"] == "ablation" and r["variant"] == v]
     for v, vrows in variants.items():
-        by = {r["expert"]: r for r in vrows}
-        lines.append(f"| {v} | " + " | ".join(f"{by[e]['target_ppl']:.1f} / {by[e]['general_ppl']:.1f}"
-                                                for e in experts) + " |")
-    sweep = sorted((r for r in rows if r["expert"] == "de" and r["method"] == "cusprun" and r["ratio"] == first
-                    and r["variant"] == "default"), key=lambda r: r["docs"])
+        lines.append(f"| {v} | " + _cells({r["expert"]: r for r in vrows}, experts))
     lines += ["", f"Corpus size, German expert at {first:.0%}:", "",
               "| documents | target | general |", "|---|---|---|"]
-    lines += [f"| {r['docs']} | {r['target_ppl']:.1f} | {r['general_ppl']:.1f} |" for r in sweep]
+    lines += [f"| {r['docs']} | {r['target_ppl']:.1f} | {r['general_ppl']:.1f} |" for r in _sweep_rows(rows, first)]
     return "\n".join(lines) + "\n"
 
 
 def markdown_ablations(rows: list[dict], settings: Settings, env: dict) -> str:
     """--ablations: target / general perplexity of every Cus-Prun variant at every ratio."""
     experts = [expert_name(d) for d in settings.experts]
-    lines = [f"Cus-Prun variants on {DEFAULT_MODEL} at every ratio: perplexity target / general (as in "
-             "expert_quality.md); one change from the default (block measure, all neuron kinds, all-docs rule) "
-             "per row, and the last row two. The best target per expert and ratio is bold.", "",
-             "`" + " | ".join(f"{k}={v}" for k, v in env.items()) + "`", "",
-             "| ratio | variant | " + " | ".join(f"{e} target / general" for e in experts) + " |",
-             "|---|---|" + "---|" * len(experts)]
-    dense = {r["expert"]: r for r in rows if r["method"] == "dense"}
-    lines.append("| 0 | dense | " + " | ".join(f"{dense[e]['target_ppl']:.1f} / {dense[e]['general_ppl']:.1f}"
-                                               for e in experts) + " |")
+    lines = _preamble(f"Cus-Prun variants on {DEFAULT_MODEL} at every ratio: perplexity target / general (as in "
+                      "expert_quality.md); one change from the default (block measure, all neuron kinds, all-docs "
+                      "rule) per row, and the last row two. The best target per expert and ratio is bold.",
+                      env, experts, "ratio | variant")
+    lines.append(_dense_row(rows, experts))
     for ratio in settings.ratios:
         at = [r for r in rows if r["experiment"] == "ablation" and r["ratio"] == ratio]
-        best = {e: min(r["target_ppl"] for r in at if r["expert"] == e) for e in experts}
+        best = _best_targets(at, experts)
         for v in ALL_RATIO_VARIANTS:
-            by = {r["expert"]: r for r in at if r["variant"] == v}
-            cells = [(f"**{by[e]['target_ppl']:.1f}**" if by[e]["target_ppl"] == best[e] else
-                      f"{by[e]['target_ppl']:.1f}") + f" / {by[e]['general_ppl']:.1f}" for e in experts]
-            lines.append(f"| {ratio:.0%} | {v} | " + " | ".join(cells) + " |")
+            lines.append(f"| {ratio:.0%} | {v} | " + _cells({r["expert"]: r for r in at if r["variant"] == v},
+                                                           experts, best))
     return "\n".join(lines) + "\n"
 
 
@@ -306,8 +320,7 @@ def plot(rows: list[dict], settings: Settings, out: Path) -> list[Path]:
     paths = [out / "expert_quality.png", out / "expert_quality_sweep.png"]
     _save(fig, paths[0])
     first = settings.ratios[0]
-    sweep = sorted((r for r in rows if r["expert"] == "de" and r["method"] == "cusprun" and r["ratio"] == first
-                    and r["variant"] == "default"), key=lambda r: r["docs"])
+    sweep = _sweep_rows(rows, first)
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key, label in (("target_ppl", "German (target)"), ("general_ppl", "general")):
         ax.plot([r["docs"] for r in sweep], [r[key] for r in sweep], "-o", label=label)

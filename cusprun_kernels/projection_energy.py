@@ -122,10 +122,10 @@ def segment_sum_sq_cuda(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
     if t.dtype not in DTYPE_CODES:
         raise ValueError(f"segment_sum_sq: dtype {t.dtype} is not float32, float16 or bfloat16")
-    offs = offsets.to(device=t.device, dtype=torch.int64).contiguous()
-    out = torch.full((offs.numel() - 1, t.shape[1]), float("nan"), dtype=torch.float32, device=t.device)
     if t.device.type != "cuda":
         raise ValueError(f"segment_sum_sq: a CUDA tensor is needed, got {t.device}")
+    offs = offsets.to(device=t.device, dtype=torch.int64).contiguous()
+    out = torch.full((offs.numel() - 1, t.shape[1]), float("nan"), dtype=torch.float32, device=t.device)
     extension()[0].segment_sum_sq(t.data_ptr(), DTYPE_CODES[t.dtype], t.shape[0], t.shape[1], t.stride(0),
                                   t.stride(1), pointer(offs, "offsets"), offs.numel() - 1, pointer(out, "out"),
                                   stream())
