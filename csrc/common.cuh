@@ -23,6 +23,9 @@ inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel)
 // Fails with the reason before any pointer is touched: no device, or a pointer that is not device memory.
 void require_device_pointer(std::uintptr_t ptr, const char* name);
 
+// Fails with the reason when the current device is older than compute capability major.minor.
+void require_compute_capability(int major, const char* what);
+
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 inline cudaStream_t as_stream(std::uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }

@@ -37,4 +37,16 @@ void require_device_pointer(std::uintptr_t ptr, const char* name) {
   }
 }
 
+void require_compute_capability(int major, const char* what) {
+  int device = 0, have = 0, minor = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&have, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  if (have < major) {
+    throw std::runtime_error(std::string("cusprun CUDA: ") + what + " needs compute capability " +
+                             std::to_string(major) + ".0 or newer; device " + std::to_string(device) + " is " +
+                             std::to_string(have) + "." + std::to_string(minor));
+  }
+}
+
 }  // namespace cusprun

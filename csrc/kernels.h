@@ -19,7 +19,8 @@ void segment_sum_sq(std::uintptr_t x, int dtype, int64_t tokens, int64_t feature
 // scores perturbed by the rank-2 term of the removed row (see cusprun_kernels/qk_ablation.py):
 //   S[t, s] = scale * (qr[t, h] . kr[s, g] - (r1[t, h, j] * c1[s, g, j] + r2[t, h, j] * c2[s, g, j]))
 // out [chunk, heads, tokens, head_dim] = softmax(S) v - base (base [heads, tokens, head_dim]); perturb = false
-// gives the unperturbed output itself (chunk 1). All float32, contiguous. Tiles (int32 [n_tiles]) never span
+// gives the unperturbed output itself (chunk 1). All float32, contiguous; tensor cores (mma.sync TF32, split to
+// float32 accuracy), so compute capability 8.0 or newer. Tiles (int32 [n_tiles]) never span
 // two documents; each tile's rows see keys [key_lo, row] (and row - key < window when window > 0).
 void ablated_attention(std::uintptr_t qr, std::uintptr_t kr, std::uintptr_t v, std::uintptr_t r1,
                        std::uintptr_t r2, std::uintptr_t c1, std::uintptr_t c2, std::uintptr_t base,
@@ -28,8 +29,8 @@ void ablated_attention(std::uintptr_t qr, std::uintptr_t kr, std::uintptr_t v, s
                        int head_dim, int n_rep, int chunk, float scale, int window, bool perturb,
                        std::uintptr_t stream);
 
-// Rows of queries per tile that ablated_attention expects (one warp each).
-constexpr int kAttentionRows = 8;
+// Rows of queries per tile that ablated_attention expects (4 warps x 16 rows, the M of an mma).
+constexpr int kAttentionRows = 64;
 
 int device_count();           // 0 where the driver finds no GPU
 int runtime_version();        // CUDART_VERSION the module was built with

@@ -81,7 +81,8 @@ def test_segment_energies_read_strided_inputs(dtype):
     ([7, 11], 3, 1, 80, None),
     ([9], 4, 1, 128, None),
     ([13, 5], 4, 2, 10, 4),
-    ([70], 2, 1, 256, None),  # head_dim 256: shared memory above the default 48 KiB
+    ([70], 2, 1, 256, None),  # head_dim 256: shared memory above the default 48 KiB; two row tiles of 64
+    ([150, 3], 2, 1, 24, 40),  # 3 row tiles: warps skip key tiles past their rows and before their window
 ])
 def test_qk_row_ablation(lengths, heads, kv, hd, window):
     args = qk_inputs(lengths, heads, kv, hd)
