@@ -4,8 +4,11 @@
     python benchmarks/bench_kernels.py [--lengths 512 2048] [--models 8b 70b] [--skip-torch-qk]
 
 Medians from ``triton.testing.do_bench``, one row per op and shape with a column per backend (the
-CUDA column is "-" where the extension is not built), each backend's speed-up over torch measured in
+CUDA columns are "-" where the extension is not built), each backend's speed-up over torch measured in
 the same run, and the best backend's TFLOP/s and GB/s against the FLOP and byte floors counted here.
+The projection op has two CUDA columns: "cuda" is cuBLAS plus the segmented reductions, "cuda fused"
+the one-pass tensor-core kernel; the CUDA backend uses whichever measures faster on the GPU at hand
+(cusprun_kernels/cuda_tuning.py), and these columns show both.
 Rows are appended to benchmarks/results/bench_kernels.csv naming the GPU, versions and commit.
 
 Floors: projection + energies: 2·T·in·out FLOPs, (T·in + in·out + T·out)·2 bytes (bf16). q/k-row
@@ -26,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, report  # noqa: E402
 
+COMPILED = ("triton", "cuda", "cuda fused")
 SHAPES = {  # hidden, heads, kv heads, head_dim, intermediate
     "8b": (4096, 32, 8, 128, 14336),
     "70b": (8192, 64, 8, 128, 28672),
@@ -44,7 +48,8 @@ def main():
 
     from cusprun_kernels.cuda_ext import extension
     from cusprun_kernels.projection_energy import (
-        projection_energies_cuda,
+        projection_energies_cublas,
+        projection_energies_fused,
         projection_energies_torch,
         projection_energies_triton,
     )
@@ -59,8 +64,8 @@ def main():
     def measure(label, impls, flops, nbytes, **bench):
         ms = {impl: triton.testing.do_bench(fn, **bench) for impl, fn in impls.items() if fn is not None}
         best = min(ms.values())
-        cells = [f"{ms[i]:.3f}" if i in ms else "-" for i in ("torch", "triton", "cuda")]
-        ratios = [f"{ms['torch'] / ms[i]:.2f}x" if "torch" in ms and i in ms else "-" for i in ("triton", "cuda")]
+        cells = [f"{ms[i]:.3f}" if i in ms else "-" for i in ("torch", *COMPILED)]
+        ratios = [f"{ms['torch'] / ms[i]:.2f}x" if "torch" in ms and i in ms else "-" for i in COMPILED]
         rows.append([name, L, label, *cells, *ratios, flops / best / 1e9, nbytes / best / 1e6])
     for name in args.models:
         hidden, heads, kv, hd, inter = SHAPES[name]
@@ -75,7 +80,8 @@ def main():
                 measure(f"projection {proj}", {
                     "torch": partial(projection_energies_torch, x, w, None, off),
                     "triton": partial(projection_energies_triton, x, w, None, off),
-                    "cuda": partial(projection_energies_cuda, x, w, None, off) if cuda_built else None,
+                    "cuda": partial(projection_energies_cublas, x, w, None, off) if cuda_built else None,
+                    "cuda fused": partial(projection_energies_fused, x, w, None, off) if cuda_built else None,
                 }, flops, nbytes)
             q = torch.randn(L, heads, hd, device=dev, dtype=bf16)
             k, v = torch.randn(L, kv, hd, device=dev, dtype=bf16), torch.randn(L, kv, hd, device=dev, dtype=bf16)
@@ -90,8 +96,8 @@ def main():
                 "triton": partial(qk_row_ablation_triton, *qk_args, n_rep=heads // kv),
                 "cuda": partial(qk_row_ablation_cuda, *qk_args, n_rep=heads // kv) if cuda_built else None,
             }, flops, nbytes, warmup=1, rep=1)
-    report("bench_kernels", ["model", "L", "op", "torch ms", "triton ms", "cuda ms", "triton vs torch",
-                             "cuda vs torch", "best TFLOP/s", "best GB/s"], rows, environment())
+    report("bench_kernels", ["model", "L", "op", "torch ms", *(f"{i} ms" for i in COMPILED),
+                             *(f"{i} vs torch" for i in COMPILED), "best TFLOP/s", "best GB/s"], rows, environment())
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("features"), py::arg("stride_t"), py::arg("stride_f"), py::arg("offsets"), py::arg("n_docs"),
         py::arg("out"), py::arg("stream"),
         "out[d, f] = sum over document d's tokens of x[t, f]^2 (float32; x float32, float16 or bfloat16)");
+  m.def("projection_energy", &cusprun::projection_energy, py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("y"),
+        py::arg("dtype"), py::arg("k"), py::arg("n"), py::arg("stride_xm"), py::arg("stride_xk"),
+        py::arg("stride_wn"), py::arg("stride_wk"), py::arg("stride_ym"), py::arg("stride_yn"),
+        py::arg("row_part"), py::arg("col_part"), py::arg("tile_start"), py::arg("tile_end"), py::arg("n_tiles"),
+        py::arg("stream"),
+        "fused y = x w^T (+ bias) with per-row-tile sums of y^2 (row_part) and of x^2 (col_part), on tensor cores");
   m.def("ablated_attention", &cusprun::ablated_attention, py::arg("qr"), py::arg("kr"), py::arg("v"), py::arg("r1"),
         py::arg("r2"), py::arg("c1"), py::arg("c2"), py::arg("base"), py::arg("out"), py::arg("tile_start"),
         py::arg("tile_end"), py::arg("tile_key_lo"), py::arg("n_tiles"), py::arg("tokens"), py::arg("heads"),
@@ -21,6 +27,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("require_device", &cusprun::require_device, "raise RuntimeError naming why no CUDA device is usable");
   m.attr("cuda_runtime_version") = cusprun::runtime_version();
   m.attr("attention_rows") = cusprun::kAttentionRows;
+  m.attr("projection_rows") = cusprun::kProjectionRows;
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);

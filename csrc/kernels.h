@@ -15,6 +15,19 @@ void segment_sum_sq(std::uintptr_t x, int dtype, int64_t tokens, int64_t feature
                     int64_t stride_f, std::uintptr_t offsets, int64_t n_docs, std::uintptr_t out,
                     std::uintptr_t stream);
 
+// The fused projection + energies pass (tensor cores, compute capability 8.0 or newer): y = x w^T (+ bias) in
+// the dtype of x, w, bias and y (0 float32, 1 float16, 2 bfloat16; any strides, in elements); per row tile
+// (int32 [n_tiles], at most kProjectionRows rows of one document) row_part [n_tiles, n] float32 = sums over the
+// tile's rows of y^2 (y as stored) and col_part [n_tiles, k] float32 = sums of x^2. bias = 0: no bias.
+void projection_energy(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, std::uintptr_t y, int dtype,
+                       int64_t k, int64_t n, int64_t stride_xm, int64_t stride_xk, int64_t stride_wn,
+                       int64_t stride_wk, int64_t stride_ym, int64_t stride_yn, std::uintptr_t row_part,
+                       std::uintptr_t col_part, std::uintptr_t tile_start, std::uintptr_t tile_end, int64_t n_tiles,
+                       std::uintptr_t stream);
+
+// Rows per tile that projection_energy expects (4 warps x 16 rows).
+constexpr int kProjectionRows = 64;
+
 // One flash-style causal attention pass per (query tile, query head h, ablated dimension j < chunk), with the
 // scores perturbed by the rank-2 term of the removed row (see cusprun_kernels/qk_ablation.py):
 //   S[t, s] = scale * (qr[t, h] . kr[s, g] - (r1[t, h, j] * c1[s, g, j] + r2[t, h, j] * c2[s, g, j]))

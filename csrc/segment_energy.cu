@@ -5,9 +5,6 @@
 // tile): threadIdx.x runs over features (coalesced when the feature stride is 1), threadIdx.y over a
 // fixed stride of tokens; the 8 partial sums are added in a fixed order in shared memory, so the
 // result is bit-identical run to run (no atomics), as score files require.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include "common.cuh"
 #include "kernels.h"
 
@@ -16,13 +13,6 @@ namespace {
 
 constexpr int kFeatures = 32;
 constexpr int kTokenLanes = 8;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T>
 __global__ void segment_sum_sq_kernel(const T* __restrict__ x, int64_t stride_t, int64_t stride_f,
@@ -61,22 +51,11 @@ void segment_sum_sq(std::uintptr_t x, int dtype, int64_t tokens, int64_t feature
   const dim3 block(kFeatures, kTokenLanes);
   const auto* off = reinterpret_cast<const int64_t*>(offsets);
   auto* o = reinterpret_cast<float*>(out);
-  switch (static_cast<DType>(dtype)) {
-    case DType::kFloat32:
-      segment_sum_sq_kernel<<<grid, block, 0, as_stream(stream)>>>(reinterpret_cast<const float*>(x), stride_t,
-                                                                   stride_f, off, features, o);
-      break;
-    case DType::kFloat16:
-      segment_sum_sq_kernel<<<grid, block, 0, as_stream(stream)>>>(reinterpret_cast<const __half*>(x), stride_t,
-                                                                   stride_f, off, features, o);
-      break;
-    case DType::kBFloat16:
-      segment_sum_sq_kernel<<<grid, block, 0, as_stream(stream)>>>(reinterpret_cast<const __nv_bfloat16*>(x),
-                                                                   stride_t, stride_f, off, features, o);
-      break;
-    default:
-      throw std::invalid_argument("segment_sum_sq: dtype must be float32, float16 or bfloat16");
-  }
+  dispatch_dtype(dtype, "segment_sum_sq", [&](auto element) {
+    using T = decltype(element);
+    segment_sum_sq_kernel<<<grid, block, 0, as_stream(stream)>>>(reinterpret_cast<const T*>(x), stride_t, stride_f,
+                                                                 off, features, o);
+  });
   check_launch("segment_sum_sq_kernel");
 }
 

@@ -112,9 +112,12 @@ def projection_energies_triton(x, weight, bias, offsets, block_m: int = 64, bloc
 
 
 # ---------------------------------------------------------------------------------------------------
-# CUDA C++ (csrc/segment_energy.cu). Y comes from cuBLAS through torch on the current stream; the row
-# energies (of Y) and column energies (of X) from one deterministic segmented reduction kernel each,
-# reading the tensors in place through their strides.
+# CUDA C++: two implementations, and the faster one for the GPU and shape at hand (cuda_tuning.py).
+# * cublas: Y from cuBLAS through torch on the current stream, then the row energies (of Y) and the
+#   column energies (of X) from one deterministic segmented reduction kernel each (csrc/segment_energy.cu),
+#   reading the tensors in place through their strides. Y makes one extra round trip through memory.
+# * fused: csrc/projection_energy.cu, one tensor-core pass like the Triton kernel: Y and both energies,
+#   partial sums per row tile (tiles.py), added per document in a fixed order.
 # ---------------------------------------------------------------------------------------------------
 def segment_sum_sq_cuda(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[T_total, F] (float32, float16 or bfloat16, any strides) -> [n_docs, F] float32, on the GPU."""
@@ -132,8 +135,55 @@ def segment_sum_sq_cuda(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def projection_energies_cuda(x, weight, bias, offsets):
-    """CUDA launcher of the projection + energies op (same contract as the torch reference)."""
+def projection_energies_cublas(x, weight, bias, offsets):
+    """cuBLAS (through torch) for Y, then the extension's segmented reductions for both energies."""
     _check(x, weight, bias, offsets)
     y = torch.nn.functional.linear(x, weight, bias)
     return y, segment_sum_sq_cuda(y, offsets), segment_sum_sq_cuda(x, offsets)
+
+
+def projection_energies_fused(x, weight, bias, offsets):
+    """The extension's fused tensor-core kernel: Y and both energies in one pass (sm_80 or newer).
+
+    x [T, in] and weight [out, in] (any strides), bias [out] or None, all of one dtype (float32, float16 or
+    bfloat16); returns what :func:`projection_energies_torch` returns."""
+    from .cuda_ext import DTYPE_CODES, extension, pointer, stream
+    from .tiles import row_tiles
+
+    _check(x, weight, bias, offsets)
+    if x.dtype not in DTYPE_CODES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise ValueError(f"projection_energies: x, weight and bias must share one of float32, float16, bfloat16; "
+                         f"got {x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
+    for t, name in ((x, "x"), (weight, "weight")):
+        if t.device.type != "cuda":
+            raise ValueError(f"projection_energies: {name} must be a CUDA tensor, got {t.device}")
+    ext = extension()[0]
+    (T, K), N = x.shape, weight.shape[0]
+    tiles = row_tiles(offsets, ext.projection_rows, x.device)
+    y = torch.full((T, N), float("nan"), dtype=x.dtype, device=x.device)
+    row_part = torch.full((tiles.count, N), float("nan"), dtype=torch.float32, device=x.device)
+    col_part = torch.full((tiles.count, K), float("nan"), dtype=torch.float32, device=x.device)
+    ext.projection_energy(x.data_ptr(), weight.data_ptr(), 0 if bias is None else pointer(bias, "bias"),
+                          pointer(y, "y"), DTYPE_CODES[x.dtype], K, N, x.stride(0), x.stride(1), weight.stride(0),
+                          weight.stride(1), y.stride(0), y.stride(1), pointer(row_part, "row_part"),
+                          pointer(col_part, "col_part"), pointer(tiles.start, "tile_start"),
+                          pointer(tiles.end, "tile_end"), tiles.count, stream())
+    return y, tiles.per_document(row_part), tiles.per_document(col_part)
+
+
+CUDA_VARIANTS = {"cublas": projection_energies_cublas, "fused": projection_energies_fused}
+
+
+def projection_energies_cuda(x, weight, bias, offsets):
+    """CUDA launcher (same contract as the torch reference): the variant that measured faster for this GPU,
+    dtype and shape class (:mod:`cusprun_kernels.cuda_tuning`; ``CUSPRUN_CUDA_PROJECTION_ENERGIES`` forces one)."""
+    from .cuda_tuning import choose
+
+    _check(x, weight, bias, offsets)
+    T, K = x.shape
+    bucket = 1 << max(6, (T - 1).bit_length())  # token counts within a factor of 2 share a choice
+    shape = f"{str(x.dtype).removeprefix('torch.')}|in={K}|out={weight.shape[0]}|bias={bias is not None}|T<={bucket}"
+    name = choose("projection_energies", shape,
+                  {v: (lambda f=f: f(x, weight, bias, offsets)) for v, f in CUDA_VARIANTS.items()},
+                  device_name=torch.cuda.get_device_name(x.device))
+    return CUDA_VARIANTS[name](x, weight, bias, offsets)
