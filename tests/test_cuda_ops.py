@@ -11,9 +11,8 @@ import sys
 import pytest
 import torch
 
-from cusprun_kernels import BackendUnavailable, resolve_backend
+from cusprun_kernels import BackendUnavailable, cuda_tuning, resolve_backend
 from cusprun_kernels.cuda_ext import build_info, extension
-from cusprun_kernels import cuda_tuning
 from cusprun_kernels.cuda_tuning import choose
 from cusprun_kernels.projection_energy import (
     CUDA_VARIANTS,
