@@ -27,6 +27,13 @@ def record(status: str, reason: str = "", *folders: Path) -> None:
         (folder / INFO_NAME).write_text(json.dumps({"status": status, "reason": reason}) + "\n")
 
 
+def remove_stale_module() -> None:
+    """An editable install keeps the module of an earlier build beside the sources; when this build does
+    not produce one, that stale module (compiled from other sources) must not be imported instead."""
+    for stale in (ROOT / "cusprun_kernels").glob("_cuda.*.so"):
+        stale.unlink()
+
+
 def cuda_skip_reason() -> str | None:
     if os.environ.get("CUSPRUN_BUILD_CUDA", "") == "0":
         return "CUSPRUN_BUILD_CUDA=0 at install time"
@@ -54,6 +61,7 @@ class CMakeBuild(build_ext):
             reason = f"the CUDA build failed: {exc}"
             print(f"cusprun: WARNING: {reason}; installing without the CUDA extension", file=sys.stderr)
             record("failed", reason, out_dir)
+            remove_stale_module()
             self.extensions = []  # nothing to copy into place
             return
         record("built", "", out_dir)
@@ -63,6 +71,7 @@ reason = cuda_skip_reason()
 if reason:
     print(f"cusprun: building without the CUDA extension ({reason})", file=sys.stderr)
     record("skipped", reason)
+    remove_stale_module()
 setup(
     ext_modules=[] if reason else [Extension("cusprun_kernels._cuda", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
