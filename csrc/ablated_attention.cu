@@ -15,7 +15,6 @@
 // difference of two softmax outputs. The unperturbed output comes from this same kernel (kPerturb = false)
 // with the identical tiles and mma order, so the rounding of Q K^T cancels exactly in the difference; the
 // perturbation and the softmax run in IEEE float32 (expf, no fast math) on CUDA cores.
-
 #include <cmath>
 
 #include "common.cuh"

@@ -21,6 +21,8 @@ constexpr int kRows = kProjectionRows;  // 64: 4 warps x 16
 constexpr int kCols = 64;               // 8 n-tiles of 8 per warp
 constexpr int kDepth = 32;              // K per stage: 4 k-steps of 8
 constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / 32;
+static_assert(kWarps * 16 == kRows, "each warp owns the 16 rows of one mma");
 constexpr int kStride = kDepth + 4;     // = 4 (mod 8): fragment reads (8 rows x 4 columns) are conflict-free
 constexpr int kLoads = kRows * kDepth / kThreads;  // elements of X (and of W) each thread stages per step
 static_assert(kRows == kCols, "one loading pattern serves the X and the W tile");
@@ -64,7 +66,7 @@ __global__ void __launch_bounds__(kThreads) projection_energy_kernel(ProjectionA
   constexpr bool kSplit = sizeof(T) == sizeof(float);  // float32 needs 3xTF32; 16-bit types are exact in TF32
   __shared__ float x_s[kRows * kStride];
   __shared__ float w_s[kCols * kStride];
-  __shared__ float warp_sums[4][kCols];
+  __shared__ float warp_sums[kWarps][kCols];
   const int tile = blockIdx.x;
   const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kCols;
   const int64_t m0 = a.tile_start[tile], m1 = a.tile_end[tile];
@@ -126,7 +128,7 @@ __global__ void __launch_bounds__(kThreads) projection_energy_kernel(ProjectionA
       y_sq[n][e % 2] = fmaf(v, v, y_sq[n][e % 2]);
     }
   }
-  // Sum over the 8 groups of the warp (lanes with the same quad), then over the 4 warps, in a fixed order.
+  // Sum over the 8 groups of the warp (lanes with the same quad), then over the warps, in a fixed order.
 #pragma unroll
   for (int n = 0; n < kCols / 8; ++n) {
 #pragma unroll
@@ -138,8 +140,9 @@ __global__ void __launch_bounds__(kThreads) projection_energy_kernel(ProjectionA
   }
   __syncthreads();
   if (threadIdx.x < kCols && n0 + threadIdx.x < a.n) {
-    a.row_part[tile * a.n + n0 + threadIdx.x] =
-        ((warp_sums[0][threadIdx.x] + warp_sums[1][threadIdx.x]) + warp_sums[2][threadIdx.x]) + warp_sums[3][threadIdx.x];
+    float sum = 0.f;
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][threadIdx.x];
+    a.row_part[tile * a.n + n0 + threadIdx.x] = sum;
   }
 }
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,14 +33,12 @@ def _load(path: Path) -> dict:
 
 
 def _store(path: Path, key: str, entry: dict) -> None:
-    """Merge one entry into the cache file, written to a temporary file and renamed (never half-written)."""
+    """Merge one entry into the cache file, written atomically (never half-written)."""
+    from cusprun.scorefile import atomic_write  # the package's one atomic writer (imported late: no cycle)
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = _load(path)
-    table[key] = entry
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(table, fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    table = {**_load(path), key: entry}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1, sort_keys=True)))
 
 
 def cuda_event_ms(fn: Callable[[], object]) -> float:

@@ -138,6 +138,10 @@ def segment_sum_sq_cuda(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 def projection_energies_cublas(x, weight, bias, offsets):
     """cuBLAS (through torch) for Y, then the extension's segmented reductions for both energies."""
     _check(x, weight, bias, offsets)
+    return _cublas(x, weight, bias, offsets)
+
+
+def _cublas(x, weight, bias, offsets):
     y = torch.nn.functional.linear(x, weight, bias)
     return y, segment_sum_sq_cuda(y, offsets), segment_sum_sq_cuda(x, offsets)
 
@@ -147,10 +151,14 @@ def projection_energies_fused(x, weight, bias, offsets):
 
     x [T, in] and weight [out, in] (any strides), bias [out] or None, all of one dtype (float32, float16 or
     bfloat16); returns what :func:`projection_energies_torch` returns."""
+    _check(x, weight, bias, offsets)
+    return _fused(x, weight, bias, offsets)
+
+
+def _fused(x, weight, bias, offsets):
     from .cuda_ext import DTYPE_CODES, extension, pointer, stream
     from .tiles import row_tiles
 
-    _check(x, weight, bias, offsets)
     if x.dtype not in DTYPE_CODES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"projection_energies: x, weight and bias must share one of float32, float16, bfloat16; "
                          f"got {x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
@@ -171,7 +179,8 @@ def projection_energies_fused(x, weight, bias, offsets):
     return y, tiles.per_document(row_part), tiles.per_document(col_part)
 
 
-CUDA_VARIANTS = {"cublas": projection_energies_cublas, "fused": projection_energies_fused}
+# By name, without the argument checks: the launcher below checks once, not once per variant.
+CUDA_VARIANTS = {"cublas": _cublas, "fused": _fused}
 
 
 def projection_energies_cuda(x, weight, bias, offsets):
