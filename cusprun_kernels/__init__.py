@@ -1,6 +1,7 @@
 """Scoring ops of cusprun: each op has a plain-PyTorch reference here and kernels behind one selector.
 
-Ops (all on packed documents with segment offsets):
+Ops (all on packed documents: ``offsets`` is a :class:`~cusprun_kernels.segments.Segments`, built once
+per batch so launches never sync with the device, or an offsets tensor [n_docs + 1]):
 
 * :func:`projection_energies` — y = x Wᵀ (+ b) with per-document row and column energies;
 * :func:`qk_row_ablation` — exact block-output change of removing each q and k row;
@@ -12,6 +13,7 @@ from __future__ import annotations
 from .backend import BackendUnavailable, backend_status, resolve_backend, set_quiet
 from .projection_energy import projection_energies_cuda, projection_energies_torch, projection_energies_triton
 from .qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton
+from .segments import Segments
 from .v_row_energy import v_row_energies_torch
 
 # v-row energies are two small einsums over data already on the device (O(T·hd·rep²)); every
@@ -43,5 +45,5 @@ def v_row_energies(o_in, w_o, offsets, **kw):
     return _dispatch("v_row_energies", o_in.device.type)(o_in, w_o, offsets, **kw)
 
 
-__all__ = ["BackendUnavailable", "backend_status", "resolve_backend", "set_quiet",
+__all__ = ["BackendUnavailable", "Segments", "backend_status", "resolve_backend", "set_quiet",
            "projection_energies", "qk_row_ablation", "v_row_energies"]

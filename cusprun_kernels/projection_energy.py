@@ -14,40 +14,44 @@ from __future__ import annotations
 
 import torch
 
+from .segments import Segments, as_segments
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offsets: torch.Tensor):
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, offsets) -> Segments:
+    """The op's arguments checked; returns the documents' :class:`Segments` (offsets read to the host at most once)."""
+    segments = as_segments(offsets, x.device)
     if x.dim() != 2 or weight.dim() != 2 or x.shape[1] != weight.shape[1]:
         raise ValueError(f"projection_energies: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"projection_energies: bias {tuple(bias.shape)} for weight {tuple(weight.shape)}")
-    if offsets.dim() != 1 or offsets.numel() < 2 or int(offsets[-1]) != x.shape[0]:
+    if segments.total != x.shape[0]:
         raise ValueError(f"projection_energies: offsets must run from 0 to T_total={x.shape[0]}")
+    return segments
 
 
-def segment_sums(t: torch.Tensor, offsets: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def segment_sums(t: torch.Tensor, offsets, dim: int = 0) -> torch.Tensor:
     """Sums over each document's segment of ``dim``, stacked as a new leading [n_docs] axis.
 
     Slice by slice in a fixed order (no atomics, unlike index_add_ on a GPU): results are identical
     run to run, which bit-identical score files rely on."""
-    bounds = offsets.tolist()
-    return torch.stack([t.narrow(dim, s, e - s).sum(dim) for s, e in zip(bounds[:-1], bounds[1:])])
+    return torch.stack([t.narrow(dim, s, e - s).sum(dim) for s, e in as_segments(offsets).spans()])
 
 
-def segment_sum_sq(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def segment_sum_sq(t: torch.Tensor, offsets) -> torch.Tensor:
     """[T_total, F] -> [n_docs, F] float32 sums of squares per document segment."""
     return segment_sums(t.float().square(), offsets)
 
 
 def projection_energies_torch(x, weight, bias, offsets):
     """Plain-PyTorch reference (and CPU path) of the fused projection + energies op."""
-    _check(x, weight, bias, offsets)
+    segments = _check(x, weight, bias, offsets)
     y = torch.nn.functional.linear(x, weight, bias)
-    return y, segment_sum_sq(y, offsets), segment_sum_sq(x, offsets)
+    return y, segment_sum_sq(y, segments), segment_sum_sq(x, segments)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Triton: one pass computes Y and both energies. Programs own (row tile, column block) pairs; no
-# tile spans two documents (tiles.py), so each program writes its partial energies to its own slot
+# tile spans two documents (segments.py), so each program writes its partial energies to its own slot
 # and the per-document sums are deterministic. Column energies are taken from the X tiles the
 # programs of the first column block load anyway; row energies from the float32 accumulator before
 # Y is rounded to its dtype. FLOPs: 2·T·in·out; bytes: X, W and Y once each (+ the small partials).
@@ -93,12 +97,10 @@ if triton is not None:
 
 def projection_energies_triton(x, weight, bias, offsets, block_m: int = 64, block_n: int = 64, block_k: int = 32):
     """Triton launcher of the fused projection + energies op (same contract as the torch reference)."""
-    from .tiles import row_tiles
-
-    _check(x, weight, bias, offsets)
+    segments = _check(x, weight, bias, offsets)
     T, K = x.shape
     N = weight.shape[0]
-    tiles = row_tiles(offsets, block_m, x.device)
+    tiles = segments.tiles(block_m)
     y = torch.full((T, N), float("nan"), dtype=x.dtype, device=x.device)
     row_part = torch.full((tiles.count, N), float("nan"), dtype=torch.float32, device=x.device)
     col_part = torch.full((tiles.count, K), float("nan"), dtype=torch.float32, device=x.device)
@@ -117,9 +119,9 @@ def projection_energies_triton(x, weight, bias, offsets, block_m: int = 64, bloc
 #   column energies (of X) from one deterministic segmented reduction kernel each (csrc/segment_energy.cu),
 #   reading the tensors in place through their strides. Y makes one extra round trip through memory.
 # * fused: csrc/projection_energy.cu, one tensor-core pass like the Triton kernel: Y and both energies,
-#   partial sums per row tile (tiles.py), added per document in a fixed order.
+#   partial sums per row tile (segments.py), added per document in a fixed order.
 # ---------------------------------------------------------------------------------------------------
-def segment_sum_sq_cuda(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def segment_sum_sq_cuda(t: torch.Tensor, offsets) -> torch.Tensor:
     """[T_total, F] (float32, float16 or bfloat16, any strides) -> [n_docs, F] float32, on the GPU."""
     from .cuda_ext import DTYPE_CODES, extension, pointer, stream
 
@@ -127,7 +129,7 @@ def segment_sum_sq_cuda(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"segment_sum_sq: dtype {t.dtype} is not float32, float16 or bfloat16")
     if t.device.type != "cuda":
         raise ValueError(f"segment_sum_sq: a CUDA tensor is needed, got {t.device}")
-    offs = offsets.to(device=t.device, dtype=torch.int64).contiguous()
+    offs = as_segments(offsets, t.device).offsets
     out = torch.full((offs.numel() - 1, t.shape[1]), float("nan"), dtype=torch.float32, device=t.device)
     extension()[0].segment_sum_sq(t.data_ptr(), DTYPE_CODES[t.dtype], t.shape[0], t.shape[1], t.stride(0),
                                   t.stride(1), pointer(offs, "offsets"), offs.numel() - 1, pointer(out, "out"),
@@ -137,8 +139,7 @@ def segment_sum_sq_cuda(t: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 def projection_energies_cublas(x, weight, bias, offsets):
     """cuBLAS (through torch) for Y, then the extension's segmented reductions for both energies."""
-    _check(x, weight, bias, offsets)
-    return _cublas(x, weight, bias, offsets)
+    return _cublas(x, weight, bias, _check(x, weight, bias, offsets))
 
 
 def _cublas(x, weight, bias, offsets):
@@ -151,13 +152,11 @@ def projection_energies_fused(x, weight, bias, offsets):
 
     x [T, in] and weight [out, in] (any strides), bias [out] or None, all of one dtype (float32, float16 or
     bfloat16); returns what :func:`projection_energies_torch` returns."""
-    _check(x, weight, bias, offsets)
-    return _fused(x, weight, bias, offsets)
+    return _fused(x, weight, bias, _check(x, weight, bias, offsets))
 
 
-def _fused(x, weight, bias, offsets):
+def _fused(x, weight, bias, segments: Segments):
     from .cuda_ext import DTYPE_CODES, extension, pointer, stream
-    from .tiles import row_tiles
 
     if x.dtype not in DTYPE_CODES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"projection_energies: x, weight and bias must share one of float32, float16, bfloat16; "
@@ -167,7 +166,7 @@ def _fused(x, weight, bias, offsets):
             raise ValueError(f"projection_energies: {name} must be a CUDA tensor, got {t.device}")
     ext = extension()[0]
     (T, K), N = x.shape, weight.shape[0]
-    tiles = row_tiles(offsets, ext.projection_rows, x.device)
+    tiles = segments.tiles(ext.projection_rows)
     y = torch.full((T, N), float("nan"), dtype=x.dtype, device=x.device)
     row_part = torch.full((tiles.count, N), float("nan"), dtype=torch.float32, device=x.device)
     col_part = torch.full((tiles.count, K), float("nan"), dtype=torch.float32, device=x.device)
@@ -188,11 +187,11 @@ def projection_energies_cuda(x, weight, bias, offsets):
     dtype and shape class (:mod:`cusprun_kernels.cuda_tuning`; ``CUSPRUN_CUDA_PROJECTION_ENERGIES`` forces one)."""
     from .cuda_tuning import choose
 
-    _check(x, weight, bias, offsets)
+    segments = _check(x, weight, bias, offsets)
     T, K = x.shape
     bucket = 1 << max(6, (T - 1).bit_length())  # token counts within a factor of 2 share a choice
     shape = f"{str(x.dtype).removeprefix('torch.')}|in={K}|out={weight.shape[0]}|bias={bias is not None}|T<={bucket}"
     name = choose("projection_energies", shape,
-                  {v: (lambda f=f: f(x, weight, bias, offsets)) for v, f in CUDA_VARIANTS.items()},
+                  {v: (lambda f=f: f(x, weight, bias, segments)) for v, f in CUDA_VARIANTS.items()},
                   device_name=torch.cuda.get_device_name(x.device))
-    return CUDA_VARIANTS[name](x, weight, bias, offsets)
+    return CUDA_VARIANTS[name](x, weight, bias, segments)

@@ -25,6 +25,7 @@ import torch
 
 from .projection_energy import segment_sums
 from .rope import apply_rope, rope_partner
+from .segments import Segments, as_segments
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 DEFAULT_BLOCK = 128  # query rows per block: rows t see keys s <= t only, so blocks skip the masked triangle
@@ -39,7 +40,9 @@ def attention_mask(length: int, sliding_window: int | None, device) -> torch.Ten
     return torch.zeros(length, length, device=device).masked_fill_(~allowed, float("-inf"))
 
 
-def _check(q, k, v, cos, sin, w_o, offsets, n_rep):
+def _check(q, k, v, cos, sin, w_o, offsets, n_rep) -> Segments:
+    """The op's arguments checked; returns the documents' :class:`Segments`."""
+    segments = as_segments(offsets, q.device)
     T, nh, hd = q.shape
     if k.shape != (T, nh // n_rep, hd) or v.shape != k.shape or nh % n_rep:
         raise ValueError(f"qk_row_ablation: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, n_rep={n_rep}")
@@ -47,8 +50,9 @@ def _check(q, k, v, cos, sin, w_o, offsets, n_rep):
         raise ValueError(f"qk_row_ablation: cos/sin must be [T={T}, head_dim={hd}], got {tuple(cos.shape)}")
     if w_o.dim() != 2 or w_o.shape[1] != nh * hd:
         raise ValueError(f"qk_row_ablation: w_o {tuple(w_o.shape)} must have {nh * hd} columns")
-    if offsets.dim() != 1 or int(offsets[-1]) != T:
+    if segments.total != T:
         raise ValueError(f"qk_row_ablation: offsets must run from 0 to T={T}")
+    return segments
 
 
 def _ablated_delta(s: torch.Tensor, p: torch.Tensor, ds: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -120,12 +124,12 @@ def qk_row_ablation_torch(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scalin
     Returns:
         q_sq [n_docs, heads·hd], k_sq [n_docs, kv_heads·hd]: float32 squared scores ‖ΔA‖².
     """
-    _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+    segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
     per_doc = [
         _score_document(q[s:e], k[s:e], v[s:e], cos[s:e], sin[s:e], w_o, n_rep, scaling, sliding_window,
                         chunk_bytes, block)
-        for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+        for s, e in segments.spans()
     ]
     return torch.stack([p[0] for p in per_doc]), torch.stack([p[1] for p in per_doc])
 
@@ -203,10 +207,8 @@ if triton is not None:
         tl.store(out_ptr + ((j * NH + h) * T + rm[:, None]) * HD + rd[None, :], o, mask=out_mask)
 
 
-def _attention_tiles(offsets, block, sliding_window, device):
-    from .tiles import row_tiles
-
-    tiles = row_tiles(offsets, block, device)
+def _attention_tiles(segments: Segments, block, sliding_window):
+    tiles = segments.tiles(block)
     key_lo = tiles.doc_start if sliding_window is None else torch.maximum(tiles.doc_start,
                                                                           tiles.start - sliding_window + 1)
     return tiles, key_lo.to(torch.int32)
@@ -222,9 +224,9 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     is one attention pass of 2·(L²/2)·hd for QKᵀ and as many for P·V, so ≈ 4·heads·hd²·L² in all,
     plus one unperturbed pass per head — about head_dim attention passes per head, twice.
     """
-    _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+    segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     T, nh, hd = q.shape
-    tiles, key_lo = _attention_tiles(offsets, block, sliding_window, q.device)
+    tiles, key_lo = _attention_tiles(segments, block, sliding_window)
     meta = dict(WINDOWED=sliding_window is not None, PRECISION="ieee", BM=block, BN=block_n,
                 HDP=max(16, triton.next_power_of_2(hd)))
 
@@ -234,7 +236,7 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
             qr, kr, v, r1, r2, c1, c2, base, out, tiles.start, tiles.end, key_lo,
             T, nh, k.shape[1], hd, n_rep, chunk, scale, sliding_window or 0, PERTURB=perturb, **meta)
         return out
-    return _flash_ablation(q, k, v, cos, sin, w_o, offsets, n_rep, scaling, chunk_bytes, attention)
+    return _flash_ablation(q, k, v, cos, sin, w_o, segments, n_rep, scaling, chunk_bytes, attention)
 
 
 def qk_row_ablation_cuda(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
@@ -243,10 +245,10 @@ def qk_row_ablation_cuda(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling
     same driver as the Triton launcher, with the extension's flash-style kernel for the attention passes."""
     from .cuda_ext import extension, pointer, stream
 
-    _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+    segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     ext = extension()[0]
     T, nh, hd = q.shape
-    tiles, key_lo = _attention_tiles(offsets, ext.attention_rows, sliding_window, q.device)
+    tiles, key_lo = _attention_tiles(segments, ext.attention_rows, sliding_window)
     f32 = torch.float32
 
     def attention(qr, kr, v, r1, r2, c1, c2, base, chunk, perturb, scale):
@@ -257,10 +259,10 @@ def qk_row_ablation_cuda(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling
                               pointer(key_lo, "tile_key_lo"), tiles.count, T, nh, k.shape[1], hd, n_rep, chunk,
                               float(scale), sliding_window or 0, perturb, stream())
         return out
-    return _flash_ablation(q, k, v, cos, sin, w_o, offsets, n_rep, scaling, chunk_bytes, attention)
+    return _flash_ablation(q, k, v, cos, sin, w_o, segments, n_rep, scaling, chunk_bytes, attention)
 
 
-def _flash_ablation(q, k, v, cos, sin, w_o, offsets, n_rep, scaling, chunk_bytes, attention):
+def _flash_ablation(q, k, v, cos, sin, w_o, segments: Segments, n_rep, scaling, chunk_bytes, attention):
     """The driver shared by the Triton and CUDA launchers: RoPE, the rank-2 perturbation coefficients of
     every removed row, ``attention(...)`` passes giving ΔO [chunk, heads, T, hd], and the Gram folds."""
     T, nh, hd = q.shape
@@ -280,8 +282,8 @@ def _flash_ablation(q, k, v, cos, sin, w_o, offsets, n_rep, scaling, chunk_bytes
     gram = torch.einsum("kgi,kgj->gij", w, w)  # [nkv, rep·hd, rep·hd]
     gram_heads = torch.stack([gram[h // n_rep, (h % n_rep) * hd:(h % n_rep + 1) * hd,
                                    (h % n_rep) * hd:(h % n_rep + 1) * hd] for h in range(nh)])
-    q_sq = torch.empty(offsets.numel() - 1, nh, hd, dtype=torch.float32, device=dev)
-    k_sq = torch.empty(offsets.numel() - 1, nkv, hd, dtype=torch.float32, device=dev)
+    q_sq = torch.empty(segments.n_docs, nh, hd, dtype=torch.float32, device=dev)
+    k_sq = torch.empty(segments.n_docs, nkv, hd, dtype=torch.float32, device=dev)
     chunk = max(1, min(hd, chunk_bytes // (nh * T * hd * 4)))
     for d0 in range(0, hd, chunk):
         dims = torch.arange(d0, min(hd, d0 + chunk), device=dev)
@@ -291,12 +293,12 @@ def _flash_ablation(q, k, v, cos, sin, w_o, offsets, n_rep, scaling, chunk_bytes
                      (sign[dims] * qf[:, :, dims] * sinf[:, None, pd]).contiguous(),
                      kr[:, :, dims].contiguous(), kr[:, :, pd].contiguous(), base, c, True)
         e = torch.einsum("chti,hij,chtj->cht", d_o, gram_heads, d_o)
-        q_sq[:, :, d0:d0 + c] = segment_sums(e, offsets, dim=-1).permute(0, 2, 1)
+        q_sq[:, :, d0:d0 + c] = segment_sums(e, segments, dim=-1).permute(0, 2, 1)
         # k rows of every k/v head: the query heads of a group are concatenated before the Gram fold
         d_o = launch(qr[:, :, dims].contiguous(), qr[:, :, pd].contiguous(),
                      (kf[:, :, dims] * cosf[:, None, dims]).contiguous(),
                      (sign[dims] * kf[:, :, dims] * sinf[:, None, pd]).contiguous(), base, c, True)
         d_o = d_o.view(c, nkv, n_rep, T, hd).permute(0, 1, 3, 2, 4).reshape(c, nkv, T, n_rep * hd)
         e = torch.einsum("cgti,gij,cgtj->cgt", d_o, gram, d_o)
-        k_sq[:, :, d0:d0 + c] = segment_sums(e, offsets, dim=-1).permute(0, 2, 1)
+        k_sq[:, :, d0:d0 + c] = segment_sums(e, segments, dim=-1).permute(0, 2, 1)
     return q_sq.reshape(q_sq.shape[0], -1), k_sq.reshape(k_sq.shape[0], -1)

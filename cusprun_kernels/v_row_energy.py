@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from .projection_energy import segment_sum_sq
+from .segments import as_segments
 
 
-def v_row_energies_torch(o_in: torch.Tensor, w_o: torch.Tensor, offsets: torch.Tensor, *, n_kv: int, n_rep: int):
+def v_row_energies_torch(o_in: torch.Tensor, w_o: torch.Tensor, offsets, *, n_kv: int, n_rep: int):
     """o_in [T_total, heads·hd] (o_proj input), w_o [hidden, heads·hd] -> [n_docs, kv_heads·hd] float32."""
     T, width = o_in.shape
     hd = width // (n_kv * n_rep)
@@ -27,7 +28,7 @@ def v_row_energies_torch(o_in: torch.Tensor, w_o: torch.Tensor, offsets: torch.T
     if n_rep == 1:  # no cross terms: Σ_t O² per column
         return segment_sum_sq(o_in, offsets) * w_cross.reshape(1, -1)
     out = []
-    for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+    for s, e in as_segments(offsets, o_in.device).spans():
         o_cross = torch.einsum("tgad,tgbd->gdab", o[s:e], o[s:e])
         out.append((o_cross * w_cross).sum(dim=(-1, -2)).reshape(-1))
     return torch.stack(out)
