@@ -48,8 +48,8 @@ import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.evaluate import perplexity  # noqa: E402
+from cusprun.files import atomic_write  # noqa: E402
 from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
-from cusprun.scorefile import atomic_write  # noqa: E402
 from cusprun.scoreset import ScoreSet  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -13,6 +13,7 @@ from .modeling_cusprun import register as _register  # noqa: E402
 
 _register()
 
+from . import baselines as _baselines  # noqa: E402,F401  (registers the baseline methods)
 from .api import score  # noqa: E402
 from .apply import apply  # noqa: E402
 from .scoreset import ScoreSet, intersect  # noqa: E402

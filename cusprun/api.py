@@ -14,28 +14,14 @@ from collections.abc import Iterable
 from functools import partial
 
 import torch
-from tqdm import tqdm
 
 import cusprun_kernels
 
-from . import __version__
+from .architectures import check_architecture
 from .engine import MEASURES, Scorer
-from .models import check_architecture, config_hash
-from .scoreset import ScoreSet, architecture
-
-
-def progress_bar(total_tokens: int, desc: str, disable: bool) -> tqdm:
-    """A token-counting bar for a layer-major scoring pass (see :func:`advance`)."""
-    return tqdm(total=total_tokens, unit="tok", unit_scale=True, desc=desc, file=sys.stderr, disable=disable,
-                dynamic_ncols=True,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} tok [{elapsed}<{remaining}, {rate_fmt}{postfix}]")
-
-
-def advance(bar: tqdm, n_docs: int, n_layers: int, layer: int, doc: int, n_tokens: int) -> None:
-    """Documents pass the model layer by layer: a document's tokens count 1/n_layers per layer."""
-    bar.token_layers = getattr(bar, "token_layers", 0) + n_tokens  # exact count: float sums would overshoot
-    bar.set_postfix_str(f"{n_docs} docs, layer {layer + 1}/{n_layers}", refresh=False)
-    bar.update(bar.token_layers / n_layers - bar.n)
+from .progress import advance, progress_bar
+from .scorefile import score_metadata
+from .scoreset import ScoreSet
 
 
 def token_ids(documents, tokenizer=None, max_tokens: int | None = None,
@@ -86,11 +72,10 @@ def score(model, documents, measure: str = "block", *, tokenizer=None, max_token
     scorer = Scorer(model, measure)
     with progress_bar(sum(map(len, ids)), corpus, disable=not progress) as bar:
         scores = scorer.score_documents(ids, partial(advance, bar, len(ids), model.config.num_hidden_layers))
-    metadata = {"measure": measure, "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-                "config_hash": config_hash(model.config), "architecture": architecture(model.config),
-                "corpus": corpus, "n_docs": len(ids), "token_counts": [len(t) for t in ids], "skipped": [],
-                "cusprun_version": __version__, "max_tokens": max_tokens or "",
-                "dtype": str(param.dtype).removeprefix("torch."),
-                "backend": cusprun_kernels.resolve_backend(param.device.type, announce=False)}
+    metadata = score_metadata(model.config, measure=measure,
+                              model=getattr(model.config, "_name_or_path", "") or type(model).__name__,
+                              corpus=corpus, n_docs=len(ids), token_counts=[len(t) for t in ids],
+                              max_tokens=max_tokens or "", dtype=str(param.dtype).removeprefix("torch."),
+                              backend=cusprun_kernels.resolve_backend(param.device.type, announce=False))
     return ScoreSet(scores, metadata)
 

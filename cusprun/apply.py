@@ -7,13 +7,14 @@ import copy
 import torch
 
 from .modeling_cusprun import PROJECTIONS, SLICED
+from .neurons import tensor_name
 from .plan import Plan
 
 FORMATS = ("sliced", "masked", "stock")
 
 
 def _masks(plan: Plan, layer: int, proj: str):
-    return plan[f"model.layers.{layer}.{proj}.rows"], plan[f"model.layers.{layer}.{proj}.cols"]
+    return plan[tensor_name(layer, proj, "rows")], plan[tensor_name(layer, proj, "cols")]
 
 
 def masked(model, plan: Plan):

@@ -30,22 +30,18 @@ calibration tokens; A [T, inter] is the MLP's down_proj input act(gate)·up.
 
 Corpus-free (random, magnitude), general-corpus (wanda-sp, flap, shortgpt: one pooled row) and
 target-corpus (plnd: one row per document) methods all return [n_docs, features] tensors.
+Each baseline is registered below as a :class:`~cusprun.methods.Method`: its scorer and what it may prune.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import __version__
-from .engine import score_names
-from .models import PROJECTIONS, check_architecture, config_hash
-from .scoreset import ScoreSet, architecture
-
-METHODS = ("random", "magnitude", "wanda-sp", "flap", "plnd", "shortgpt")
-DATA_FREE = ("random", "magnitude")
-# The structures FLAP and Wanda-sp remove (attention heads through o_proj's input, MLP channels through
-# down_proj's input); everything else follows where a removal makes it dead.
-HEADS_AND_CHANNELS = ("self_attn.o_proj.cols", "mlp.down_proj.cols")
+from .architectures import check_architecture
+from .methods import HEADS_AND_CHANNELS, Method, methods, register
+from .neurons import PROJECTIONS, head_dim, tensor_name
+from .scorefile import score_metadata
+from .scoreset import ScoreSet
 
 
 class _Stats:
@@ -70,10 +66,18 @@ class _Stats:
             self.tokens += x.shape[0]
 
 
-def _collect(model, documents: list[list[int]], method: str, on_doc=None):
+class Collected:
+    """What one hooked forward pass per calibration document gathered: per-(layer, projection) stats and
+    each layer's mean cos(h_in, h_out) (``mean_cos``, only for layer-granularity methods)."""
+
+    def __init__(self, stats: dict, mean_cos: torch.Tensor):
+        self.stats, self.mean_cos = stats, mean_cos
+
+
+def _collect(model, documents: list[list[int]], method: Method, on_doc=None) -> Collected:
     """One forward pass per document with hooks: projection stats, and per-layer mean cos(h_in, h_out)."""
-    want_hidden = method == "shortgpt"
-    stats = {(layer, proj): _Stats(per_document=method == "plnd")
+    want_hidden = method.granularity == "layer"
+    stats = {(layer, proj): _Stats(per_document=method.data == "target")
              for layer in range(len(model.model.layers)) for proj in PROJECTIONS}
     cos_sums = torch.zeros(len(model.model.layers), dtype=torch.float64)
     handles = []
@@ -98,15 +102,11 @@ def _collect(model, documents: list[list[int]], method: str, on_doc=None):
     finally:
         for h in handles:
             h.remove()
-    return stats, cos_sums / sum(map(len, documents))
+    return Collected(stats, cos_sums / sum(map(len, documents)))
 
 
 def _weights(model, layer: int, proj: str) -> torch.Tensor:
     return model.model.layers[layer].get_submodule(proj).weight.detach().double().cpu()
-
-
-def _name(layer: int, proj: str, side: str) -> str:
-    return f"model.layers.{layer}.{proj}.{side}"
 
 
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:
@@ -114,79 +114,100 @@ def _stack(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def baseline_scores(model, method: str, documents: list[list[int]] | None = None, *, seed: int = 0,
-                    corpus: str = "", on_doc=None) -> ScoreSet:
+                    corpus: str = "", on_doc=None, metadata: dict | None = None) -> ScoreSet:
     """The ``method`` baseline's ScoreSet for ``model`` (see the module docstring for definitions).
 
     documents: token-id lists — a general corpus for wanda-sp, flap and shortgpt, the target corpus
     for plnd; ignored by random and magnitude. ``on_doc(tokens)`` is called after each document.
+    metadata: more fields to record (the CLI's model name, max_tokens, dtype, corpus_sha256).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    known = {name: m for name, m in methods().items() if m.scorer is not None}
+    if method not in known:
+        raise ValueError(f"method must be one of {tuple(known)}, got {method!r}")
+    spec = known[method]
     check_architecture(model.config)
-    n_layers = model.config.num_hidden_layers
-    if method not in DATA_FREE and not documents:
+    if spec.data != "none" and not documents:
         raise ValueError(f"{method} needs calibration documents")
-    scores: dict[str, torch.Tensor] = {}
-    extra: dict = {}
-    if method == "random":
-        gen = torch.Generator().manual_seed(seed)
-        for layer in range(n_layers):
-            for proj in PROJECTIONS:
-                out_f, in_f = model.model.layers[layer].get_submodule(proj).weight.shape
-                scores[_name(layer, proj, "rows")] = torch.rand(1, out_f, generator=gen)
-                scores[_name(layer, proj, "cols")] = torch.rand(1, in_f, generator=gen)
-        extra["seed"] = seed
-    elif method == "magnitude":
-        for layer in range(n_layers):
-            scores.update(_heads_and_channels(model, layer, lambda proj, w: w.norm(dim=0)))
-        extra["prunable"] = list(HEADS_AND_CHANNELS)
-    else:
-        stats, mean_cos = _collect(model, documents, method, on_doc)
-        if method == "shortgpt":
-            bi = 1 - mean_cos
-            for layer in range(n_layers):
-                for proj in PROJECTIONS:
-                    out_f, in_f = model.model.layers[layer].get_submodule(proj).weight.shape
-                    scores[_name(layer, proj, "rows")] = torch.full((1, out_f), float(bi[layer]))
-                    scores[_name(layer, proj, "cols")] = torch.full((1, in_f), float(bi[layer]))
-            extra["granularity"] = "layer"
-            extra["block_influence"] = [float(b) for b in bi]
-        else:
-            column_score = _wanda_sp if method == "wanda-sp" else _flap
-            for layer in range(n_layers):
-                if method == "plnd":
-                    scores.update(_plnd(model, layer, stats))
-                else:
-                    scores.update(_heads_and_channels(
-                        model, layer, lambda proj, w, layer=layer: column_score(w, stats[layer, proj])))
-            if method != "plnd":
-                extra["prunable"] = list(HEADS_AND_CHANNELS)
-    order = score_names(n_layers)
-    metadata = {"measure": method, "method": method, "model": getattr(model.config, "_name_or_path", "") or "",
-                "config_hash": config_hash(model.config), "architecture": architecture(model.config),
-                "corpus": corpus, "n_docs": next(iter(scores.values())).shape[0],
-                "token_counts": [len(d) for d in documents] if documents and method not in DATA_FREE else [],
-                "skipped": [], "cusprun_version": __version__, **extra}
+    collected = _collect(model, documents, spec, on_doc) if spec.data != "none" else None
+    scores, extra = spec.scorer(model, collected, seed)
+    if spec.prunable is not None:
+        extra["prunable"] = list(spec.prunable)
+    if spec.granularity == "layer":
+        extra["granularity"] = "layer"
+    n_layers = model.config.num_hidden_layers
+    order = [tensor_name(layer, proj, side) for layer in range(n_layers) for proj in PROJECTIONS
+             for side in ("rows", "cols")]
+    fields = {"model": getattr(model.config, "_name_or_path", "") or "", **(metadata or {})}
+    metadata = score_metadata(model.config, measure=method, method=method, corpus=corpus,
+                              n_docs=next(iter(scores.values())).shape[0],
+                              token_counts=[len(d) for d in documents] if documents and spec.data != "none" else [],
+                              **extra, **fields)
     return ScoreSet({name: scores[name].contiguous() for name in order}, metadata)
+
+
+def _random(model, collected, seed):
+    gen = torch.Generator().manual_seed(seed)
+    scores = {}
+    for layer in range(model.config.num_hidden_layers):
+        for proj in PROJECTIONS:
+            out_f, in_f = model.model.layers[layer].get_submodule(proj).weight.shape
+            scores[tensor_name(layer, proj, "rows")] = torch.rand(1, out_f, generator=gen)
+            scores[tensor_name(layer, proj, "cols")] = torch.rand(1, in_f, generator=gen)
+    return scores, {"seed": seed}
+
+
+def _magnitude(model, collected, seed):
+    scores = {}
+    for layer in range(model.config.num_hidden_layers):
+        scores.update(_heads_and_channels(model, layer, lambda proj, w: w.norm(dim=0)))
+    return scores, {}
+
+
+def _column_method(column_score):
+    """A structured method scoring o_proj and down_proj input columns from the pooled general-corpus stats."""
+    def scorer(model, collected, seed):
+        scores = {}
+        for layer in range(model.config.num_hidden_layers):
+            scores.update(_heads_and_channels(
+                model, layer, lambda proj, w, layer=layer: column_score(w, collected.stats[layer, proj])))
+        return scores, {}
+    return scorer
+
+
+def _plnd_scores(model, collected, seed):
+    scores = {}
+    for layer in range(model.config.num_hidden_layers):
+        scores.update(_plnd(model, layer, collected.stats))
+    return scores, {}
+
+
+def _shortgpt(model, collected, seed):
+    bi = 1 - collected.mean_cos
+    scores = {}
+    for layer in range(model.config.num_hidden_layers):
+        for proj in PROJECTIONS:
+            out_f, in_f = model.model.layers[layer].get_submodule(proj).weight.shape
+            scores[tensor_name(layer, proj, "rows")] = torch.full((1, out_f), float(bi[layer]))
+            scores[tensor_name(layer, proj, "cols")] = torch.full((1, in_f), float(bi[layer]))
+    return scores, {"block_influence": [float(b) for b in bi]}
 
 
 def _heads_and_channels(model, layer: int, column_score) -> dict[str, torch.Tensor]:
     """Scores for the structured methods: ``column_score(proj, W)`` of o_proj's input columns, summed per
     attention head (each column carries its head's sum), and of down_proj's input columns (MLP
     channels). Every other group gets zeros and is not prunable; it goes only where made dead."""
-    cfg = model.config
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    hd = head_dim(model.config)
     out = {}
     for proj in PROJECTIONS:
         w = _weights(model, layer, proj)
-        out[_name(layer, proj, "rows")] = torch.zeros(1, w.shape[0])
+        out[tensor_name(layer, proj, "rows")] = torch.zeros(1, w.shape[0])
         if f"{proj}.cols" in HEADS_AND_CHANNELS:
             col = column_score(proj, w)
             if proj == "self_attn.o_proj":
                 col = col.view(-1, hd).sum(1, keepdim=True).expand(-1, hd).reshape(-1)
-            out[_name(layer, proj, "cols")] = col[None].float()
+            out[tensor_name(layer, proj, "cols")] = col[None].float()
         else:
-            out[_name(layer, proj, "cols")] = torch.zeros(1, w.shape[1])
+            out[tensor_name(layer, proj, "cols")] = torch.zeros(1, w.shape[1])
     return out
 
 
@@ -208,6 +229,23 @@ def _plnd(model, layer, stats):
     for proj in PROJECTIONS:
         s = stats[layer, proj]
         w_col_norm = _weights(model, layer, proj).norm(dim=0)
-        out[_name(layer, proj, "rows")] = channel if proj in ("mlp.gate_proj", "mlp.up_proj") else _stack(s.y_abs)
-        out[_name(layer, proj, "cols")] = _stack([a * w_col_norm for a in s.x_abs])
+        out[tensor_name(layer, proj, "rows")] = channel if proj in ("mlp.gate_proj", "mlp.up_proj") else _stack(s.y_abs)
+        out[tensor_name(layer, proj, "cols")] = _stack([a * w_col_norm for a in s.x_abs])
     return out
+
+
+# What each baseline scores and what a selection may remove with its scores (see the module docstring).
+for _method in (
+    Method("random", "i.i.d. uniform scores (--seed), no data", data="none", scorer=_random),
+    Method("magnitude", "column norms of o_proj (per head) and down_proj, no data", data="none",
+           prunable=HEADS_AND_CHANNELS, scorer=_magnitude),
+    Method("wanda-sp", "structured Wanda: sum_i |W_ij| * ||X_j|| of heads and channels (general corpus)",
+           data="general", prunable=HEADS_AND_CHANNELS, scorer=_column_method(_wanda_sp)),
+    Method("flap", "FLAP fluctuation Var(X_j) * ||W[:, j]||^2 of heads and channels (general corpus)",
+           data="general", prunable=HEADS_AND_CHANNELS, scorer=_column_method(_flap)),
+    Method("plnd", "PLND: L1 deactivation effect of every neuron per document (target corpus)", data="target",
+           scorer=_plnd_scores),
+    Method("shortgpt", "ShortGPT: whole layers by block influence (general corpus)", data="general",
+           granularity="layer", scorer=_shortgpt),
+):
+    register(_method)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import CusprunError
-from .scorefile import atomic_write
+from .files import atomic_write
 
 
 def fingerprint(**inputs) -> str:

@@ -20,31 +20,14 @@ import torch
 
 import cusprun_kernels as ops
 
+from .architectures import sliding_window
 from .checkpoint import Checkpoint
 from .hidden_store import HiddenStore
 from .layers import InMemoryLayers, layer_mask
-from .models import PROJECTIONS, sliding_window
+from .neurons import PROJECTIONS, tensor_name
 from .parallel import Parallel
 
 MEASURES = ("block", "local")
-
-
-def score_names(num_layers: int) -> list[str]:
-    """Tensor names of a score file, in file order."""
-    return [f"model.layers.{layer}.{proj}.{side}"
-            for layer in range(num_layers) for proj in PROJECTIONS for side in ("rows", "cols")]
-
-
-def score_shapes(config) -> dict[str, int]:
-    """Number of scores per document for each tensor name (out_features for rows, in_features for cols)."""
-    hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    h, inter = config.hidden_size, config.intermediate_size
-    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
-    dims = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, q), "mlp.gate_proj": (inter, h), "mlp.up_proj": (inter, h),
-            "mlp.down_proj": (h, inter)}
-    return {f"model.layers.{layer}.{proj}.{side}": dims[proj][side == "cols"]
-            for layer in range(config.num_hidden_layers) for proj in PROJECTIONS for side in ("rows", "cols")}
 
 
 class _LayerTap:
@@ -144,8 +127,8 @@ class Scorer:
         self._doc_row: dict[str, torch.Tensor] | None = None
 
     def store(self, layer: int, proj: str, rows: torch.Tensor, cols: torch.Tensor):
-        self._doc_row[f"model.layers.{layer}.{proj}.rows"] = rows.float().cpu()
-        self._doc_row[f"model.layers.{layer}.{proj}.cols"] = cols.float().cpu()
+        self._doc_row[tensor_name(layer, proj, "rows")] = rows.float().cpu()
+        self._doc_row[tensor_name(layer, proj, "cols")] = cols.float().cpu()
 
     @contextmanager
     def _instrumented(self, index: int, layer: torch.nn.Module):

@@ -1,4 +1,5 @@
-"""``python -m cusprun.eval``: perplexity per text file, parameter count, prefill and decode speed."""
+"""``python -m cusprun.eval``: perplexity per text file, parameter count, prefill and decode speed (the command;
+the measurements are :mod:`cusprun.evaluate`'s)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,10 @@ import argparse
 import json
 import sys
 
-from .corpus import read_corpus, tokenize
 from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .evaluate import decode_tokens_per_s, parameter_count, perplexity, prefill_tokens_per_s
+from .evaluate import evaluate, read_texts
 from .models import DEFAULT_MODEL, DTYPES, load_model
+from .scoring import check_device
 
 DESCRIPTION = """\
 Evaluate a dense or pruned model: for each --text file (read like a scoring corpus: .jsonl, .txt or a
@@ -32,27 +33,17 @@ def build_parser() -> OneLineArgumentParser:
     return p
 
 
-def evaluate(model, tokenizer, texts: list[str], max_tokens: int, decode_tokens: int, model_name: str) -> dict:
-    files, all_docs = {}, []
-    for path in texts:
-        docs = [d for d in tokenize(read_corpus(path), tokenizer, max_tokens, model.config.vocab_size) if d]
-        if not docs:
-            raise CusprunError(f"{path}: no document with tokens")
-        ppl, n = perplexity(model, docs)
-        files[path] = {"perplexity": ppl, "tokens": n}
-        all_docs.extend(docs)
-    prompt = next(d for d in all_docs)[:64]
-    return {"model": model_name, "params": parameter_count(model), "files": files,
-            "prefill_tokens_per_s": prefill_tokens_per_s(model, all_docs[:8]),
-            "decode_tokens_per_s": decode_tokens_per_s(model, prompt, decode_tokens)}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 2:
         raise CusprunError("--max-tokens must be at least 2")
-    model, tokenizer, source = load_model(args.model, args.dtype, args.device, quiet=args.quiet, allow_sliced=True)
-    result = evaluate(model, tokenizer, args.text, args.max_tokens, args.decode_tokens, source.model_id)
+    if args.decode_tokens < 1:
+        raise CusprunError("--decode-tokens must be at least 1")
+    texts = read_texts(args.text)  # every input checked before the model loads
+    check_device(args.device)
+    model, tokenizer, source = load_model(args.model, args.dtype, args.device, quiet=args.quiet, allow_pruned=True)
+    result = evaluate(model, tokenizer, texts, args.max_tokens, args.decode_tokens, source.model_id,
+                      quiet=args.quiet)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -1,4 +1,4 @@
-"""Perplexity and speed of a (dense or pruned) model, the measurements behind ``cusprun.eval``."""
+"""Perplexity and speed of a (dense or pruned) model, the measurements behind ``cusprun.eval`` and the main job."""
 
 from __future__ import annotations
 
@@ -7,13 +7,20 @@ import time
 
 import torch
 
+from .corpus import Document, read_corpus, tokenize
+from .errors import CusprunError
+from .progress import item_bar
+
 
 @torch.inference_mode()
-def perplexity(model, documents: list[list[int]]) -> tuple[float, int]:
-    """Token-weighted perplexity over documents: exp(Σ NLL / Σ predicted tokens). Returns (ppl, tokens)."""
+def perplexity(model, documents: list[list[int]], on_doc=None) -> tuple[float, int]:
+    """Token-weighted perplexity over documents: exp(Σ NLL / Σ predicted tokens). Returns (ppl, tokens).
+    ``on_doc(1)`` follows progress."""
     device = next(model.parameters()).device
     nll, count = 0.0, 0
     for ids in documents:
+        if on_doc is not None:
+            on_doc(1)
         if len(ids) < 2:
             continue
         x = torch.tensor([ids], device=device)
@@ -51,3 +58,29 @@ def decode_tokens_per_s(model, prompt: list[int], new_tokens: int = 32) -> float
 
 def parameter_count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def read_texts(paths: list[str]) -> dict[str, list[Document]]:
+    """Each evaluation text's documents, read (and so checked) before any model loads."""
+    return {path: read_corpus(path) for path in paths}
+
+
+def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int, decode_tokens: int,
+             model_name: str, quiet: bool = False) -> dict:
+    """Perplexity per text (documents truncated to ``max_tokens``), parameter count, prefill and decode speed."""
+    files, all_docs = {}, []
+    tokenized = {}
+    for path, documents in texts.items():
+        docs = [d for d in tokenize(documents, tokenizer, max_tokens, model.config.vocab_size) if d]
+        if not docs:
+            raise CusprunError(f"{path}: no document with tokens")
+        tokenized[path] = docs
+    with item_bar(sum(map(len, tokenized.values())), f"eval {model_name}", "doc", quiet) as bar:
+        for path, docs in tokenized.items():
+            ppl, n = perplexity(model, docs, on_doc=bar.update)
+            files[path] = {"perplexity": ppl, "tokens": n}
+            all_docs.extend(docs)
+    prompt = next(d for d in all_docs)[:64]
+    return {"model": model_name, "params": parameter_count(model), "files": files,
+            "prefill_tokens_per_s": prefill_tokens_per_s(model, all_docs[:8]),
+            "decode_tokens_per_s": decode_tokens_per_s(model, prompt, decode_tokens)}

@@ -7,8 +7,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .architectures import PRUNED_PREFIX
 from .errors import CusprunError
-from .scorefile import umask_mode
+from .files import atomic_folder
 
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
@@ -34,25 +35,13 @@ def ship_modeling_code(model, folder: Path) -> None:
 
 
 def save_model_dir(out: Path, model, tokenizer, report: dict, max_shard_size: str = "2GB") -> None:
-    """config.json, model.safetensors (sharded when large), the tokenizer and pruning.json (and, for sliced
-    models, their modeling code), all or nothing."""
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        staging.chmod(umask_mode(0o777))
-        if model.config.model_type.startswith("cusprun_"):
+    """config.json, model.safetensors (sharded when large), the tokenizer and pruning.json (and, for pruned
+    architectures, their modeling code), all or nothing."""
+    def fill(staging: Path) -> None:
+        if model.config.model_type.startswith(PRUNED_PREFIX):
             ship_modeling_code(model, staging)
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / "pruning.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            out.rename(old)
-            staging.rename(out)
-            shutil.rmtree(old)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    atomic_folder(out, fill)

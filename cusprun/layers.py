@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from .architectures import sliding_window
 from .errors import CusprunError
-from .models import sliding_window
 
 
 def layer_mask(config, attn, hidden: torch.Tensor, position_ids: torch.Tensor):
@@ -26,7 +26,7 @@ def layer_mask(config, attn, hidden: torch.Tensor, position_ids: torch.Tensor):
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     make = create_sliding_window_causal_mask if sliding_window(attn, config) is not None else create_causal_mask
-    return make(config=config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+    return make(config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
                 position_ids=position_ids)
 
 

@@ -1,10 +1,13 @@
-"""Resolve ``--model`` (directory, .gguf file, cached hub id or alias), load it, describe it."""
+"""Resolve ``--model`` (directory, .gguf file, cached hub id or alias) and load it; nothing is fetched from a hub.
+
+A model is opened in two steps so that every input is checked before the expensive work:
+:func:`open_model` reads the config (and tokenizer) and checks the architecture, :func:`load_weights`
+loads the weights. A damaged file fails either step with one line naming it.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .architectures import check_architecture
 from .errors import CusprunError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -23,12 +27,6 @@ ALIASES = {
     "llama2-13b": "meta-llama/Llama-2-13b-hf",
     "mistral-nemo-12b": "mistralai/Mistral-Nemo-Base-2407",
 }
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-# Config fields that define a model's projection shapes: hashed to match score files with models.
-ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "vocab_size", "attention_bias", "mlp_bias")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -92,24 +90,6 @@ def has_tokenizer_files(source: ModelSource) -> bool:
     return any(isinstance(try_to_load_from_cache(source.path, f), str) for f in TOKENIZER_FILES)
 
 
-def check_architecture(config, allow_sliced: bool = False) -> None:
-    """Only decoder stacks whose scores we can compute exactly are accepted (and, to evaluate
-    or generate, the sliced experts cusprun writes)."""
-    if allow_sliced and config.model_type.removeprefix("cusprun_") in SUPPORTED_TYPES:
-        return
-    if config.model_type not in SUPPORTED_TYPES:
-        raise CusprunError(f"unsupported architecture {config.model_type!r}: "
-                           f"cusprun supports {', '.join(SUPPORTED_TYPES)} (Llama 2/3, SmolLM2, Mistral, Qwen2)")
-    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
-        raise CusprunError(f"unsupported MLP activation {config.hidden_act!r}: cusprun supports silu")
-
-
-def config_hash(config) -> str:
-    """sha256 of the architecture-defining config fields: score files and models must agree on it."""
-    fields = {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
-
-
 @contextmanager
 def _gguf_progress(enabled: bool):
     """transformers' GGUF converter uses plain tqdm, which its progress-bar switch does not reach."""
@@ -126,7 +106,12 @@ def _gguf_progress(enabled: bool):
         gguf_utils.tqdm = original
 
 
-def open_model(spec: str, quiet: bool = False, allow_sliced: bool = False, need_tokenizer: bool = True):
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def open_model(spec: str, quiet: bool = False, allow_pruned: bool = False, need_tokenizer: bool = True):
     """Config, tokenizer (or None) and source of ``spec``, without loading its weights."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoTokenizer
@@ -144,9 +129,9 @@ def open_model(spec: str, quiet: bool = False, allow_sliced: bool = False, need_
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     try:
         config = AutoConfig.from_pretrained(source.path, local_files_only=True, **kw)
-    except (OSError, ValueError) as exc:
-        raise CusprunError(f"cannot read the model config of {spec}: {str(exc).splitlines()[0]}") from None
-    check_architecture(config, allow_sliced)
+    except Exception as exc:  # a damaged file raises anything from struct.error to KeyError: one line for all
+        raise CusprunError(f"cannot read the model config of {spec}: {_first_line(exc)}") from None
+    check_architecture(config, allow_pruned)
     tokenizer = None
     if need_tokenizer and has_tokenizer_files(source):
         try:
@@ -165,15 +150,15 @@ def load_weights(source: ModelSource, dtype: str = "float32", device: str = "cpu
         with _gguf_progress(enabled=not quiet):
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], local_files_only=True,
                                                          **kw)
-    except (OSError, ValueError) as exc:
-        raise CusprunError(f"cannot load model {source.model_id}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # damaged weights: safetensors, GGUF and torch errors of every kind
+        raise CusprunError(f"cannot load model {source.model_id}: {_first_line(exc)}") from None
     return model.to(device).eval()
 
 
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", need_tokenizer: bool = True,
-               quiet: bool = False, allow_sliced: bool = False):
+               quiet: bool = False, allow_pruned: bool = False):
     """Load ``spec`` for inference. Returns ``(model, tokenizer or None, ModelSource)``."""
-    _, tokenizer, source = open_model(spec, quiet, allow_sliced, need_tokenizer)
+    _, tokenizer, source = open_model(spec, quiet, allow_pruned, need_tokenizer)
     return load_weights(source, dtype, device, quiet), tokenizer, source
 
 
@@ -187,11 +172,3 @@ def local_folder(source: ModelSource) -> Path | None:
 
     config = try_to_load_from_cache(source.path, "config.json")
     return Path(config).parent if isinstance(config, str) else None
-
-
-def sliding_window(attn: torch.nn.Module, config) -> int | None:
-    """The attention window of one layer: Qwen2 keeps it per layer on the module (None on full-attention
-    layers), Mistral applies ``config.sliding_window`` to every layer."""
-    if hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    return getattr(config, "sliding_window", None) if config.model_type == "mistral" else None

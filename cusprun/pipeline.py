@@ -1,4 +1,5 @@
-"""``python -m cusprun.pipeline``: the main job, end to end, in one process (one model load).
+"""``python -m cusprun.pipeline``: the main job, end to end, in one process (one model load); the work is
+:mod:`cusprun.main_job`'s.
 
 score the calibration corpora -> build each expert (intersection of its dimensions' irrelevant
 neurons, sliced) -> evaluate the dense model and every expert on held-out text of the target
@@ -11,27 +12,13 @@ Scoring resumes: a score file whose metadata matches the corpus, model and optio
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import sys
-import time
 from pathlib import Path
 
-from . import __version__
-from .corpus import corpus_sha256, read_corpus
-from .engine import MEASURES, Scorer
-from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .eval import evaluate
-from .models import DEFAULT_MODEL, config_hash, load_model
-from .plot import write_plots
-from .prune import build_expert, check_ratio
-from .score import CorpusSpec, score_corpus
-from .scorefile import atomic_write, load_scores
-from .scoreset import ScoreSet
-
-DATA = Path(__file__).resolve().parents[1] / "data"
-DEFAULT_EXPERTS = ["de", "de+medical"]
-DEFAULT_EVAL = ["de", "de_man", "medical", "en_man"]
+from .engine import MEASURES
+from .errors import OneLineArgumentParser, run_cli
+from .main_job import DATA, DEFAULT_EVAL, DEFAULT_EXPERTS, MainJob, run_main_job
+from .models import DEFAULT_MODEL
 
 
 def build_parser() -> OneLineArgumentParser:
@@ -53,99 +40,15 @@ def build_parser() -> OneLineArgumentParser:
     return p
 
 
-def subset_corpus(src: Path, dst: Path, n: int) -> None:
-    lines = [line for line in src.read_text().splitlines() if line.strip()][:n]
-    text = "".join(line + "\n" for line in lines)
-    if not dst.exists() or dst.read_text() != text:
-        atomic_write(dst, lambda tmp: Path(tmp).write_text(text))
-
-
-def reusable(path: Path, corpus: Path, measure: str, options: dict, model_hash: str) -> bool:
-    if not path.exists():
-        return False
-    try:
-        _, meta = load_scores(path)
-    except CusprunError:
-        return False
-    return (meta.get("corpus_sha256") == corpus_sha256(corpus) and meta.get("measure") == measure
-            and meta.get("config_hash") == model_hash
-            and all(meta.get(k) == str(v) for k, v in options.items()))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    experts = args.expert or DEFAULT_EXPERTS
-    evals = args.eval or DEFAULT_EVAL
-    data, out = Path(args.data), Path(args.out)
-    dims = sorted({d for e in experts for d in e.split("+")})
-    for name in dims:
-        if not (data / "corpora" / f"{name}.jsonl").is_file():
-            raise CusprunError(f"no calibration corpus {data / 'corpora' / name}.jsonl")
-    for name in evals:
-        if not (data / "heldout" / f"{name}.jsonl").is_file():
-            raise CusprunError(f"no held-out text {data / 'heldout' / name}.jsonl")
-    check_ratio(args.ratio)
-    for sub in ("corpora", "scores", "experts"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    model, tokenizer, source = load_model(args.model, quiet=args.quiet)
-    from transformers import AutoModelForCausalLM
-
-    import cusprun_kernels
-
-    cusprun_kernels.set_quiet(args.quiet)
-    scorer = Scorer(model, args.measure)
-    options = {"max_tokens": args.max_tokens, "dtype": "float32", "backend": cusprun_kernels.resolve_backend("cpu")}
-    score_files = {}
-    for name in dims:
-        corpus = out / "corpora" / f"{name}.jsonl"
-        subset_corpus(data / "corpora" / f"{name}.jsonl", corpus, args.docs)
-        target = out / "scores" / f"{name}.safetensors"
-        if reusable(target, corpus, args.measure, options, config_hash(model.config)):
-            print(f"scores for {name}: reusing {target}", file=sys.stderr)
-        else:
-            spec = CorpusSpec(name, str(corpus), read_corpus(corpus))
-            score_corpus(scorer, tokenizer, source, spec, out / "scores", options, args.quiet)
-        score_files[name] = target
-    texts = [str(data / "heldout" / f"{name}.jsonl") for name in evals]
-    rows = [("dense", evaluate(model, tokenizer, texts, args.eval_max_tokens, 32, source.model_id), None)]
-    plots = importlib.util.find_spec("matplotlib") is not None
-    if not plots:
-        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
-    for expert in experts:
-        paths = [score_files[d] for d in expert.split("+")]
-        sets = [ScoreSet.load(p) for p in paths]
-        report = build_expert(model, tokenizer, source, sets, paths, args.ratio, "sliced", out / "experts" / expert)
-        pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
-        rows.append((expert, evaluate(pruned, tokenizer, texts, args.eval_max_tokens, 32, expert), report))
-        if plots:
-            write_plots(sets, out / "plots" / expert, expert=out / "experts" / expert)
-    summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": args.ratio,
-               "measure": args.measure, "docs_per_corpus": args.docs, "max_tokens": args.max_tokens,
-               "seconds": time.perf_counter() - started,
-               "results": [{"model": name, **result,
-                            "ratio_achieved_projection": None if rep is None else rep["ratio_achieved_projection"]}
-                           for name, result, rep in rows]}
-    table = format_table(rows, evals, texts)
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2) + "\n"))
-    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(table + "\n"))
+    job = MainJob(args.model, Path(args.data), args.expert or DEFAULT_EXPERTS, args.eval or DEFAULT_EVAL, args.ratio,
+                  args.docs, args.max_tokens, args.eval_max_tokens, args.measure, Path(args.out), args.quiet)
+    summary, table = run_main_job(job)
     print(table)
-    print(f"\n{summary['seconds']:.0f} s; experts in {out / 'experts'}, summary in {out / 'summary.md'}, "
-          f"plots in {out / 'plots'}")
+    print(f"\n{summary['seconds']:.0f} s; experts in {job.out / 'experts'}, summary in {job.out / 'summary.md'}, "
+          f"plots in {job.out / 'plots'}")
     return 0
-
-
-def format_table(rows, evals, texts) -> str:
-    dense_speed = rows[0][1]["prefill_tokens_per_s"]
-    head = ["model", "params", "removed (proj.)"] + [f"ppl {e}" for e in evals] + ["prefill tok/s", "speed-up"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, result, report in rows:
-        removed = "—" if report is None else f"{report['ratio_achieved_projection']:.3f}"
-        cells = [name, f"{result['params'] / 1e6:.1f}M", removed]
-        cells += [f"{result['files'][t]['perplexity']:.2f}" for t in texts]
-        cells += [f"{result['prefill_tokens_per_s']:.0f}", f"{result['prefill_tokens_per_s'] / dense_speed:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Pruning plans: which rows and columns of every projection stay, with all dead neurons propagated.
 
 A plan is a mapping ``"model.layers.{l}.{P}.rows|cols" -> bool keep mask``, keyed like the score
-file. :func:`propagate` removes every neuron a removal makes dead, so that the sliced model
-computes exactly what the masked model (removed rows, their biases and columns zeroed) computes
-while holding no parameter that cannot influence the output:
+file (:func:`cusprun.neurons.tensor_name`). :func:`propagate` removes every neuron a removal makes
+dead, so that the sliced model computes exactly what the masked model (removed rows, their biases
+and columns zeroed) computes while holding no parameter that cannot influence the output:
 
 * MLP channel k lives only while gate row k, up row k and down column k all do (act(0)·up = 0);
 * v row (g, d) and the o columns (h, d) of every query head h sharing k/v head g live or die
@@ -17,51 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from .models import PROJECTIONS
+from .neurons import PROJECTIONS, Geometry, tensor_name
 
 Plan = dict[str, torch.Tensor]
-
-
-class Geometry:
-    """Shapes of one model's projections (from its config)."""
-
-    def __init__(self, config):
-        self.layers = config.num_hidden_layers
-        self.hidden = config.hidden_size
-        self.inter = config.intermediate_size
-        self.heads = config.num_attention_heads
-        self.kv = config.num_key_value_heads
-        self.rep = self.heads // self.kv
-        self.hd = getattr(config, "head_dim", None) or self.hidden // self.heads
-        self.bias = {"self_attn.q_proj": bool(getattr(config, "attention_bias", False)) or config.model_type == "qwen2",
-                     "self_attn.o_proj": bool(getattr(config, "attention_bias", False)),
-                     **{f"mlp.{p}": bool(getattr(config, "mlp_bias", False)) for p in ("gate_proj", "up_proj",
-                                                                                          "down_proj")}}
-        self.bias["self_attn.k_proj"] = self.bias["self_attn.v_proj"] = self.bias["self_attn.q_proj"]
-        q, kv = self.heads * self.hd, self.kv * self.hd
-        self.shape = {"self_attn.q_proj": (q, self.hidden), "self_attn.k_proj": (kv, self.hidden),
-                      "self_attn.v_proj": (kv, self.hidden), "self_attn.o_proj": (self.hidden, q),
-                      "mlp.gate_proj": (self.inter, self.hidden), "mlp.up_proj": (self.inter, self.hidden),
-                      "mlp.down_proj": (self.hidden, self.inter)}
-
-    def names(self) -> list[str]:
-        return [f"model.layers.{layer}.{proj}.{side}"
-                for layer in range(self.layers) for proj in PROJECTIONS for side in ("rows", "cols")]
-
-    def size(self, name: str) -> int:
-        proj, side = name.split(".", 3)[3].rsplit(".", 1)
-        return self.shape[proj][side == "cols"]
-
-    def projection_params(self) -> int:
-        per_layer = sum(o * i + (o if self.bias[p] else 0) for p, (o, i) in self.shape.items())
-        return per_layer * self.layers
-
-    def full_plan(self) -> Plan:
-        return {n: torch.ones(self.size(n), dtype=torch.bool) for n in self.names()}
-
-
-def _k(layer: int, proj: str, side: str) -> str:
-    return f"model.layers.{layer}.{proj}.{side}"
 
 
 def propagate(plan: Plan, geo: Geometry) -> Plan:
@@ -70,7 +28,7 @@ def propagate(plan: Plan, geo: Geometry) -> Plan:
     half = geo.hd // 2
     for layer in range(geo.layers):
         def m(proj, side, layer=layer):
-            return out[_k(layer, proj, side)]
+            return out[tensor_name(layer, proj, side)]
         # MLP channels: gate row, up row and down column go together.
         channel = m("mlp.gate_proj", "rows") & m("mlp.up_proj", "rows") & m("mlp.down_proj", "cols")
         for proj, side in (("mlp.gate_proj", "rows"), ("mlp.up_proj", "rows"), ("mlp.down_proj", "cols")):
@@ -97,13 +55,13 @@ def kept_params(plan: Plan, geo: Geometry) -> int:
     total = 0
     for layer in range(geo.layers):
         for proj in PROJECTIONS:
-            rows = int(plan[_k(layer, proj, "rows")].sum())
-            cols = int(plan[_k(layer, proj, "cols")].sum())
+            rows = int(plan[tensor_name(layer, proj, "rows")].sum())
+            cols = int(plan[tensor_name(layer, proj, "cols")].sum())
             total += rows * cols + (rows if geo.bias[proj] else 0)
     return total
 
 
 def kept_counts(plan: Plan, geo: Geometry) -> dict[str, dict[str, list[int]]]:
     """{layer: {projection: [rows kept, cols kept]}} for reports."""
-    return {str(layer): {proj: [int(plan[_k(layer, proj, s)].sum()) for s in ("rows", "cols")]
+    return {str(layer): {proj: [int(plan[tensor_name(layer, proj, s)].sum()) for s in ("rows", "cols")]
                          for proj in PROJECTIONS} for layer in range(geo.layers)}

@@ -1,19 +1,16 @@
-"""``python -m cusprun.prune``: score files -> an expert model (threshold, intersect, slice)."""
+"""``python -m cusprun.prune``: score files -> an expert model (the command; the work is :mod:`cusprun.expert`'s)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from . import __version__
-from .apply import FORMATS, apply
-from .engine import score_shapes
+from .apply import FORMATS
 from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .export import check_out_dir, save_model_dir
-from .models import DEFAULT_MODEL, DTYPES, config_hash, load_model
-from .plan import Geometry, kept_counts
-from .scoreset import NEURONS, ScoreSet, intersect
+from .expert import build_expert, check_against_model, check_ratio, load_score_sets
+from .export import check_out_dir
+from .models import DEFAULT_MODEL, DTYPES, load_model
+from .scoreset import NEURONS
 from .selection import RULES
 
 DESCRIPTION = """\
@@ -65,35 +62,6 @@ def build_parser() -> OneLineArgumentParser:
     return p
 
 
-def check_ratio(ratio: float) -> None:
-    if not 0 < ratio < 1:
-        raise CusprunError(f"--ratio {ratio}: must be strictly between 0 and 1")
-
-
-def load_score_sets(paths: list[str]) -> list[ScoreSet]:
-    sets = []
-    for path in paths:
-        if not Path(path).is_file():
-            raise CusprunError(f"score file not found: {path}")
-        sets.append(ScoreSet.load(path))
-    measures = {s.metadata.get("measure") for s in sets}
-    if len(measures) > 1:
-        raise CusprunError(f"score files mix measures ({', '.join(sorted(map(str, measures)))}): score all corpora "
-                           "with the same --measure")
-    return sets
-
-
-def check_against_model(sets: list[ScoreSet], paths, config) -> None:
-    expected_hash, shapes = config_hash(config), score_shapes(config)
-    for score_set, path in zip(sets, paths):
-        meta, tensors = score_set.metadata, score_set.scores
-        if meta.get("config_hash") != expected_hash:
-            raise CusprunError(f"{path} was scored on another model ({meta.get('model')}, config hash differs)")
-        for name, n in shapes.items():
-            if name not in tensors or tensors[name].dim() != 2 or tensors[name].shape[1] != n:
-                raise CusprunError(f"{path}: tensor {name} missing or not [n_docs, {n}] (another model?)")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_ratio(args.ratio)
@@ -117,35 +85,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{report['stock']['num_key_value_heads']} k/v groups per layer: "
               f"{report['stock']['share_of_asked']:.1%} of the asked ratio")
     return 0
-
-
-def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
-                 out: Path, rule: str = "all-docs", neurons: str = "all") -> dict:
-    """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report."""
-    geo = Geometry(model.config)
-    dense_params = sum(p.numel() for p in model.parameters())
-    sel = intersect(*sets).select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons)
-    pruned = apply(model, sel, format)
-    params = dense_params - (sel.total_projection_params - sel.kept_projection_params)
-    report = {
-        "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
-        "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
-        "ratio_asked": ratio,
-        "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
-        "sigma": sel.sigma, "params_dense": dense_params, "params": params,
-        "projection_params_dense": sel.total_projection_params, "projection_params": sel.kept_projection_params,
-        "corpora": [{"scores": str(p), "corpus": s.metadata.get("corpus"),
-                     "corpus_sha256": s.metadata.get("corpus_sha256"), "n_docs": s.n_docs}
-                    for p, s in zip(score_paths, sets)],
-        "kept": kept_counts(sel.plan, geo),
-    }
-    if format == "stock":
-        report["stock"] = {"intermediate_size": pruned.config.intermediate_size,
-                           "num_key_value_heads": pruned.config.num_key_value_heads,
-                           "num_attention_heads": pruned.config.num_attention_heads,
-                           "share_of_asked": sel.removed_fraction / ratio}
-    save_model_dir(out, pruned, tokenizer, report)
-    return report
 
 
 if __name__ == "__main__":

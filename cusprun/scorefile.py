@@ -15,41 +15,19 @@ the groups, e.g. ``mlp.down_proj.cols``, a selection may choose) or ``granularit
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from . import __version__
 from .errors import CusprunError
+from .files import atomic_write
+from .neurons import architecture, config_hash
 
 FORMAT = "cusprun-scores/1"
 JSON_FIELDS = ("token_counts", "skipped", "architecture", "parts", "prunable", "block_influence")
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """``mode`` as the user's umask leaves it: what open() would have given (mkstemp/mkdtemp give 0600/0700)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mode & ~mask
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, umask_mode())
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -68,6 +46,21 @@ def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metada
         fh.write(len(blob).to_bytes(8, "little") + blob)
         for name in names:
             fh.write(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+
+
+def score_metadata(config, *, measure: str, model: str, corpus: str, n_docs: int, token_counts, skipped=(),
+                   method: str | None = None, **fields) -> dict:
+    """The metadata of a score file, built in this one place for every scorer (the engine's and the
+    baselines'): what was scored (model, its config hash and architecture, corpus, documents and their
+    token counts) and how (measure or method, and the options given as ``fields``, e.g. max_tokens,
+    dtype, backend, corpus_sha256, prunable)."""
+    meta = {"measure": measure, "model": model, "config_hash": config_hash(config),
+            "architecture": architecture(config), "corpus": corpus, "n_docs": n_docs,
+            "token_counts": list(token_counts), "skipped": list(skipped), "cusprun_version": __version__}
+    if method is not None:
+        meta["method"] = method
+    meta.update(fields)
+    return meta
 
 
 def save_scores(path: str | Path, scores: dict[str, torch.Tensor], metadata: dict) -> None:

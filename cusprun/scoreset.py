@@ -14,21 +14,13 @@ from types import SimpleNamespace
 
 import torch
 
-from .models import ARCHITECTURE_KEYS
-from .plan import Geometry
+from .methods import method_of
+from .neurons import Geometry, group_of
 from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
 from .selection import Selection, relevance, select, select_layers
 
 # Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
 NEURONS = {"all": None, "mlp": ["mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols"]}
-
-
-def architecture(config) -> dict:
-    """Metadata ``architecture``: the geometry-defining fields of a config (head_dim made explicit)."""
-    fields = {k: getattr(config, k, None) for k in ARCHITECTURE_KEYS}
-    if not fields["head_dim"]:
-        fields["head_dim"] = config.hidden_size // config.num_attention_heads
-    return fields
 
 
 @dataclass
@@ -125,18 +117,20 @@ class ScoreSet:
             in every layer.
         rule: aggregation over documents, ``all-docs`` (the paper's, default), ``mean-rank`` or ``pooled``.
         neurons: ``all`` (default) or ``mlp`` (only MLP channels are chosen; attention stays whole).
-        Sets from layer-granularity methods (ShortGPT) remove whole layers; sets that name their
-        ``prunable`` groups (FLAP) choose only among those."""
+        What may be removed is the scoring method's (:mod:`cusprun.methods`): layer-granularity methods
+        (ShortGPT) remove whole layers; methods that declare ``prunable`` groups (FLAP) choose only among
+        those."""
         geo = self.geometry(config)
         if neurons not in NEURONS:
             raise ValueError(f"neurons must be one of {tuple(NEURONS)}, got {neurons!r}")
-        if self.metadata.get("granularity") == "layer":
+        method = method_of(self.metadata)
+        if method.granularity == "layer":
             if uniform:
-                raise ValueError("whole-layer scores (ShortGPT) cannot make a uniform (stock) plan")
+                raise ValueError(f"whole-layer scores ({method.name}) cannot make a uniform (stock) plan")
             return select_layers(self.metadata["block_influence"], geo, ratio)
         groups = NEURONS[neurons]
-        if "prunable" in self.metadata:
-            groups = [g for g in self.metadata["prunable"] if groups is None or g in groups]
+        if method.prunable is not None:
+            groups = [g for g in method.prunable if groups is None or g in groups]
         if uniform:
             if groups is not None:
                 raise ValueError("a uniform (stock) plan chooses among all neurons; use neurons='all' and "
@@ -144,7 +138,7 @@ class ScoreSet:
             from .stock import select_uniform
 
             return select_uniform(self.relevance(rule), geo, ratio)
-        candidates = None if groups is None else {n for n in geo.names() if n.split(".", 3)[3] in groups}
+        candidates = None if groups is None else {n for n in geo.names() if group_of(n) in groups}
         return select(self.relevance(rule), geo, ratio, candidates)
 
 

@@ -22,18 +22,15 @@ from functools import cache
 
 import torch
 
-from .plan import Geometry, Plan, kept_params
+from .neurons import Geometry, tensor_name
+from .plan import Plan, kept_params
 from .selection import Selection, select
-
-
-def _key(layer: int, proj: str, side: str) -> str:
-    return f"model.layers.{layer}.{proj}.{side}"
 
 
 def channel_relevance(rel: dict[str, torch.Tensor], geo: Geometry) -> torch.Tensor:
     """[layers, intermediate]: max R over a channel's gate row, up row and down column."""
-    return torch.stack([torch.stack([rel[_key(layer, "mlp.gate_proj", "rows")], rel[_key(layer, "mlp.up_proj", "rows")],
-                                     rel[_key(layer, "mlp.down_proj", "cols")]]).max(dim=0).values
+    members = (("mlp.gate_proj", "rows"), ("mlp.up_proj", "rows"), ("mlp.down_proj", "cols"))
+    return torch.stack([torch.stack([rel[tensor_name(layer, p, s)] for p, s in members]).max(dim=0).values
                         for layer in range(geo.layers)])
 
 
@@ -41,10 +38,10 @@ def group_relevance(rel: dict[str, torch.Tensor], geo: Geometry) -> torch.Tensor
     """[layers, kv groups]: mean R over a group's q rows, k rows, v rows and o columns."""
     out = []
     for layer in range(geo.layers):
-        parts = [rel[_key(layer, "self_attn.q_proj", "rows")].view(geo.kv, -1),
-                 rel[_key(layer, "self_attn.k_proj", "rows")].view(geo.kv, -1),
-                 rel[_key(layer, "self_attn.v_proj", "rows")].view(geo.kv, -1),
-                 rel[_key(layer, "self_attn.o_proj", "cols")].view(geo.kv, -1)]
+        parts = [rel[tensor_name(layer, "self_attn.q_proj", "rows")].view(geo.kv, -1),
+                 rel[tensor_name(layer, "self_attn.k_proj", "rows")].view(geo.kv, -1),
+                 rel[tensor_name(layer, "self_attn.v_proj", "rows")].view(geo.kv, -1),
+                 rel[tensor_name(layer, "self_attn.o_proj", "cols")].view(geo.kv, -1)]
         out.append(torch.cat(parts, dim=1).mean(dim=1))
     return torch.stack(out)
 
@@ -63,12 +60,12 @@ def uniform_plan(channels: torch.Tensor, groups: torch.Tensor, k: int, g: int, g
     for layer in range(geo.layers):
         channel = _top(channels[layer], k)
         for proj, side in (("mlp.gate_proj", "rows"), ("mlp.up_proj", "rows"), ("mlp.down_proj", "cols")):
-            plan[_key(layer, proj, side)] = channel.clone()
+            plan[tensor_name(layer, proj, side)] = channel.clone()
         group = _top(groups[layer], g)
-        plan[_key(layer, "self_attn.q_proj", "rows")] = group.repeat_interleave(geo.rep * geo.hd)
-        plan[_key(layer, "self_attn.o_proj", "cols")] = group.repeat_interleave(geo.rep * geo.hd)
-        plan[_key(layer, "self_attn.k_proj", "rows")] = group.repeat_interleave(geo.hd)
-        plan[_key(layer, "self_attn.v_proj", "rows")] = group.repeat_interleave(geo.hd)
+        plan[tensor_name(layer, "self_attn.q_proj", "rows")] = group.repeat_interleave(geo.rep * geo.hd)
+        plan[tensor_name(layer, "self_attn.o_proj", "cols")] = group.repeat_interleave(geo.rep * geo.hd)
+        plan[tensor_name(layer, "self_attn.k_proj", "rows")] = group.repeat_interleave(geo.hd)
+        plan[tensor_name(layer, "self_attn.v_proj", "rows")] = group.repeat_interleave(geo.hd)
     return plan
 
 
@@ -79,7 +76,7 @@ def select_uniform(rel: dict[str, torch.Tensor], geo: Geometry, ratio: float) ->
     attn = [p for p in geo.shape if p.startswith("self_attn")]
     attn_dense = sum(o * i for p, (o, i) in geo.shape.items() if p in attn) * geo.layers
     keep = reference.plan
-    attn_kept = sum(int(keep[_key(layer, p, "rows")].sum()) * int(keep[_key(layer, p, "cols")].sum())
+    attn_kept = sum(int(keep[tensor_name(layer, p, "rows")].sum()) * int(keep[tensor_name(layer, p, "cols")].sum())
                     for layer in range(geo.layers) for p in attn)
     g = min(geo.kv, max(1, round(geo.kv * attn_kept / attn_dense)))
     channels, groups = channel_relevance(rel, geo), group_relevance(rel, geo)
@@ -105,7 +102,7 @@ def uniform_counts(plan: Plan, geo: Geometry) -> tuple[torch.Tensor, torch.Tenso
     channels, groups = [], []
     for layer in range(geo.layers):
         def m(proj, side, layer=layer):
-            return plan[_key(layer, proj, side)]
+            return plan[tensor_name(layer, proj, side)]
         channel = m("mlp.gate_proj", "rows")
         group = m("self_attn.k_proj", "rows").view(geo.kv, geo.hd)[:, 0]
         whole = (torch.equal(channel, m("mlp.up_proj", "rows")) and torch.equal(channel, m("mlp.down_proj", "cols"))
@@ -144,7 +141,7 @@ def stock(model, plan: Plan):
     state = dict(model.state_dict())
     for layer in range(geo.layers):
         for proj in geo.shape:
-            rows, cols = plan[_key(layer, proj, "rows")], plan[_key(layer, proj, "cols")]
+            rows, cols = plan[tensor_name(layer, proj, "rows")], plan[tensor_name(layer, proj, "cols")]
             prefix = f"model.layers.{layer}.{proj}."
             state[prefix + "weight"] = state[prefix + "weight"][rows][:, cols].clone()
             if prefix + "bias" in state:

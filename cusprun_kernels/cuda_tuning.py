@@ -34,7 +34,7 @@ def _load(path: Path) -> dict:
 
 def _store(path: Path, key: str, entry: dict) -> None:
     """Merge one entry into the cache file, written atomically (never half-written)."""
-    from cusprun.scorefile import atomic_write  # the package's one atomic writer (imported late: no cycle)
+    from cusprun.files import atomic_write  # the package's one atomic writer (imported late: no cycle)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     table = {**_load(path), key: entry}

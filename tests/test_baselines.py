@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import cusprun
-from cusprun.baselines import METHODS, baseline_scores
-from cusprun.models import PROJECTIONS
-from cusprun.plan import Geometry
+from cusprun.baselines import baseline_scores
+from cusprun.methods import methods
+from cusprun.neurons import PROJECTIONS, Geometry
 from cusprun.selection import rank_fractions
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
@@ -170,7 +170,7 @@ def test_rules_match_independent_aggregation():
 def test_baseline_score_files_feed_prune(tmp_path, tiny_dir):
     tiny_model_dir = tiny_dir
     corpus = write_ids_corpus(tmp_path / "c.jsonl", [11, 7, 13])
-    for method in METHODS:
+    for method in [m for m in methods() if m != "cusprun"]:
         args = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "s"), "--method", method, "--quiet"]
         if method not in ("random", "magnitude"):
             args += ["--corpus", f"{method}={corpus}"]

@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import cusprun
-from cusprun.plan import Geometry, propagate
+from cusprun.neurons import Geometry
+from cusprun.plan import propagate
 from cusprun.stock import uniform_counts
 from tests.conftest import write_ids_corpus
 from tests.isolated import fresh_venv, run_isolated
@@ -102,7 +103,7 @@ def test_exports_load_where_cusprun_is_not_installed(exported, tmp_path):
 
 
 def test_model_folders_get_the_umask_permissions(exported):
-    from cusprun.scorefile import umask_mode
+    from cusprun.files import umask_mode
 
     for fmt in ("sliced", "stock"):
         assert (exported / fmt).stat().st_mode & 0o777 == umask_mode(0o777)

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 
 import cusprun  # noqa: F401  (registers the sliced architectures)
 from cusprun.apply import apply
-from cusprun.plan import Geometry, propagate
+from cusprun.neurons import Geometry
+from cusprun.plan import propagate
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from cusprun.engine import Scorer, score_shapes
+from cusprun.engine import Scorer
+from cusprun.neurons import Geometry
 from cusprun.scorefile import load_scores
 from tests.conftest import write_ids_corpus
 
@@ -28,7 +29,7 @@ def test_scores_two_corpora_in_one_run(tiny_dir, tmp_path):
     tensors, meta = load_scores(tmp_path / "out/a.safetensors")
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    shapes = score_shapes(model.config)
+    shapes = Geometry(model.config).sizes()
     assert sorted(tensors) == sorted(shapes)
     for name, t in tensors.items():
         assert t.dtype == torch.float32 and t.shape == (3, shapes[name])

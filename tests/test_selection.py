@@ -2,7 +2,8 @@
 
 import torch
 
-from cusprun.plan import Geometry, kept_params
+from cusprun.neurons import Geometry
+from cusprun.plan import kept_params
 from cusprun.selection import rank_fractions, relevance, select
 from tests.tiny import tiny_model
 

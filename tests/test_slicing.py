@@ -5,7 +5,8 @@ import torch
 
 from cusprun.apply import apply
 from cusprun.engine import Scorer
-from cusprun.plan import Geometry, kept_params, propagate
+from cusprun.neurons import Geometry
+from cusprun.plan import kept_params, propagate
 from cusprun.selection import relevance, select
 from tests.tiny import random_ids, tiny_model
 

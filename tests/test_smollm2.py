@@ -5,7 +5,7 @@ import torch
 
 from cusprun.apply import apply
 from cusprun.engine import Scorer
-from cusprun.plan import Geometry
+from cusprun.neurons import Geometry
 from cusprun.selection import relevance, select
 
 pytest.importorskip("gguf")

@@ -1,0 +1,166 @@
+"""Pictures of an expert and of the scores behind it (PNG, needs matplotlib); ``python -m cusprun.plot`` draws them.
+
+* ``kept.png`` — kept fraction of each projection's parameters, per layer (heatmap);
+* ``overlap.png`` — how the dimensions' irrelevant sets overlap at the expert's σ: neurons per exact
+  combination of dimensions, and per layer the share irrelevant to each dimension and to all;
+* ``distributions.png`` — per-document score distributions of one layer's projections, by corpus.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from .errors import CusprunError
+from .expert import load_score_sets
+from .files import atomic_write
+from .neurons import PROJECTIONS, SIDES, Geometry, tensor_name
+from .plan import kept_counts
+from .scoreset import ScoreSet, intersect
+
+SHORT = {p: p.split(".")[1].removesuffix("_proj") for p in PROJECTIONS}
+
+
+def label(score_set: ScoreSet) -> str:
+    """A short name for a dimension: its corpus file's stem (the CLI records corpus paths)."""
+    return " & ".join(Path(c).stem if c.endswith((".jsonl", ".txt")) else c for c in score_set.corpora)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise CusprunError("plots need matplotlib: pip install matplotlib (or cusprun[plot])") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130, bbox_inches="tight"))
+
+
+def kept_fractions(kept: dict, geo: Geometry) -> torch.Tensor:
+    """[layers, projections] kept fraction of each projection's weight parameters."""
+    return torch.tensor([[kept[str(layer)][p][0] * kept[str(layer)][p][1] / (geo.shape[p][0] * geo.shape[p][1])
+                          for p in PROJECTIONS] for layer in range(geo.layers)])
+
+
+def plot_kept(plt, fractions: torch.Tensor, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(5, max(3.0, 0.18 * fractions.shape[0] + 1)))
+    image = ax.imshow(fractions.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(range(len(PROJECTIONS)), [SHORT[p] for p in PROJECTIONS])
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=ax, label="kept fraction of parameters")
+    _save(fig, path)
+    plt.close(fig)
+
+
+def irrelevant_sets(sets: list[ScoreSet], sigma: float) -> list[dict[str, torch.Tensor]]:
+    """Per dimension, per tensor: bool [features], R(n) < σ (before dead-neuron propagation)."""
+    return [{name: r < sigma for name, r in s.relevance().items()} for s in sets]
+
+
+def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: Path) -> None:
+    names = [label(s) for s in sets]
+    masks = irrelevant_sets(sets, sigma)
+    flat = torch.stack([torch.cat([m[n] for n in geo.names()]) for m in masks])  # [dims, all neurons]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    labels, counts = [], []
+    for size in range(1, len(sets) + 1):
+        for combo in itertools.combinations(range(len(sets)), size):
+            inside = flat[list(combo)].all(dim=0)
+            outside = flat[[i for i in range(len(sets)) if i not in combo]].any(dim=0) if size < len(sets) else None
+            exact = inside & ~outside if outside is not None else inside
+            labels.append(" & ".join(names[i] for i in combo) + ("" if size == len(sets) else " only"))
+            counts.append(int(exact.sum()))
+    bars = left.barh(labels[::-1], counts[::-1], color="tab:blue")
+    left.bar_label(bars, fmt="{:,.0f}", fontsize=7)
+    left.set_xlabel(f"neurons irrelevant at σ = {sigma:.3f}")
+    left.set_title("exact overlap of the irrelevant sets", fontsize=9)
+    layers = range(geo.layers)
+    for name, mask in zip(names, masks):
+        right.plot(layers, [_share(mask, geo, layer) for layer in layers], label=name)
+    both = {n: torch.stack([m[n] for m in masks]).all(dim=0) for n in masks[0]}
+    right.plot(layers, [_share(both, geo, layer) for layer in layers], "k--", label="all (intersection)")
+    right.set_xlabel("layer")
+    right.set_ylabel("share of the layer's neurons")
+    right.set_title("irrelevant share per layer", fontsize=9)
+    right.legend(fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def _share(mask: dict[str, torch.Tensor], geo: Geometry, layer: int) -> float:
+    tensors = [mask[tensor_name(layer, p, s)] for p in PROJECTIONS for s in SIDES]
+    return float(sum(int(t.sum()) for t in tensors) / sum(t.numel() for t in tensors))
+
+
+def plot_distributions(plt, sets: list[ScoreSet], layer: int, path: Path) -> None:
+    panels = [(p, s) for p in PROJECTIONS for s in SIDES]
+    fig, axes = plt.subplots(2, 7, figsize=(16, 5.5), sharey=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (proj, side) in zip(axes.T.flatten(), panels):
+        data, tint = [], []
+        for i, s in enumerate(sets):
+            scores = s.scores[tensor_name(layer, proj, side)]
+            data += [torch.log10(row.clamp_min(1e-12)).numpy() for row in scores]
+            tint += [colors[i % len(colors)]] * scores.shape[0]
+        parts = ax.boxplot(data, showfliers=False, patch_artist=True, widths=0.7)
+        for box, color in zip(parts["boxes"], tint):
+            box.set_facecolor(color)
+        ax.set_xticks([])
+        ax.set_title(f"{SHORT[proj]} {side}", fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes[0, 0].set_ylabel("log10 score")
+    axes[1, 0].set_ylabel("log10 score")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[i % len(colors)]) for i in range(len(sets))]
+    fig.legend(handles, [label(s) for s in sets], loc="upper left", fontsize=8, ncols=len(sets))
+    fig.suptitle(f"per-document score distributions, layer {layer} (one box per document)", fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def load_sets(paths: list[str]) -> list[ScoreSet]:
+    """The score files of one expert's dimensions, checked to go together and to record their architecture."""
+    sets = load_score_sets(paths)
+    try:
+        combined = intersect(*sets)
+    except ValueError as exc:
+        raise CusprunError(f"score files do not go together: {exc}") from None
+    if "architecture" not in combined.metadata:
+        raise CusprunError("these score files record no architecture (written before cusprun 0.1): score again")
+    return sets
+
+
+def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Path | None = None,
+                layer: int | None = None) -> list[Path]:
+    """The three PNGs for ``sets`` (and ``expert``'s plan if given) into ``out``; returns their paths."""
+    plt = _pyplot()
+    combined = intersect(*sets)
+    geo = combined.geometry()
+    if expert is not None:
+        report_path = Path(expert) / "pruning.json"
+        if not report_path.is_file():
+            raise CusprunError(f"--expert {expert}: no pruning.json (not a cusprun expert folder)")
+        report = json.loads(report_path.read_text())
+        kept, sigma, ratio = report["kept"], report["sigma"], report["ratio_achieved_projection"]
+        title = f"{Path(expert).name}: {ratio:.1%} of projection parameters removed"
+    else:
+        selection = combined.select(ratio)
+        kept, sigma = kept_counts(selection.plan, geo), selection.sigma
+        title = f"{label(combined)}: {selection.removed_fraction:.1%} of projection parameters removed"
+    layer = geo.layers // 2 if layer is None else layer
+    if not 0 <= layer < geo.layers:
+        raise CusprunError(f"--layer {layer}: the model has layers 0..{geo.layers - 1}")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "kept.png", out / "overlap.png", out / "distributions.png"]
+    plot_kept(plt, kept_fractions(kept, geo), title, paths[0])
+    plot_overlap(plt, sets, sigma, geo, paths[1])
+    plot_distributions(plt, sets, layer, paths[2])
+    return paths

@@ -1,0 +1,160 @@
+"""The main job, end to end, in one process (one model load): the library behind ``python -m cusprun.pipeline``.
+
+score the calibration corpora -> build each expert (intersection of its dimensions' irrelevant
+neurons, sliced) -> evaluate the dense model and every expert on held-out text of the target
+dimensions and on general text -> a table, OUT/summary.json / OUT/summary.md, and each expert's
+pictures (:mod:`cusprun.figures`) in OUT/plots/EXPERT/.
+
+Scoring resumes: a score file whose metadata matches the corpus, model and options is reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .corpus import corpus_sha256, read_corpus
+from .engine import Scorer
+from .errors import CusprunError
+from .evaluate import evaluate, read_texts
+from .expert import build_expert, check_ratio
+from .figures import write_plots
+from .files import atomic_write_text
+from .models import load_model
+from .neurons import config_hash
+from .scorefile import load_scores
+from .scoreset import ScoreSet
+from .scoring import CorpusSpec, score_corpus
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+DEFAULT_EXPERTS = ["de", "de+medical"]
+DEFAULT_EVAL = ["de", "de_man", "medical", "en_man"]
+
+
+@dataclass
+class MainJob:
+    """What the main job runs: experts as corpus names joined by '+', held-out texts, and the settings."""
+
+    model: str
+    data: Path
+    experts: list[str]
+    evals: list[str]
+    ratio: float = 0.25
+    docs: int = 16
+    max_tokens: int = 256
+    eval_max_tokens: int = 512
+    measure: str = "block"
+    out: Path = Path("runs/main")
+    quiet: bool = False
+
+    def check(self) -> None:
+        """Every input checked before the model loads."""
+        for name in self.dimensions():
+            if not (self.data / "corpora" / f"{name}.jsonl").is_file():
+                raise CusprunError(f"no calibration corpus {self.data / 'corpora' / name}.jsonl")
+        for name in self.evals:
+            if not (self.data / "heldout" / f"{name}.jsonl").is_file():
+                raise CusprunError(f"no held-out text {self.data / 'heldout' / name}.jsonl")
+        check_ratio(self.ratio)
+        for value, flag in ((self.docs, "--docs"), (self.max_tokens, "--max-tokens")):
+            if value < 1:
+                raise CusprunError(f"{flag} must be at least 1")
+        if self.eval_max_tokens < 2:
+            raise CusprunError("--eval-max-tokens must be at least 2")
+
+    def dimensions(self) -> list[str]:
+        return sorted({d for e in self.experts for d in e.split("+")})
+
+
+def subset_corpus(src: Path, dst: Path, n: int) -> None:
+    """The first ``n`` documents of ``src`` as ``dst`` (rewritten only when they differ, so hashes stay put)."""
+    lines = [line for line in src.read_text().splitlines() if line.strip()][:n]
+    text = "".join(line + "\n" for line in lines)
+    if not dst.exists() or dst.read_text() != text:
+        atomic_write_text(dst, text)
+
+
+def reusable(path: Path, corpus: Path, measure: str, options: dict, model_hash: str) -> bool:
+    """Whether a score file was made from this corpus, model and options (then the job reuses it)."""
+    if not path.exists():
+        return False
+    try:
+        _, meta = load_scores(path)
+    except CusprunError:
+        return False
+    return (meta.get("corpus_sha256") == corpus_sha256(corpus) and meta.get("measure") == measure
+            and meta.get("config_hash") == model_hash
+            and all(meta.get(k) == str(v) for k, v in options.items()))
+
+
+def run_main_job(job: MainJob) -> tuple[dict, str]:
+    """Score, build the experts, evaluate; write OUT/summary.{json,md} and the plots. Returns (summary, table)."""
+    job.check()
+    experts, evals, data, out, quiet = job.experts, job.evals, job.data, job.out, job.quiet
+    dims = job.dimensions()
+    for sub in ("corpora", "scores", "experts"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    model, tokenizer, source = load_model(job.model, quiet=quiet)
+    from transformers import AutoModelForCausalLM
+
+    import cusprun_kernels
+
+    cusprun_kernels.set_quiet(quiet)
+    scorer = Scorer(model, job.measure)
+    options = {"max_tokens": job.max_tokens, "dtype": "float32", "backend": cusprun_kernels.resolve_backend("cpu")}
+    score_files = {}
+    for name in dims:
+        corpus = out / "corpora" / f"{name}.jsonl"
+        subset_corpus(data / "corpora" / f"{name}.jsonl", corpus, job.docs)
+        target = out / "scores" / f"{name}.safetensors"
+        if reusable(target, corpus, job.measure, options, config_hash(model.config)):
+            print(f"scores for {name}: reusing {target}", file=sys.stderr)
+        else:
+            spec = CorpusSpec(name, str(corpus), read_corpus(corpus))
+            score_corpus(scorer, tokenizer, source, spec, out / "scores", options, quiet)
+        score_files[name] = target
+    texts = read_texts([str(data / "heldout" / f"{name}.jsonl") for name in evals])
+    rows = [("dense", evaluate(model, tokenizer, texts, job.eval_max_tokens, 32, "dense", quiet), None)]
+    plots = importlib.util.find_spec("matplotlib") is not None
+    if not plots:
+        print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+    for expert in experts:
+        paths = [score_files[d] for d in expert.split("+")]
+        sets = [ScoreSet.load(p) for p in paths]
+        report = build_expert(model, tokenizer, source, sets, paths, job.ratio, "sliced", out / "experts" / expert)
+        pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
+        rows.append((expert, evaluate(pruned, tokenizer, texts, job.eval_max_tokens, 32, expert, quiet), report))
+        if plots:
+            write_plots(sets, out / "plots" / expert, expert=out / "experts" / expert)
+    summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": job.ratio,
+               "measure": job.measure, "docs_per_corpus": job.docs, "max_tokens": job.max_tokens,
+               "seconds": time.perf_counter() - started,
+               "results": [{"model": name, **result,
+                            "ratio_achieved_projection": None if rep is None else rep["ratio_achieved_projection"]}
+                           for name, result, rep in rows]}
+    table = format_table(rows, evals, list(texts))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", table + "\n")
+    return summary, table
+
+
+
+
+def format_table(rows, evals, texts) -> str:
+    """The markdown table: parameters, removed share, perplexity per held-out text, prefill speed and speed-up."""
+    dense_speed = rows[0][1]["prefill_tokens_per_s"]
+    head = ["model", "params", "removed (proj.)"] + [f"ppl {e}" for e in evals] + ["prefill tok/s", "speed-up"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, result, report in rows:
+        removed = "—" if report is None else f"{report['ratio_achieved_projection']:.3f}"
+        cells = [name, f"{result['params'] / 1e6:.1f}M", removed]
+        cells += [f"{result['files'][t]['perplexity']:.2f}" for t in texts]
+        cells += [f"{result['prefill_tokens_per_s']:.0f}", f"{result['prefill_tokens_per_s'] / dense_speed:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
