@@ -29,7 +29,7 @@ from .models import load_model
 from .neurons import config_hash
 from .scorefile import load_scores
 from .scoreset import ScoreSet
-from .scoring import CorpusSpec, score_corpus
+from .scoring import CorpusSpec, prepare_out, score_corpus
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_EXPERTS = ["de", "de+medical"]
@@ -66,6 +66,7 @@ class MainJob:
                 raise CusprunError(f"{flag} must be at least 1")
         if self.eval_max_tokens < 2:
             raise CusprunError("--eval-max-tokens must be at least 2")
+        prepare_out(str(self.out))
 
     def dimensions(self) -> list[str]:
         return sorted({d for e in self.experts for d in e.split("+")})

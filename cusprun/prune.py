@@ -9,7 +9,7 @@ from .apply import FORMATS
 from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .expert import build_expert, check_against_model, check_ratio, load_score_sets
 from .export import check_out_dir
-from .models import DEFAULT_MODEL, DTYPES, load_model
+from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
 from .scoreset import NEURONS
 from .selection import RULES
 
@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     check_ratio(args.ratio)
     out = check_out_dir(args.out, args.overwrite)
     sets = load_score_sets(args.scores)
-    model, tokenizer, source = load_model(args.model, args.dtype, quiet=args.quiet)
-    check_against_model(sets, args.scores, model.config)
+    config, tokenizer, source = open_model(args.model, quiet=args.quiet)
+    check_against_model(sets, args.scores, config)  # before the weights load
+    model = load_weights(source, args.dtype, quiet=args.quiet)
     try:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
                               rule=args.rule, neurons=args.neurons)
