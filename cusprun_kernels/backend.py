@@ -317,6 +317,15 @@ def implementation(op: str, args: tuple, kw: dict) -> Callable:
     return IMPLEMENTATIONS[op][_resolved[memo]]
 
 
+def resolved_backends() -> dict[str, str]:
+    """{op: backend} as resolved so far in this process (several cases of one op: their backends joined by
+    "+"), for score-file metadata: a backend that failed its check for one op is not the one that ran it."""
+    out: dict[str, set[str]] = {}
+    for (op, *_), name in _resolved.items():
+        out.setdefault(op, set()).add(name)
+    return {op: "+".join(sorted(names)) for op, names in sorted(out.items())}
+
+
 def _choose(op: str, case: Case) -> str:
     name = requested_backend()
     if name != "auto":

