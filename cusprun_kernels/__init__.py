@@ -13,9 +13,6 @@ per batch so launches never sync with the device, or an offsets tensor [n_docs +
 
 from __future__ import annotations
 
-# The op modules first: backend.py imports cusprun.errors, which initializes cusprun, whose engine reads
-# cusprun_kernels.qk_ablation while this package is still being imported.
-from . import projection_energy, qk_ablation, v_row_energy  # noqa: F401, I001
 from .backend import BackendUnavailable, backend_status, implementation, resolve_backend, set_quiet
 from .segments import Segments
 

@@ -34,8 +34,6 @@ from functools import cache
 
 import torch
 
-from cusprun.errors import CusprunError
-
 from .cache import cache_dir, load, store
 from .projection_energy import projection_energies_cuda, projection_energies_torch, projection_energies_triton
 from .qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton
@@ -68,9 +66,8 @@ _resolved: dict[tuple, str] = {}  # (op, case key) -> backend, for this process
 _verdicts: dict[tuple, str | None] = {}  # (op, backend, case key) -> problem, None when it passed
 
 
-class BackendUnavailable(CusprunError, RuntimeError):
-    """Raised when an explicitly requested backend cannot run here or fails its check: a user-facing error
-    (one line and exit code 2 from the command-line tools, wherever in a run the check happens)."""
+class BackendUnavailable(RuntimeError):
+    """Raised when an explicitly requested backend cannot run here or fails its check (one line: the reason)."""
 
 
 def set_quiet(quiet: bool = True) -> None:
