@@ -16,6 +16,7 @@
 // with the identical tiles and mma order, so the rounding of Q K^T cancels exactly in the difference; the
 // perturbation and the softmax run in IEEE float32 (expf, no fast math) on CUDA cores.
 #include <cmath>
+#include <string>
 
 #include "common.cuh"
 #include "kernels.h"
@@ -166,8 +167,14 @@ __global__ void __launch_bounds__(kWarps * 32) ablated_attention_kernel(Attentio
         const bool visible = t < m1 && key < m1 && key <= t && (a.window <= 0 || t - key < a.window);
         float score = -INFINITY;
         if (visible) {
-          score = s[n][e] * a.scale;
-          if (kPerturb) score -= a.scale * (r1[e / 2] * c1_s[col] + r2[e / 2] * c2_s[col]);
+          // Explicitly rounded operations: a plain `s * scale - scale * x` lets ptxas contract the first
+          // product into an FFMA in the perturbed pass only, so S would round differently from the
+          // unperturbed pass and every delta would carry ~1/2 ulp of |S| of noise.
+          score = __fmul_rn(s[n][e], a.scale);
+          if (kPerturb) {
+            const float delta = __fmaf_rn(r1[e / 2], c1_s[col], __fmul_rn(r2[e / 2], c2_s[col]));
+            score = __fsub_rn(score, __fmul_rn(a.scale, delta));
+          }
         }
         s[n][e] = score;
         row_max[e / 2] = fmaxf(row_max[e / 2], score);
@@ -220,15 +227,22 @@ __global__ void __launch_bounds__(kWarps * 32) ablated_attention_kernel(Attentio
     for (int n = 0; n < kDimTiles; ++n) {
       const int d = n * 8 + 2 * quad + e % 2;
       if (d >= hd) continue;
-      float out = o[n][e] / l[e / 2];  // every valid row sees at least its own key: l > 0
-      if (kPerturb) out -= a.base[(static_cast<int64_t>(h) * a.tokens + t) * hd + d];
+      float out = __fdiv_rn(o[n][e], l[e / 2]);  // every valid row sees at least its own key: l > 0
+      if (kPerturb) out = __fsub_rn(out, a.base[(static_cast<int64_t>(h) * a.tokens + t) * hd + d]);
       a.out[((static_cast<int64_t>(j) * a.heads + h) * a.tokens + t) * hd + d] = out;
     }
   }
 }
 
 template <bool kPerturb>
-void launch_for_head_dim(const AttentionArgs& args, dim3 grid, size_t bytes, cudaStream_t stream) {
+void launch_for_head_dim(const AttentionArgs& args, dim3 grid, size_t bytes, int device, cudaStream_t stream) {
+  int allowed = 0;
+  check(cudaDeviceGetAttribute(&allowed, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+  if (bytes > static_cast<size_t>(allowed)) {  // e.g. head_dim 256 (143,104 B) on sm_86 / sm_89 (101,376 B)
+    throw std::invalid_argument("ablated_attention: head_dim " + std::to_string(args.head_dim) + " needs " +
+                                std::to_string(bytes) + " B of shared memory per block; device " +
+                                std::to_string(device) + " allows " + std::to_string(allowed) + " B");
+  }
   auto launch = [&](auto kernel) {
     if (bytes > 48 * 1024) {  // above the default limit: opt in (Ampere and Hopper allow far more)
       check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
@@ -249,12 +263,14 @@ void launch_for_head_dim(const AttentionArgs& args, dim3 grid, size_t bytes, cud
 
 }  // namespace
 
+size_t ablated_attention_shared_bytes(int head_dim) { return sizeof(float) * Layout(head_dim).floats(); }
+
 void ablated_attention(std::uintptr_t qr, std::uintptr_t kr, std::uintptr_t v, std::uintptr_t r1,
                        std::uintptr_t r2, std::uintptr_t c1, std::uintptr_t c2, std::uintptr_t base,
                        std::uintptr_t out, std::uintptr_t tile_start, std::uintptr_t tile_end,
                        std::uintptr_t tile_key_lo, int64_t n_tiles, int64_t tokens, int heads, int kv_heads,
                        int head_dim, int n_rep, int chunk, float scale, int window, bool perturb,
-                       std::uintptr_t stream) {
+                       int device, std::uintptr_t stream) {
   if (head_dim < 1 || head_dim > kMaxHeadDim) {
     throw std::invalid_argument("ablated_attention: head_dim must be in [1, 256]");
   }
@@ -264,14 +280,15 @@ void ablated_attention(std::uintptr_t qr, std::uintptr_t kr, std::uintptr_t v, s
   }
   for (auto [ptr, name] : {std::pair{qr, "qr"}, {kr, "kr"}, {v, "v"}, {out, "out"}, {tile_start, "tile_start"},
                            {tile_end, "tile_end"}, {tile_key_lo, "tile_key_lo"}}) {
-    require_device_pointer(ptr, name);
+    require_device_pointer(ptr, name, device);
   }
   if (perturb) {
     for (auto [ptr, name] : {std::pair{r1, "r1"}, {r2, "r2"}, {c1, "c1"}, {c2, "c2"}, {base, "base"}}) {
-      require_device_pointer(ptr, name);
+      require_device_pointer(ptr, name, device);
     }
   }
-  require_compute_capability(8, "ablated_attention (mma.sync TF32)");
+  require_compute_capability(8, "ablated_attention (mma.sync TF32)", device);
+  const DeviceGuard guard(device);
   AttentionArgs args{reinterpret_cast<const float*>(qr), reinterpret_cast<const float*>(kr),
                      reinterpret_cast<const float*>(v), reinterpret_cast<const float*>(r1),
                      reinterpret_cast<const float*>(r2), reinterpret_cast<const float*>(c1),
@@ -279,12 +296,12 @@ void ablated_attention(std::uintptr_t qr, std::uintptr_t kr, std::uintptr_t v, s
                      reinterpret_cast<float*>(out), reinterpret_cast<const int32_t*>(tile_start),
                      reinterpret_cast<const int32_t*>(tile_end), reinterpret_cast<const int32_t*>(tile_key_lo),
                      tokens, heads, kv_heads, head_dim, n_rep, chunk, window, scale};
-  const size_t bytes = sizeof(float) * Layout(head_dim).floats();
+  const size_t bytes = ablated_attention_shared_bytes(head_dim);
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(heads), static_cast<unsigned>(chunk));
   if (perturb) {
-    launch_for_head_dim<true>(args, grid, bytes, as_stream(stream));
+    launch_for_head_dim<true>(args, grid, bytes, device, as_stream(stream));
   } else {
-    launch_for_head_dim<false>(args, grid, bytes, as_stream(stream));
+    launch_for_head_dim<false>(args, grid, bytes, device, as_stream(stream));
   }
 }
 

@@ -22,11 +22,25 @@ inline void check(cudaError_t status, const char* what) {
 // The launch itself and any asynchronous error already pending on the device.
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
 
-// Fails with the reason before any pointer is touched: no device, or a pointer that is not device memory.
-void require_device_pointer(std::uintptr_t ptr, const char* name);
+// Fails with the reason before any pointer is touched: no device, a pointer that is not device memory, or
+// memory of another device than the one the kernel is launched on.
+void require_device_pointer(std::uintptr_t ptr, const char* name, int device);
 
-// Fails with the reason when the current device is older than compute capability major.minor.
-void require_compute_capability(int major, const char* what);
+// Fails with the reason when `device` is older than compute capability major.0.
+void require_compute_capability(int major, const char* what, int device);
+
+// Makes `device` current for the launches of one entry point and restores the previous one after: a
+// kernel runs on the current device, which must be the device of its pointers (and of its stream).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device);
+  ~DeviceGuard();
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 

@@ -1,10 +1,13 @@
 // Host entry points of the CUDA kernels (plain types only: bindings.cpp needs no CUDA headers).
 //
-// Every function takes device pointers as integers (torch's Tensor.data_ptr()), shapes, strides and
-// the CUDA stream to launch on (torch.cuda.current_stream().cuda_stream), checks the device and
-// every launch, and throws std::runtime_error / std::invalid_argument with the reason.
+// Every function takes device pointers as integers (torch's Tensor.data_ptr()), shapes, strides, the
+// device the pointers live on and that device's CUDA stream to launch on
+// (torch.cuda.current_stream(device).cuda_stream); it makes that device current for its launches, checks
+// that every pointer lives there, checks every launch, and throws std::runtime_error /
+// std::invalid_argument with the reason.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 namespace cusprun {
@@ -13,7 +16,7 @@ namespace cusprun {
 // strides (stride_t, stride_f) in elements and dtype 0 float32, 1 float16, 2 bfloat16; offsets int64 [n_docs + 1].
 void segment_sum_sq(std::uintptr_t x, int dtype, int64_t tokens, int64_t features, int64_t stride_t,
                     int64_t stride_f, std::uintptr_t offsets, int64_t n_docs, std::uintptr_t out,
-                    std::uintptr_t stream);
+                    int device, std::uintptr_t stream);
 
 // The fused projection + energies pass (tensor cores, compute capability 8.0 or newer): y = x w^T (+ bias) in
 // the dtype of x, w, bias and y (0 float32, 1 float16, 2 bfloat16; any strides, in elements); per row tile
@@ -23,7 +26,7 @@ void projection_energy(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, 
                        int64_t k, int64_t n, int64_t stride_xm, int64_t stride_xk, int64_t stride_wn,
                        int64_t stride_wk, int64_t stride_ym, int64_t stride_yn, std::uintptr_t row_part,
                        std::uintptr_t col_part, std::uintptr_t tile_start, std::uintptr_t tile_end, int64_t n_tiles,
-                       std::uintptr_t stream);
+                       int device, std::uintptr_t stream);
 
 // Rows per tile that projection_energy expects (4 warps x 16 rows).
 constexpr int kProjectionRows = 64;
@@ -40,13 +43,21 @@ void ablated_attention(std::uintptr_t qr, std::uintptr_t kr, std::uintptr_t v, s
                        std::uintptr_t out, std::uintptr_t tile_start, std::uintptr_t tile_end,
                        std::uintptr_t tile_key_lo, int64_t n_tiles, int64_t tokens, int heads, int kv_heads,
                        int head_dim, int n_rep, int chunk, float scale, int window, bool perturb,
-                       std::uintptr_t stream);
+                       int device, std::uintptr_t stream);
+
+// Dynamic shared memory (bytes) one block of ablated_attention uses at this head_dim (checked against the
+// device's opt-in limit before launch).
+size_t ablated_attention_shared_bytes(int head_dim);
 
 // Rows of queries per tile that ablated_attention expects (4 warps x 16 rows, the M of an mma).
 constexpr int kAttentionRows = 64;
 
+// Bumped whenever an entry point's signature changes (cusprun_kernels/cuda_ext.py expects this one).
+constexpr int kInterfaceVersion = 2;
+
 int device_count();           // 0 where the driver finds no GPU
 int runtime_version();        // CUDART_VERSION the module was built with
+int driver_version();         // the CUDA version the installed driver supports (0: no driver)
 void require_device();        // throws the reason when no CUDA device is usable
 
 }  // namespace cusprun

@@ -152,16 +152,17 @@ void projection_energy(std::uintptr_t x, std::uintptr_t w, std::uintptr_t bias, 
                        int64_t k, int64_t n, int64_t stride_xm, int64_t stride_xk, int64_t stride_wn,
                        int64_t stride_wk, int64_t stride_ym, int64_t stride_yn, std::uintptr_t row_part,
                        std::uintptr_t col_part, std::uintptr_t tile_start, std::uintptr_t tile_end, int64_t n_tiles,
-                       std::uintptr_t stream) {
+                       int device, std::uintptr_t stream) {
   if (k < 1 || n < 1 || n_tiles < 1 || (n + kCols - 1) / kCols > 65535) {
     throw std::invalid_argument("projection_energy: need k >= 1, 1 <= n <= 4194240 and at least one row tile");
   }
   for (auto [ptr, name] : {std::pair{x, "x"}, {w, "w"}, {y, "y"}, {row_part, "row_part"}, {col_part, "col_part"},
                            {tile_start, "tile_start"}, {tile_end, "tile_end"}}) {
-    require_device_pointer(ptr, name);
+    require_device_pointer(ptr, name, device);
   }
-  if (bias != 0) require_device_pointer(bias, "bias");
-  require_compute_capability(8, "projection_energy (mma.sync TF32)");
+  if (bias != 0) require_device_pointer(bias, "bias", device);
+  require_compute_capability(8, "projection_energy (mma.sync TF32)", device);
+  const DeviceGuard guard(device);
   const ProjectionArgs args{reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(w),
                             reinterpret_cast<const void*>(bias), reinterpret_cast<void*>(y),
                             reinterpret_cast<float*>(row_part), reinterpret_cast<float*>(col_part),

@@ -42,11 +42,14 @@ __global__ void segment_sum_sq_kernel(const T* __restrict__ x, int64_t stride_t,
 
 void segment_sum_sq(std::uintptr_t x, int dtype, int64_t tokens, int64_t features, int64_t stride_t,
                     int64_t stride_f, std::uintptr_t offsets, int64_t n_docs, std::uintptr_t out,
-                    std::uintptr_t stream) {
+                    int device, std::uintptr_t stream) {
   if (tokens < 0 || features <= 0 || n_docs <= 0) throw std::invalid_argument("segment_sum_sq: empty shape");
-  require_device_pointer(x, "x");
-  require_device_pointer(offsets, "offsets");
-  require_device_pointer(out, "out");
+  require_device_pointer(x, "x", device);
+  require_device_pointer(offsets, "offsets", device);
+  require_device_pointer(out, "out", device);
+  // The module holds sm_80 and sm_90a images only (CMakeLists.txt): say so instead of "no kernel image".
+  require_compute_capability(8, "segment_sum_sq (built for sm_80 and newer)", device);
+  const DeviceGuard guard(device);
   const dim3 grid(static_cast<unsigned>(n_docs), static_cast<unsigned>((features + kFeatures - 1) / kFeatures));
   const dim3 block(kFeatures, kTokenLanes);
   const auto* off = reinterpret_cast<const int64_t*>(offsets);

@@ -1,7 +1,9 @@
-"""``python -m cusprun``: environment report (versions, backends and why any is unavailable)."""
+"""``python -m cusprun [--verify]``: environment report (versions, backends and why any is unavailable, and
+the cached verdicts of the backends' checks); ``--verify`` checks every available backend now."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import sys
 
@@ -13,11 +15,15 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cusprun", description=__doc__)
+    ap.add_argument("--verify", action="store_true",
+                    help="check every available compiled backend against the torch reference now, caching verdicts")
+    args = ap.parse_args(argv)
     import torch
 
     import cusprun
-    from cusprun_kernels.backend import BACKENDS, backend_status, requested_backend
+    from cusprun_kernels.backend import BACKENDS, backend_status, cached_verdicts, requested_backend, verify_now
 
     print(f"cusprun        {cusprun.__version__}")
     print(f"python         {sys.version.split()[0]}")
@@ -35,6 +41,17 @@ def main() -> int:
     for name in BACKENDS:
         reason = backend_status(name)
         print(f"  {name:<8} {'available' if reason is None else 'unavailable: ' + reason}")
+    if args.verify:
+        results = verify_now()
+        if not results:
+            print("verify: no compiled backend can run here (nothing to check)")
+        for op, name, case, problem in results:
+            print(f"verify: {op} {name} {case}: {'passed' if problem is None else problem}")
+    mine, others = cached_verdicts()
+    print(f"verdicts       {len(mine)} cached for this GPU and versions"
+          f"{f', {others} for other GPUs or versions (unused)' if others else ''}")
+    for what, problem in mine:
+        print(f"verdict: {what}: {'passed' if problem is None else problem}")
     return 0
 
 

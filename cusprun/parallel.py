@@ -27,6 +27,10 @@ class Parallel:
         if self.world > 1:
             import torch.distributed as dist
 
+            if torch.cuda.is_available():
+                # Kernels launch on the current device; without this every rank's would be cuda:0 (and NCCL
+                # would map every rank to GPU 0 too).
+                torch.cuda.set_device(self.local_rank)
             if not dist.is_initialized():
                 backend = "nccl" if torch.cuda.is_available() else "gloo"
                 dist.init_process_group(backend, timeout=timedelta(minutes=30))

@@ -1,5 +1,8 @@
 """Scoring ops of cusprun: each op has a plain-PyTorch reference here and kernels behind one selector.
 
+Each op's backend (``CUSPRUN_BACKEND``) is resolved and verified once per case in
+:mod:`cusprun_kernels.backend`, the one table of implementations.
+
 Ops (all on packed documents: ``offsets`` is a :class:`~cusprun_kernels.segments.Segments`, built once
 per batch so launches never sync with the device, or an offsets tensor [n_docs + 1]):
 
@@ -10,39 +13,26 @@ per batch so launches never sync with the device, or an offsets tensor [n_docs +
 
 from __future__ import annotations
 
-from .backend import BackendUnavailable, backend_status, resolve_backend, set_quiet
-from .projection_energy import projection_energies_cuda, projection_energies_torch, projection_energies_triton
-from .qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton
+from .backend import BackendUnavailable, backend_status, implementation, resolve_backend, set_quiet
 from .segments import Segments
-from .v_row_energy import v_row_energies_torch
-
-# v-row energies are two small einsums over data already on the device (O(T·hd·rep²)); every
-# backend runs them through torch, which dispatches them to cuBLAS on a GPU.
-_IMPLEMENTATIONS = {
-    "projection_energies": {"torch": projection_energies_torch, "triton": projection_energies_triton,
-                            "cuda": projection_energies_cuda},
-    "qk_row_ablation": {"torch": qk_row_ablation_torch, "triton": qk_row_ablation_triton, "cuda": qk_row_ablation_cuda},
-    "v_row_energies": {"torch": v_row_energies_torch, "triton": v_row_energies_torch, "cuda": v_row_energies_torch},
-}
-
-
-def _dispatch(op: str, device_type: str):
-    return _IMPLEMENTATIONS[op][resolve_backend(device_type)]
 
 
 def projection_energies(x, weight, bias, offsets):
     """See :mod:`cusprun_kernels.projection_energy`."""
-    return _dispatch("projection_energies", x.device.type)(x, weight, bias, offsets)
+    args = (x, weight, bias, offsets)
+    return implementation("projection_energies", args, {})(*args)
 
 
 def qk_row_ablation(q, k, v, cos, sin, w_o, offsets, **kw):
     """See :mod:`cusprun_kernels.qk_ablation`."""
-    return _dispatch("qk_row_ablation", q.device.type)(q, k, v, cos, sin, w_o, offsets, **kw)
+    args = (q, k, v, cos, sin, w_o, offsets)
+    return implementation("qk_row_ablation", args, kw)(*args, **kw)
 
 
 def v_row_energies(o_in, w_o, offsets, **kw):
     """See :mod:`cusprun_kernels.v_row_energy`."""
-    return _dispatch("v_row_energies", o_in.device.type)(o_in, w_o, offsets, **kw)
+    args = (o_in, w_o, offsets)
+    return implementation("v_row_energies", args, kw)(*args, **kw)
 
 
 __all__ = ["BackendUnavailable", "Segments", "backend_status", "resolve_backend", "set_quiet",

@@ -11,34 +11,18 @@ again. ``CUSPRUN_CUDA_<OP>=<variant>`` (e.g. ``CUSPRUN_CUDA_PROJECTION_ENERGIES=
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from .cache import cache_dir, load, store
 
 REPS = 3
 _chosen: dict[tuple[str, str], str] = {}  # (cache file, key) -> variant: the file is read once per key and process
 
 
 def cache_path() -> Path:
-    root = os.environ.get("CUSPRUN_CACHE_DIR") or Path.home() / ".cache" / "cusprun"
-    return Path(root) / "cuda_tuning.json"
-
-
-def _load(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _store(path: Path, key: str, entry: dict) -> None:
-    """Merge one entry into the cache file, written atomically (never half-written)."""
-    from cusprun.files import atomic_write  # the package's one atomic writer (imported late: no cycle)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table = {**_load(path), key: entry}
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(table, indent=1, sort_keys=True)))
+    return cache_dir() / "cuda_tuning.json"
 
 
 def cuda_event_ms(fn: Callable[[], object]) -> float:
@@ -70,14 +54,14 @@ def choose(op: str, shape_key: str, candidates: dict[str, Callable[[], object]],
     path, key = cache_path(), f"{device_name}|{op}|{shape_key}"
     memo = (str(path), key)
     if memo not in _chosen:
-        entry = _load(path).get(key)
+        entry = load(path).get(key)
         if entry is not None and entry.get("variant") in candidates:
             _chosen[memo] = entry["variant"]
         else:
             ms = {name: timer(fn) for name, fn in candidates.items()}
             _chosen[memo] = min(ms, key=ms.get)
             try:
-                _store(path, key, {"variant": _chosen[memo], "ms": ms})
+                store(path, key, {"variant": _chosen[memo], "ms": ms})
             except OSError:  # a read-only home still runs; the next process measures again
                 pass
     return _chosen[memo]

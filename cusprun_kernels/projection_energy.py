@@ -71,9 +71,11 @@ if triton is not None:
                                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         tile, pid_n = tl.program_id(0), tl.program_id(1)
         m0, m1 = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile)
-        rm = m0 + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rk = tl.arange(0, BK)
+        # int64 offsets: T·K passes 2³¹ at long documents (75k tokens at width 28,672)
+        rm = m0.to(tl.int64) + tl.arange(0, BM)
+        rn = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK).to(tl.int64)
+        tile = tile.to(tl.int64)
         mask_m, mask_n = rm < m1, rn < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
@@ -95,21 +97,36 @@ if triton is not None:
         tl.store(row_part_ptr + tile * N + rn, tl.sum(acc * acc, axis=0), mask=mask_n)
 
 
-def projection_energies_triton(x, weight, bias, offsets, block_m: int = 64, block_n: int = 64, block_k: int = 32):
-    """Triton launcher of the fused projection + energies op (same contract as the torch reference)."""
+def projection_energies_triton(x, weight, bias, offsets, block_m: int | None = None, block_n: int | None = None,
+                               block_k: int | None = None):
+    """Triton launcher of the fused projection + energies op (same contract as the torch reference).
+
+    Products on tensor cores: 3×TF32 for float32 inputs (``input_precision="tf32x3"``, ≈ float32 accuracy),
+    the inputs' own 16-bit type otherwise, float32 accumulation. Tiles, warps and stages from
+    :func:`cusprun_kernels.triton_configs.projection_config` for the device's shared memory (the block
+    arguments override the tiles, as the CPU tests do)."""
+    from .devices import launch_on, require_same_device
+    from .triton_configs import projection_config, shared_memory_of
+
     segments = _check(x, weight, bias, offsets)
+    require_same_device(x.device, weight=weight, bias=bias)
     T, K = x.shape
     N = weight.shape[0]
+    cfg = projection_config(x.element_size(), shared_memory_of(x.device))
+    block_m, block_n, block_k = block_m or cfg.block_m, block_n or cfg.block_n, block_k or cfg.block_k
     tiles = segments.tiles(block_m)
     y = torch.full((T, N), float("nan"), dtype=x.dtype, device=x.device)
     row_part = torch.full((tiles.count, N), float("nan"), dtype=torch.float32, device=x.device)
     col_part = torch.full((tiles.count, K), float("nan"), dtype=torch.float32, device=x.device)
     grid = (tiles.count, triton.cdiv(N, block_n))
-    _projection_energy_kernel[grid](
-        x, weight, bias if bias is not None else weight, y, row_part, col_part, tiles.start, tiles.end, N, K,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BM=block_m, BN=block_n, BK=block_k)
+    with launch_on(x.device):
+        # FP fusion only merges the accumulations' multiply-adds here: no two passes must round alike
+        _projection_energy_kernel[grid](
+            x, weight, bias if bias is not None else weight, y, row_part, col_part, tiles.start, tiles.end, N, K,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, PRECISION="tf32x3" if x.dtype == torch.float32 else "tf32",
+            BM=block_m, BN=block_n, BK=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            enable_fp_fusion=True)
     return y, tiles.per_document(row_part), tiles.per_document(col_part)
 
 
@@ -123,17 +140,20 @@ def projection_energies_triton(x, weight, bias, offsets, block_m: int = 64, bloc
 # ---------------------------------------------------------------------------------------------------
 def segment_sum_sq_cuda(t: torch.Tensor, offsets) -> torch.Tensor:
     """[T_total, F] (float32, float16 or bfloat16, any strides) -> [n_docs, F] float32, on the GPU."""
-    from .cuda_ext import DTYPE_CODES, extension, pointer, stream
+    from .cuda_ext import DTYPE_CODES, extension, pointer
+    from .devices import launch_on
 
     if t.dtype not in DTYPE_CODES:
         raise ValueError(f"segment_sum_sq: dtype {t.dtype} is not float32, float16 or bfloat16")
     if t.device.type != "cuda":
         raise ValueError(f"segment_sum_sq: a CUDA tensor is needed, got {t.device}")
-    offs = as_segments(offsets, t.device).offsets
-    out = torch.full((offs.numel() - 1, t.shape[1]), float("nan"), dtype=torch.float32, device=t.device)
-    extension()[0].segment_sum_sq(t.data_ptr(), DTYPE_CODES[t.dtype], t.shape[0], t.shape[1], t.stride(0),
-                                  t.stride(1), pointer(offs, "offsets"), offs.numel() - 1, pointer(out, "out"),
-                                  stream())
+    dev = t.device
+    offs = as_segments(offsets, dev).offsets
+    out = torch.full((offs.numel() - 1, t.shape[1]), float("nan"), dtype=torch.float32, device=dev)
+    offs_ptr, out_ptr = pointer(offs, "offsets", device=dev), pointer(out, "out", device=dev)
+    with launch_on(dev) as stream:
+        extension()[0].segment_sum_sq(t.data_ptr(), DTYPE_CODES[t.dtype], t.shape[0], t.shape[1], t.stride(0),
+                                      t.stride(1), offs_ptr, offs.numel() - 1, out_ptr, dev.index, stream)
     return out
 
 
@@ -156,7 +176,8 @@ def projection_energies_fused(x, weight, bias, offsets):
 
 
 def _fused(x, weight, bias, segments: Segments):
-    from .cuda_ext import DTYPE_CODES, extension, pointer, stream
+    from .cuda_ext import DTYPE_CODES, extension, pointer
+    from .devices import launch_on, require_same_device
 
     if x.dtype not in DTYPE_CODES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         raise ValueError(f"projection_energies: x, weight and bias must share one of float32, float16, bfloat16; "
@@ -164,17 +185,21 @@ def _fused(x, weight, bias, segments: Segments):
     for t, name in ((x, "x"), (weight, "weight")):
         if t.device.type != "cuda":
             raise ValueError(f"projection_energies: {name} must be a CUDA tensor, got {t.device}")
+    dev = x.device
+    require_same_device(dev, weight=weight, bias=bias)
     ext = extension()[0]
     (T, K), N = x.shape, weight.shape[0]
     tiles = segments.tiles(ext.projection_rows)
     y = torch.full((T, N), float("nan"), dtype=x.dtype, device=x.device)
     row_part = torch.full((tiles.count, N), float("nan"), dtype=torch.float32, device=x.device)
     col_part = torch.full((tiles.count, K), float("nan"), dtype=torch.float32, device=x.device)
-    ext.projection_energy(x.data_ptr(), weight.data_ptr(), 0 if bias is None else pointer(bias, "bias"),
-                          pointer(y, "y"), DTYPE_CODES[x.dtype], K, N, x.stride(0), x.stride(1), weight.stride(0),
-                          weight.stride(1), y.stride(0), y.stride(1), pointer(row_part, "row_part"),
-                          pointer(col_part, "col_part"), pointer(tiles.start, "tile_start"),
-                          pointer(tiles.end, "tile_end"), tiles.count, stream())
+    ptrs = [0 if bias is None else pointer(bias, "bias", device=dev), pointer(y, "y", device=dev)]
+    parts = [pointer(t, name, device=dev) for t, name in ((row_part, "row_part"), (col_part, "col_part"),
+                                                          (tiles.start, "tile_start"), (tiles.end, "tile_end"))]
+    with launch_on(dev) as stream:
+        ext.projection_energy(x.data_ptr(), weight.data_ptr(), *ptrs, DTYPE_CODES[x.dtype], K, N, x.stride(0),
+                              x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1), *parts,
+                              tiles.count, dev.index, stream)
     return y, tiles.per_document(row_part), tiles.per_document(col_part)
 
 
@@ -191,7 +216,8 @@ def projection_energies_cuda(x, weight, bias, offsets):
     T, K = x.shape
     bucket = 1 << max(6, (T - 1).bit_length())  # token counts within a factor of 2 share a choice
     shape = f"{str(x.dtype).removeprefix('torch.')}|in={K}|out={weight.shape[0]}|bias={bias is not None}|T<={bucket}"
-    name = choose("projection_energies", shape,
-                  {v: (lambda f=f: f(x, weight, bias, segments)) for v, f in CUDA_VARIANTS.items()},
-                  device_name=torch.cuda.get_device_name(x.device))
+    with torch.cuda.device(x.device):  # the timing events record on this device's current stream
+        name = choose("projection_energies", shape,
+                      {v: (lambda f=f: f(x, weight, bias, segments)) for v, f in CUDA_VARIANTS.items()},
+                      device_name=torch.cuda.get_device_name(x.device))
     return CUDA_VARIANTS[name](x, weight, bias, segments)

