@@ -29,7 +29,7 @@ from .architectures import sliding_window
 from .layers import LayerSource, layer_mask
 from .neurons import PROJECTIONS, tensor_name
 
-MEASURES = ("block", "local")
+MEASURES = ("block", "local")  # checked by the engine before any work
 
 
 class LayerScores:
@@ -39,8 +39,6 @@ class LayerScores:
     """
 
     def __init__(self, source: LayerSource, index: int, layer: torch.nn.Module, measure: str, chunk_bytes: int):
-        if measure not in MEASURES:
-            raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
         self.source, self.index, self.layer = source, index, layer
         self.config, self.measure, self.chunk_bytes = source.config, measure, chunk_bytes
         # Fresh float32 copies, once per layer: reductions over a weight round the same way whatever its
