@@ -1,9 +1,14 @@
-"""Scoring throughput on SmolLM2-135M: plain forward vs local vs block scoring, side by side in one run.
+"""Scoring throughput on SmolLM2-135M: plain forward vs local vs block scoring, side by side in one run,
+and the exact q/k-row ablation of one layer against a materialized reference.
 
-    python benchmarks/bench_score.py [--docs 4] [--tokens 512] [--model smollm2-135m]
+    python benchmarks/bench_score.py [--docs 4] [--tokens 512] [--model smollm2-135m] [--qk-layers 2]
 
 Prints tokens/s of a plain Hugging Face forward pass over the same documents, of local-measure
-scoring and of block-measure scoring, and each one's time relative to the plain forward pass.
+scoring and of block-measure scoring, and each one's time relative to the plain forward pass. Then,
+on the q, k, v of the first ``--qk-layers`` layers of the first document (the model's own activations),
+seconds per layer for all q and k rows: the torch backend (PyTorch's fused attention, one pass per
+removed row) against the materialized reference (PLND-style: the full [L, L] attention of every
+ablated dimension built, softmaxed and multiplied out), with their largest relative disagreement.
 """
 
 from __future__ import annotations
@@ -19,9 +24,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, report  # noqa: E402
 
+import cusprun_kernels as ops  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.engine import Scorer  # noqa: E402
 from cusprun.models import load_model  # noqa: E402
+from cusprun_kernels.qk_ablation import attention_mask  # noqa: E402
+from cusprun_kernels.rope import apply_rope  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "corpora"
 
@@ -35,16 +43,86 @@ def documents(tokenizer, vocab, n, length):
     return [ids[i * length:(i + 1) * length] for i in range(n)]
 
 
+def attention_inputs(model, ids, n_layers, device):
+    """q, k, v [L, heads, hd] (pre-RoPE), cos, sin [L, hd], w_o of the first ``n_layers`` layers for one document."""
+    captured = []
+
+    def grab(attn, args, kwargs):
+        if len(captured) < n_layers:
+            h = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            h = h.reshape(-1, h.shape[-1])
+            cos, sin = kwargs["position_embeddings"]
+            shape = (h.shape[0], -1, attn.head_dim)
+            captured.append((attn.q_proj(h).reshape(shape), attn.k_proj(h).reshape(shape),
+                             attn.v_proj(h).reshape(shape), cos[0], sin[0], attn.o_proj.weight, attn.scaling))
+    handles = [layer.self_attn.register_forward_pre_hook(grab, with_kwargs=True) for layer in model.model.layers]
+    with torch.inference_mode():
+        model.model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+    for h in handles:
+        h.remove()
+    return captured
+
+
+def materialized_qk(q, k, v, cos, sin, w_o, n_rep, scaling, chunk=16):
+    """PLND-style reference: for every removed q or k row, the full [L, L] ablated attention is built
+    (chunk dimensions at a time), softmaxed and multiplied out; squared change of the block output."""
+    L, nh, hd = q.shape
+    mask = attention_mask(L, None, q.device)
+    w = w_o.float().reshape(w_o.shape[0], -1, n_rep * hd)
+    gram = torch.einsum("kgi,kgj->gij", w, w)
+    qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def outputs(qrot, krot, vv):  # [c, L, hd] x3 -> [c, L, hd]
+        return torch.softmax(scaling * qrot @ krot.transpose(-1, -2) + mask, dim=-1) @ vv
+
+    q_sq, k_sq = torch.empty(nh, hd), torch.empty(k.shape[1], hd)
+    for g in range(k.shape[1]):
+        heads = range(g * n_rep, (g + 1) * n_rep)
+        base = [outputs(qr[None, :, h], kr[None, :, g], v[None, :, g])[0] for h in heads]
+        for d0 in range(0, hd, chunk):
+            dims = range(d0, min(hd, d0 + chunk))
+            for r, h in enumerate(heads):
+                zeroed = q[:, h].repeat(len(dims), 1, 1)
+                zeroed[range(len(dims)), :, list(dims)] = 0
+                d_o = outputs(apply_rope(zeroed.transpose(0, 1), cos, sin).transpose(0, 1), kr[None, :, g],
+                              v[None, :, g]) - base[r]
+                g_h = gram[g, r * hd:(r + 1) * hd, r * hd:(r + 1) * hd]
+                q_sq[h, d0:d0 + len(dims)] = torch.einsum("cti,ij,ctj->c", d_o, g_h, d_o)
+            zeroed = k[:, g].repeat(len(dims), 1, 1)
+            zeroed[range(len(dims)), :, list(dims)] = 0
+            k_rot = apply_rope(zeroed.transpose(0, 1), cos, sin).transpose(0, 1)
+            d_o = torch.cat([outputs(qr[None, :, h], k_rot, v[None, :, g]) - base[r] for r, h in enumerate(heads)],
+                            dim=-1)
+            k_sq[g, d0:d0 + len(dims)] = torch.einsum("cti,ij,ctj->c", d_o, gram[g], d_o)
+    return q_sq.reshape(-1), k_sq.reshape(-1)
+
+
+def timed(fn, device, *args, **kwargs):
+    """(seconds, fn(*args, **kwargs)), the device synchronized around it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--qk-layers", type=int, default=2, help="layers on which the q/k-row ablation is compared "
+                    "with the materialized reference (0: skip)")
+    ap.add_argument("--batch-tokens", type=int, default=None, help="the engine's token budget per batch "
+                    "(default: its per-device default)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     model, tokenizer, _ = load_model(args.model, device=args.device, quiet=True)
     docs = documents(tokenizer, model.config.vocab_size, args.docs, args.tokens)
     n_tokens = sum(map(len, docs))
+    n_layers = model.config.num_hidden_layers
 
     def plain():
         with torch.inference_mode():
@@ -52,21 +130,38 @@ def main():
                 model.model(input_ids=torch.tensor([d], device=args.device), use_cache=False)
 
     runs = [("plain forward", plain)] + [
-        (f"{m} scoring", lambda m=m: Scorer(model, m).score_documents(docs)) for m in ("local", "block")]
+        (f"{m} scoring", lambda m=m: Scorer(model, m, batch_tokens=args.batch_tokens).score_documents(docs))
+        for m in ("local", "block")]
     plain()  # warm-up
-    timings = {}
-    for name, fn in runs:
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        timings[name] = time.perf_counter() - start
+    timings = {name: timed(fn, args.device)[0] for name, fn in runs}
     base = timings["plain forward"]
-    rows = [[name, args.docs, args.tokens, t, n_tokens / t, t / base] for name, t in timings.items()]
-    report("bench_score", ["run", "docs", "tokens/doc", "seconds", "tokens/s", "x plain"], rows,
-           {**environment(), "model": args.model})
+    columns = ["run", "docs", "tokens/doc", "seconds", "tokens/s", "x plain", "s per doc"]
+    rows = [[name, args.docs, args.tokens, t, n_tokens / t, t / base, t / args.docs] for name, t in timings.items()]
+    if args.qk_layers:
+        layers = attention_inputs(model, docs[0], args.qk_layers, args.device)
+        seconds = {"fused": 0.0, "materialized": 0.0}
+        worst = 0.0
+        with torch.inference_mode():
+            for *tensors, scaling in layers:
+                n_rep = tensors[0].shape[1] // tensors[1].shape[1]
+                t_fused, fused = timed(ops.qk_row_ablation, args.device, *tensors, [0, args.tokens], n_rep=n_rep,
+                                       scaling=scaling)
+                t_ref, ref = timed(materialized_qk, args.device, *tensors, n_rep, scaling)
+                seconds["fused"] += t_fused
+                seconds["materialized"] += t_ref
+                for f, r in zip(fused, ref):
+                    worst = max(worst, ((f[0].cpu() - r).abs().max() / r.abs().max()).item())
+        per_layer = {name: t / len(layers) for name, t in seconds.items()}
+        for name, label in (("materialized", "q+k rows, materialized [L,L] per dim"),
+                            ("fused", "q+k rows, fused attention (torch op)")):
+            t = per_layer[name]
+            # per document: the measured seconds per layer times the model's layers
+            rows.append([f"{label}, per layer", 1, args.tokens, t, args.tokens / t,
+                         t / per_layer["materialized"], t * n_layers])
+        print(f"q/k rows on {len(layers)} layer(s): fused is {per_layer['materialized'] / per_layer['fused']:.1f}x "
+              f"faster than materialized; largest relative disagreement {worst:.2g}; 's per doc' of these rows "
+              f"= seconds per layer x {n_layers} layers; their 'x plain' column is relative to materialized")
+    report("bench_score", columns, rows, {**environment(), "model": args.model})
     print(json.dumps({k: round(v, 3) for k, v in timings.items()}))
 
 

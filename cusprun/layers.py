@@ -5,14 +5,16 @@
   layer's weights are materialized on the device at a time, so models larger than the device
   (Llama-3-70B on one 80 GB GPU) can be scored.
 
-Both give the engine the same modules and the same per-layer attention masks the model's own
-forward pass would build, so streamed and in-memory runs compute bit-identical scores.
+Both implement :class:`LayerSource` and give the engine the same modules and the same per-layer
+attention masks the model's own forward pass would build, so streamed and in-memory runs compute
+bit-identical scores.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -26,8 +28,8 @@ def layer_mask(config, attn, hidden: torch.Tensor, position_ids: torch.Tensor):
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     make = create_sliding_window_causal_mask if sliding_window(attn, config) is not None else create_causal_mask
-    return make(config=config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                position_ids=position_ids)
+    # no cache: passed by position, since its keyword was renamed (past_key_values -> cache) within transformers 5
+    return make(config, hidden, None, None, position_ids=position_ids)
 
 
 def align_parameters(model: torch.nn.Module, alignment: int = 64) -> None:
@@ -37,6 +39,29 @@ def align_parameters(model: torch.nn.Module, alignment: int = 64) -> None:
     for param in model.parameters():
         if param.data_ptr() % alignment:
             param.data = param.data.clone()
+
+
+class LayerSource(Protocol):
+    """What the engine needs of a model, one decoder layer at a time."""
+
+    config: object  # the Hugging Face config
+    device: torch.device
+    dtype: torch.dtype
+
+    def embed(self, ids: list[int]) -> torch.Tensor:
+        """Token ids of one document -> its input hidden states [1, L, hidden] on ``device``."""
+
+    def release_embedding(self) -> None:
+        """The embedding is no longer needed (every document is embedded)."""
+
+    def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE tables (cos, sin) [1, L, head_dim] at ``position_ids`` [1, L]."""
+
+    def layer(self, index: int) -> torch.nn.Module:
+        """Decoder layer ``index``, on ``device`` until :meth:`release`."""
+
+    def release(self, index: int) -> None:
+        """Decoder layer ``index`` is done: free what it holds."""
 
 
 class InMemoryLayers:
@@ -51,6 +76,9 @@ class InMemoryLayers:
 
     def embed(self, ids: list[int]) -> torch.Tensor:
         return self.inner.embed_tokens(torch.tensor([ids], device=self.device))
+
+    def release_embedding(self) -> None:
+        """Nothing to free: the whole model stays loaded."""
 
     def rotary(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         return self.inner.rotary_emb(hidden, position_ids)

@@ -11,24 +11,30 @@ with ΔS_d = scale·(q_d·cos_d ⊗ k̃_d + s(d)·q_d·sin_p(d) ⊗ k̃_p(d)) a 
 Removing row i of k_proj (k/v head g, dimension d) changes the scores of every query head sharing
 g; their ΔO are concatenated and folded through the group's Gram matrix W_o,gᵀ W_o,g.
 
-o_proj enters only through the Gram matrix, never as a matmul per dimension. Cost per document of
-length L: q and k rows each take (heads · head_dim) masked attention passes, i.e. about
-2 · heads · head_dim · (2 · L² · head_dim) FLOPs for the P·V products plus as many softmaxes.
-Memory: query rows are processed in blocks that visit only the keys they can see (the causal or
-sliding-window band), and head dimensions in chunks sized so that the live ``[chunk, rows, keys]``
-temporaries stay under ``chunk_bytes``; ``[heads, head_dim, L, L]`` is never built.
+The ablated logits are those of ordinary attention with the rotated query (or key) changed in the
+two coordinates d and p(d): rope(q with q_d = 0) = q̃ with q̃_d = rot(q)_d·sin_d and
+q̃_p(d) = q_p(d)·cos_p(d) — exactly what RoPE makes of the zeroed vector. So each removed row is one
+pass of fused attention (``scaled_dot_product_attention``: the flash kernels on CPUs and GPUs), and
+the unperturbed output comes from the same call on the same shapes, so rounding in the logits and
+the online softmax cancels in ΔO = O_ablated - O. o_proj enters only through the Gram matrices.
+
+Cost per document of length L: q and k rows each take heads·head_dim attention passes, ≈ 4·heads·hd²·L²
+FLOPs in all (the causal band halves L²). Memory: removed rows are batched per k/v group, as many as
+keep ``[rows, L, hd]`` queries, keys, outputs and differences under ``chunk_bytes``; no ``[L, L]`` tensor
+is built per removed row (a sliding window adds one shared ``[L, L]`` mask per document).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 
 from .projection_energy import segment_sums
 from .rope import apply_rope, rope_partner
 from .segments import Segments, as_segments
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-DEFAULT_BLOCK = 128  # query rows per block: rows t see keys s <= t only, so blocks skip the masked triangle
+_LIVE_PER_ROW = 5  # [L, hd] tensors alive per removed row in a batch: query or key, output, ΔO, ΔO·Gram, slack
 
 
 def attention_mask(length: int, sliding_window: int | None, device) -> torch.Tensor:
@@ -55,85 +61,110 @@ def _check(q, k, v, cos, sin, w_o, offsets, n_rep) -> Segments:
     return segments
 
 
-def _ablated_delta(s: torch.Tensor, p: torch.Tensor, ds: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """s, p [L, L]; ds [c, L, L]; v [L, hd] -> ΔO [c, L, hd] = (softmax(s - ds) - p) v."""
-    return (torch.softmax(s - ds, dim=-1) - p) @ v
+def _rope_terms(x, cos, sin):
+    """x [L, heads, hd] pre-RoPE -> (x·cos, rot(x)·sin), each [heads, L, hd]; RoPE(x) is their sum.
+
+    Zeroing x_d leaves RoPE(x) unchanged but in two coordinates, which become exactly what RoPE makes
+    of the zeroed vector: d -> (rot(x)·sin)_d (its x·cos term is 0) and p(d) -> (x·cos)_p(d) (its
+    rotated term, ±x_d·sin, is 0)."""
+    half = x.shape[-1] // 2
+    rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos[:, None, :]).permute(1, 0, 2).contiguous(), (rot * sin[:, None, :]).permute(1, 0, 2).contiguous()
 
 
-def _query_blocks(length: int, block: int, sliding_window: int | None):
-    """(t0, t1, k0): query rows [t0, t1) see only keys [k0, t1) — the causal (and windowed) band."""
-    for t0 in range(0, length, block):
-        t1 = min(length, t0 + block)
-        yield t0, t1, 0 if sliding_window is None else max(0, t0 - sliding_window + 1)
+def _ablated(rotated, x_cos, rot_sin, d0, d1):
+    """rotated, x_cos, rot_sin [heads, L, hd] -> [heads, 1 + d1 - d0, L, hd]: RoPE(x) itself, then RoPE(x) with
+    x_d zeroed for each d in [d0, d1), a range within one half of the head (so the partners p(d) are one too)."""
+    hd = rotated.shape[-1]
+    p0, n = (d0 + hd // 2) % hd, d1 - d0
+    out = rotated[:, None].repeat(1, 1 + n, 1, 1)
+    # out[:, 1 + j, :, d0 + j] for each j: a diagonal view [heads, L, n]
+    out[:, 1:, :, d0:d1].diagonal(dim1=1, dim2=3).copy_(rot_sin[..., d0:d1])
+    out[:, 1:, :, p0:p0 + n].diagonal(dim1=1, dim2=3).copy_(x_cos[..., p0:p0 + n])
+    return out
 
 
-def _score_document(q, k, v, cos, sin, w_o, n_rep, scaling, sliding_window, chunk_bytes, block):
+def _folded(d_o, gram):
+    """Σ_t ΔO[..., t, :] G ΔO[..., t, :]ᵀ = Σ_ij G_ij (ΔOᵀΔO)_ij: d_o [..., L, w], gram [..., w, w] -> [...]."""
+    return (d_o.transpose(-1, -2) @ d_o).mul_(gram).sum(dim=(-1, -2))
+
+
+def _score_document(q, k, v, cos, sin, gram_heads, gram_groups, n_rep, scaling, mask, chunk_bytes):
+    """One document: q [L, heads, hd], k/v [L, kv_heads, hd] (working dtype) -> q_sq [heads·hd], k_sq [kv_heads·hd]."""
     L, nh, hd = q.shape
     nkv = k.shape[1]
-    q, k, v, cos, sin, w_o = (t.float() for t in (q, k, v, cos, sin, w_o))
-    qr, kr = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    partner, sign = rope_partner(hd, q.device)
-    mask = attention_mask(L, sliding_window, q.device)
-    q_sq = torch.zeros(nh, hd, dtype=torch.float32, device=q.device)
-    k_sq = torch.zeros(nkv, hd, dtype=torch.float32, device=q.device)
-    for t0, t1, k0 in _query_blocks(L, block, sliding_window):
-        rows, keys = slice(t0, t1), slice(k0, t1)
-        # ~4 live [chunk, rows, keys] float32 temporaries
-        chunk = max(1, min(hd, chunk_bytes // (4 * 4 * (t1 - t0) * (t1 - k0))))
-        for g in range(nkv):
-            heads = range(g * n_rep, (g + 1) * n_rep)
-            w_og = w_o[:, g * n_rep * hd:(g + 1) * n_rep * hd]
-            gram = w_og.T @ w_og  # [n_rep·hd, n_rep·hd]; diagonal blocks are the per-head Grams
-            vg, krg = v[keys, g], kr[keys, g]
-            scores = [scaling * qr[rows, h] @ krg.T + mask[rows, keys] for h in heads]
-            probs = [torch.softmax(s, dim=-1) for s in scores]
-            for r, h in enumerate(heads):
-                gram_h = gram[r * hd:(r + 1) * hd, r * hd:(r + 1) * hd]
-                for d0 in range(0, hd, chunk):
-                    dims = torch.arange(d0, min(hd, d0 + chunk), device=q.device)
-                    pd = partner[dims]
-                    a = (q[rows, h][:, dims] * cos[rows][:, dims]).T  # [c, rows]
-                    b = (sign[dims] * q[rows, h][:, dims] * sin[rows][:, pd]).T
-                    ds = scaling * (a[:, :, None] * krg[:, dims].T[:, None, :]
-                                    + b[:, :, None] * krg[:, pd].T[:, None, :])
-                    do = _ablated_delta(scores[r], probs[r], ds, vg)
-                    q_sq[h, dims] += torch.einsum("cti,ij,ctj->c", do, gram_h, do)
-            for d0 in range(0, hd, chunk):
-                dims = torch.arange(d0, min(hd, d0 + chunk), device=q.device)
-                pd = partner[dims]
-                kc = (k[keys, g][:, dims] * cos[keys][:, dims]).T[:, None, :]  # [c, 1, keys]
-                ks = (sign[dims] * k[keys, g][:, dims] * sin[keys][:, pd]).T[:, None, :]
-                do = torch.cat([
-                    _ablated_delta(scores[r], probs[r], scaling * (qr[rows, h][:, dims].T[:, :, None] * kc
-                                                                   + qr[rows, h][:, pd].T[:, :, None] * ks), vg)
-                    for r, h in enumerate(heads)
-                ], dim=-1)  # [c, rows, n_rep·hd]
-                k_sq[g, dims] += torch.einsum("cti,ij,ctj->c", do, gram, do)
+    q_cos, q_sin = _rope_terms(q, cos, sin)
+    k_cos, k_sin = _rope_terms(k, cos, sin)
+    qr, kr = q_cos + q_sin, k_cos + k_sin  # [heads, L, hd], [kv_heads, L, hd]
+    causal = mask is None
+
+    def attend(query, key, value):  # [B, H, L, hd] each (keys and values may be broadcast views)
+        return scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=causal, scale=scaling)
+
+    # per removed row ≈ _LIVE_PER_ROW [L, hd] tensors of n_rep heads; a chunk of c dimensions of one group
+    row_bytes = _LIVE_PER_ROW * n_rep * L * hd * q.element_size()
+    c = max(1, min(hd // 2, chunk_bytes // row_bytes))
+    chunks = [(d0, min(d0 + c, end)) for start, end in ((0, hd // 2), (hd // 2, hd)) for d0 in range(start, end, c)]
+    q_sq = torch.empty(nkv, n_rep, hd, dtype=q.dtype, device=q.device)
+    k_sq = torch.empty(nkv, hd, dtype=q.dtype, device=q.device)
+    for g in range(nkv):
+        heads = slice(g * n_rep, (g + 1) * n_rep)
+        q_g, k_g, v_g = qr[heads], kr[g], v[:, g]  # [rep, L, hd], [L, hd], [L, hd]
+        for d0, d1 in chunks:
+            n = d1 - d0
+            # q rows (h, d) of the group, batch [rep, 1 + n]: the unablated query first, so the base output
+            # comes from the same call on the same shapes and its rounding cancels in ΔO
+            out = attend(_ablated(q_g, q_cos[heads], q_sin[heads], d0, d1), k_g.expand(n_rep, n + 1, L, hd),
+                         v_g.expand(n_rep, n + 1, L, hd))
+            d_o = out[:, 1:] - out[:, :1]  # [rep, n, L, hd]
+            del out
+            q_sq[g, :, d0:d1] = _folded(d_o, gram_heads[heads, None])
+            del d_o
+            # k rows (g, d): every query head of the group sees the changed keys; batch [1 + n, rep]
+            k_abl = _ablated(kr[g:g + 1], k_cos[g:g + 1], k_sin[g:g + 1], d0, d1)[0]  # [1 + n, L, hd]
+            out = attend(q_g.expand(n + 1, n_rep, L, hd), k_abl[:, None].expand(n + 1, n_rep, L, hd),
+                         v_g.expand(n + 1, n_rep, L, hd))
+            del k_abl
+            d_o = (out[1:] - out[:1]).permute(0, 2, 1, 3).reshape(n, L, n_rep * hd)  # the group's heads side by side
+            del out
+            k_sq[g, d0:d1] = _folded(d_o, gram_groups[g])
     return q_sq.reshape(-1), k_sq.reshape(-1)
 
 
-def qk_row_ablation_torch(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
-                          sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                          block: int = DEFAULT_BLOCK):
-    """Plain-PyTorch reference of the exact q/k-row ablation.
+def qk_row_ablation_sdpa(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
+                         sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """The exact q/k-row ablation on PyTorch's fused attention (the torch backend).
 
     Args (packed documents, T = T_total):
         q [T, heads, hd], k/v [T, kv_heads, hd]: pre-RoPE projections (biases included);
         cos, sin [T, hd]: the model's rotary tables at each token's position;
-        w_o [hidden, heads·hd]: o_proj weight; offsets [n_docs + 1]: document segments.
+        w_o [hidden, heads·hd]: o_proj weight; offsets: :class:`Segments` or [n_docs + 1] document segments.
     Returns:
         q_sq [n_docs, heads·hd], k_sq [n_docs, kv_heads·hd]: float32 squared scores ‖ΔA‖².
+
+    Computed in float32 (float64 for float64 inputs), one document at a time: a document's scores do
+    not depend on the other documents of the batch, bit for bit.
     """
     segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
-    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
-    per_doc = [
-        _score_document(q[s:e], k[s:e], v[s:e], cos[s:e], sin[s:e], w_o, n_rep, scaling, sliding_window,
-                        chunk_bytes, block)
-        for s, e in segments.spans()
-    ]
-    return torch.stack([p[0] for p in per_doc]), torch.stack([p[1] for p in per_doc])
+    T, nh, hd = q.shape
+    nkv = k.shape[1]
+    scaling = hd ** -0.5 if scaling is None else scaling
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, cos, sin, w_o = (t.to(work) for t in (q, k, v, cos, sin, w_o))
+    w = w_o.reshape(w_o.shape[0], nkv, n_rep * hd)
+    gram_groups = torch.einsum("kgi,kgj->gij", w, w)  # [kv_heads, rep·hd, rep·hd]
+    gram_heads = torch.stack([gram_groups[h // n_rep, (h % n_rep) * hd:(h % n_rep + 1) * hd,
+                                          (h % n_rep) * hd:(h % n_rep + 1) * hd] for h in range(nh)])
+    q_sq = torch.empty(segments.n_docs, nh * hd, dtype=torch.float32, device=q.device)
+    k_sq = torch.empty(segments.n_docs, nkv * hd, dtype=torch.float32, device=q.device)
+    for i, (s, e) in enumerate(segments.spans()):
+        mask = None if sliding_window is None else attention_mask(e - s, sliding_window, q.device).to(work)
+        q_sq[i], k_sq[i] = _score_document(q[s:e], k[s:e], v[s:e], cos[s:e], sin[s:e], gram_heads, gram_groups,
+                                           n_rep, scaling, mask, chunk_bytes)
+    return q_sq, k_sq
 
 
+qk_row_ablation_torch = qk_row_ablation_sdpa  # the torch backend's implementation
 
 
 # ---------------------------------------------------------------------------------------------------
