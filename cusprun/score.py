@@ -68,6 +68,9 @@ def build_parser() -> OneLineArgumentParser:
                         "does not fit --max-memory)")
     p.add_argument("--max-memory", metavar="SIZE", help="memory budget for weights, e.g. 60GiB (default: 90%% of "
                    "the GPU's free memory, or half of the available RAM)")
+    p.add_argument("--batch-tokens", type=int, metavar="N",
+                   help="tokens per batch of packed documents (default: 4096 on a CPU, 32768 on a GPU); scores do "
+                        "not depend on it")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_tokens < 1:
         raise CusprunError("--max-tokens must be at least 1")
+    if args.batch_tokens is not None and args.batch_tokens < 1:
+        raise CusprunError("--batch-tokens must be at least 1")
     max_memory = parse_bytes(args.max_memory) if args.max_memory else None
     if not args.corpus and methods()[args.method].data != "none":
         raise CusprunError(f"--corpus is required (method {args.method})")
@@ -96,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parallel = Parallel()
     try:
         scorer, tokenizer, source, budget, streamed = open_scorer(args.model, args.measure, args.dtype, args.device,
-                                                                  args.stream, max_memory, parallel, args.quiet)
+                                                                  args.stream, max_memory, parallel, args.quiet,
+                                                                  args.batch_tokens)
         options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend}
         results = [score_corpus(scorer, tokenizer, source, spec, out, options, args.quiet, parallel, budget)
                    for spec in corpora]
+    except cusprun_kernels.BackendUnavailable as exc:  # a named backend that failed its check at first use
+        raise CusprunError(str(exc)) from None
     finally:
         parallel.close()
     if parallel.is_main:
