@@ -38,8 +38,11 @@ formats:
           the plan is made uniform across layers (same number of channels and of k/v groups, each with
           its query heads, kept in every layer), so plain transformers and serving engines load it.
           It reaches the asked ratio only as closely as whole units allow (reported).
+  dense   every kept matrix dense, each layer with its own numbers of query heads, k/v heads and MLP
+          channels (transformers' per_layer_config); removed blocks are skipped, removed layers dropped.
+          Computes exactly what the masked model computes; faster only by the whole units the plan removes.
 
-Sliced models carry their modeling code (modeling_cusprun.py, auto_map in config.json): they load
+Sliced and dense models carry their modeling code (modeling_cusprun.py, auto_map in config.json): they load
 with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) where cusprun is not installed.
 """
 
