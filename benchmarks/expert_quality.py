@@ -54,12 +54,7 @@ from common import RESULTS, environment  # noqa: E402
 import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
-from cusprun.evaluate import (  # noqa: E402
-    decode_tokens_per_s,
-    parameter_count,
-    perplexity,
-    prefill_tokens_per_s,
-)
+from cusprun.evaluate import parameter_count, perplexity, prefill_tokens_per_s  # noqa: E402
 from cusprun.files import atomic_write  # noqa: E402
 from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
 from cusprun.scoreset import ScoreSet  # noqa: E402
@@ -92,7 +87,7 @@ class Settings:
     eval_docs: int
     general_docs: int  # per corpus of the general calibration mix
     experts: tuple[tuple[str, ...], ...]
-    speed_docs: int = 2  # 512-token documents timed per prefill repetition
+    speed_docs: int = 1  # 512-token documents timed per prefill repetition
     speed_tokens: int = 512
     decode_tokens: int = 32
     repetitions: int = 3
@@ -167,6 +162,7 @@ class Bench:
         """Prefill and decode tokens/s of the dense export of ``selection`` (the model itself for None), the
         median over repetitions, and the FLOP count of one prefill; never cached (measured in this run)."""
         model = self.model if selection is None else cusprun.apply(self.model, selection, format="dense")
+        prefill_tokens_per_s(model, self.speed_docs[:1])  # warm-up, not timed
         prefill, decode = [], []
         for _ in range(self.s.repetitions):
             prefill.append(prefill_tokens_per_s(model, self.speed_docs))
@@ -191,11 +187,26 @@ class Bench:
         return ppl
 
 
+@torch.inference_mode()
+def decode_tokens_per_s(model, prompt: list[int], new_tokens: int) -> float:
+    """Greedy decoding with the model's KV cache, one token per forward: new tokens per second, the prompt's
+    prefill not timed. (A plain loop: generate()'s per-call setup would dominate a few tokens on a CPU.)"""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return new_tokens / (time.perf_counter() - start)
+
+
 def prefill_flops(model, tokens: int) -> int:
-    """Multiply-add FLOPs (2 per weight per token) of a ``tokens``-token causal prefill: every linear layer
-    (projections and lm_head) plus attention scores and values, 4 · heads · head_dim per (query, key) pair,
-    keys limited to the sliding window where there is one. Norms, activations and RoPE are left out."""
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    """Multiply-add FLOPs (2 per nonzero weight per token) of a ``tokens``-token causal prefill: every linear
+    layer (projections and lm_head) plus attention scores and values, 4 · heads · head_dim per (query, key)
+    pair, keys limited to the sliding window where there is one. Norms, activations and RoPE are left out.
+    Weights that are exactly zero (neurons removed inside a kept unit) do not count: the ideal is what the
+    plan removes, whether or not the export can skip it."""
+    linear = sum(int(m.weight.count_nonzero()) for m in model.modules() if isinstance(m, torch.nn.Linear))
     total = 2 * tokens * linear
     window = getattr(model.config, "sliding_window", None)
     for layer in model.model.layers:
@@ -221,8 +232,10 @@ def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:
 
 
 def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bool = False,
-        methods: tuple[str, ...] | None = None, extras: bool = True) -> list[dict]:
-    """Evaluate every job; ``methods`` limits the main comparison, ``extras`` False skips ablations and sweep."""
+        methods: tuple[str, ...] | None = None, extras: bool = True,
+        variants: tuple[str, ...] | None = None) -> list[dict]:
+    """Evaluate every job; ``methods`` limits the main comparison, ``variants`` the ablations, ``extras`` False
+    skips ablations and sweep."""
     bench = Bench(settings, quiet, cache)
     rows: list[dict] = []
     jobs = ["dense"]
@@ -238,7 +251,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
             jobs += [("main", ratio, m, None, {}) for m in general]
         if extras:
             jobs += [("ablation", first, "cusprun", dims, {"variant": v, **kw})
-                     for v, kw in ABLATIONS.items() for dims in settings.experts]
+                     for v, kw in ABLATIONS.items() for dims in settings.experts if variants is None or v in variants]
             jobs += [("sweep", first, "cusprun", ("de",), {"docs": n}) for n in settings.sweep
                      if n != settings.docs]
     speeds = not ablations_only
@@ -476,21 +489,29 @@ def main():
     ap.add_argument("--methods", help=f"comma-separated methods of the comparison (default: all of "
                                       f"{', '.join([*TARGETED, *GENERAL_METHODS])})")
     ap.add_argument("--no-extras", action="store_true", help="skip the ablations and the corpus-size sweep")
+    ap.add_argument("--variants", help="comma-separated ablations to run (default: all; implies no sweep)")
+    ap.add_argument("--docs", type=int, help="calibration documents per dimension instead of the settings'")
+    ap.add_argument("--eval-docs", type=int, help="held-out documents per set instead of the settings'")
     args = ap.parse_args()
     settings = QUICK if args.quick else FULL
     if args.ratios:
         settings = replace(settings, ratios=tuple(float(r) for r in args.ratios.split(",")))
     if args.experts:
         settings = replace(settings, experts=tuple(tuple(e.split("+")) for e in args.experts.split(",")))
-    if args.no_extras:  # no sweep: the German corpus is scored over its first settings.docs documents only
+    if args.docs:
+        settings = replace(settings, docs=args.docs)
+    if args.eval_docs:
+        settings = replace(settings, eval_docs=args.eval_docs)
+    if args.no_extras or args.variants:  # no sweep: German is scored over its first settings.docs documents only
         settings = replace(settings, sweep=(settings.docs,))
+    variants = tuple(args.variants.split(",")) if args.variants else None
     methods = tuple(args.methods.split(",")) if args.methods else None
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="expert-quality-")) if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.perf_counter()
     rows = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations, methods=methods,
-               extras=not args.no_extras)
+               extras=not args.no_extras, variants=variants)
     env = {**environment(), "minutes": f"{(time.perf_counter() - start) / 60:.1f}",
            "settings": "quick" if args.quick else "full"}
     if args.ablations:

@@ -49,18 +49,35 @@ def _head_index(units: list[int], width: int) -> torch.Tensor:
     return torch.tensor([u * width + d for u in units for d in range(width)], dtype=torch.long)
 
 
+def masked_state(model, plan: Plan) -> dict[str, torch.Tensor]:
+    """``masked(model, plan).state_dict()`` without copying the model: removed rows (and their biases) and
+    columns of every projection zero, every other tensor shared with ``model``."""
+    state = dict(model.state_dict())
+    for name, keep in plan.items():
+        prefix, side = name.rsplit(".", 1)
+        if keep.all():
+            continue
+        weight = state[prefix + ".weight"] = state[prefix + ".weight"].clone()
+        if side == "rows":
+            weight[~keep] = 0
+            if prefix + ".bias" in state:
+                state[prefix + ".bias"] = state[prefix + ".bias"].clone()
+                state[prefix + ".bias"][~keep] = 0
+        else:
+            weight[:, ~keep] = 0
+    return state
+
+
 def dense(model, plan: Plan):
     """A dense-format model computing exactly what ``masked(model, plan)`` computes (see module doc)."""
     from transformers.initialization import no_init_weights
-
-    from .apply import masked
 
     arch = model.config.model_type
     if arch not in DENSE:
         raise ValueError(f"the dense format supports {tuple(DENSE)}, not {arch!r}")
     geo = Geometry(model.config)
     plan = propagate(plan, geo)
-    zeroed = masked(model, plan).state_dict()  # removed neurons inside kept units stay as zeros
+    zeroed = masked_state(model, plan)  # removed neurons inside kept units stay as zeros
     state = {k: v for k, v in zeroed.items() if not k.startswith("model.layers.")}
     per_layer, kept_layers = {}, []
     for layer in range(geo.layers):
@@ -112,5 +129,5 @@ def dense(model, plan: Plan):
     with no_init_weights():
         out = model_cls(config)
     out.tie_weights()
-    out.load_state_dict({k: v.clone() for k, v in state.items()}, strict=True)
+    out.load_state_dict(state, strict=True)  # copies into the new parameters: model stays untouched
     return out.to(dtype=next(model.parameters()).dtype).eval()
