@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from .modeling_cusprun import DENSE
-from .plan import Geometry, Plan, propagate
+from .neurons import Geometry
+from .plan import Plan, propagate
 
 
 def _k(layer: int, proj: str, side: str) -> str:
