@@ -192,11 +192,11 @@ def decode_tokens_per_s(model, prompt: list[int], new_tokens: int) -> float:
     """Greedy decoding with the model's KV cache, one token per forward: new tokens per second, the prompt's
     prefill not timed. (A plain loop: generate()'s per-call setup would dominate a few tokens on a CPU.)"""
     out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     return new_tokens / (time.perf_counter() - start)
 
 
