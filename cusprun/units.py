@@ -139,8 +139,10 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
 
     def plan_for(k: int) -> Plan:
         removed = {kind: torch.zeros(values[kind].shape, dtype=torch.bool) for kind in KINDS}
-        for kind_index, layer, unit in tags[order[:k]].tolist():
-            removed[KINDS[kind_index]][layer, unit] = True
+        chosen = tags[order[:k]]
+        for kind_index, kind in enumerate(KINDS):
+            mine = chosen[chosen[:, 0] == kind_index]
+            removed[kind][mine[:, 1], mine[:, 2]] = True
         return remove_units(geo, removed)
 
     @cache
