@@ -8,10 +8,10 @@ Experts, each built from the calibration corpora (data/corpora) of its dimension
   de+medical           German x medical (MEDLINE abstracts)
   de+medical+qa        German x medical x question answering (SQuAD-shifts new_wiki)
 Methods at each ratio of projection parameters removed (every expert exported in the same dense format):
-  cusprun          the default: whole query heads and MLP channels, budgets compared across layers
-                   (cusprun.units), block measure, the paper's all-docs rule
-  cusprun-neuron   the paper's per-neuron selection (the same σ share from every group)
-  plnd      PLND importances on the same target corpora, same selection as cusprun-neuron
+  cusprun          the default: the paper's per-neuron selection (the same σ share from every group), block
+                   measure, all-docs rule
+  cusprun-unit     whole query heads and MLP channels, budgets compared across layers (cusprun.units)
+  plnd      PLND importances on the same target corpora, same selection as cusprun
   wanda-sp, flap, shortgpt   on a general corpus (equal shares of every calibration corpus)
   magnitude, random          no data
 Evaluation (data/heldout, disjoint from calibration): perplexity on each held-out set; an expert's
@@ -19,7 +19,7 @@ Evaluation (data/heldout, disjoint from calibration): perplexity on each held-ou
 its sets (German: Debian Reference and news from another source, MLSUM; medical: MEDLINE; QA:
 new_wiki and New York Times paragraphs); *general* perplexity the geometric mean over English news
 (XSum) and English manual pages, which no expert targets.
-Also at the first ratio: the uniform budget, the local measure, MLP-only selection and the mean-rank and
+Also at the first ratio: units with the uniform budget, the local measure, MLP-only selection and the mean-rank and
 pooled rules (ablations), and the German expert's quality against its corpus size (sweep).
 Speed, measured in the same run on each model's dense export (cusprun.apply(..., format="dense")): prefill
 tokens/s on 512-token documents and decode tokens/s (greedy, KV cache), the median of several repetitions
@@ -66,15 +66,14 @@ EVAL_SETS = {"de": ("de", "de_news"), "medical": ("medical",), "qa": ("qa", "qa_
 GENERAL_SETS = ("en_news", "en_man")
 GENERAL_CALIBRATION = ("de", "en", "medical", "legal", "qa")
 # methods whose scores come from the expert's own corpora, with the selection settings each uses
-TARGETED = {"cusprun": dict(granularity="unit"), "cusprun-neuron": dict(granularity="neuron"),
-            "plnd": dict(granularity="neuron")}
+TARGETED = {"cusprun": {}, "cusprun-unit": dict(granularity="unit"), "plnd": {}}
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
-ABLATIONS = {"uniform budget": dict(budget="uniform"), "local measure": dict(measure="local"),
-             "MLP only": dict(neurons="mlp"), "mean-rank rule": dict(rule="mean-rank"),
-             "pooled rule": dict(rule="pooled")}
-SCORED_AS = {"cusprun-neuron": "cusprun"}  # methods that select differently from the same score files
+ABLATIONS = {"units, uniform budget": dict(granularity="unit", budget="uniform"),
+             "local measure": dict(measure="local"), "MLP only": dict(neurons="mlp"),
+             "mean-rank rule": dict(rule="mean-rank"), "pooled rule": dict(rule="pooled")}
+SCORED_AS = {"cusprun-unit": "cusprun"}  # methods that select differently from the same score files
 # --ablations: every variant at every ratio, the paper's per-neuron selection, and two changes together
-ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "neuron granularity": dict(granularity="neuron"),
+ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "units, relative budget": dict(granularity="unit"),
                       "MLP only + mean-rank": dict(neurons="mlp", rule="mean-rank")}
 
 
@@ -357,13 +356,13 @@ def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
             lines.append(f"| {ratio:.0%} | {label} | " + _cells(by, experts, best))
     first = settings.ratios[0]
     lines += speed_table(main, settings)
-    lines += ["", f"Ablations at {first:.0%} (Cus-Prun, one change each from the default: units with budgets "
-              "across layers, block measure, heads and channels, all-docs rule):", "",
+    lines += ["", f"Ablations at {first:.0%} (Cus-Prun, one change each from the default: per-neuron selection, "
+              "block measure, all neuron kinds, all-docs rule):", "",
               "| variant | " + " | ".join(f"{e} target / general" for e in experts) + " |",
               "|---|" + "---|" * len(experts)]
     variants = {"default": [r for r in main if r["method"] == "cusprun" and r["ratio"] == first],
-                "neuron granularity (the paper's)": [r for r in main if r["method"] == "cusprun-neuron"
-                                                     and r["ratio"] == first]}
+                "units, relative budget": [r for r in main if r["method"] == "cusprun-unit"
+                                           and r["ratio"] == first]}
     for v in ABLATIONS:
         variants[v] = [r for r in rows if r["experiment"] == "ablation" and r["variant"] == v]
     for v, vrows in variants.items():
@@ -400,8 +399,8 @@ def markdown_ablations(rows: list[dict], settings: Settings, env: dict) -> str:
     """--ablations: target / general perplexity of every Cus-Prun variant at every ratio."""
     experts = [expert_name(d) for d in settings.experts]
     lines = _preamble(f"Cus-Prun variants on {DEFAULT_MODEL} at every ratio: perplexity target / general (as in "
-                      "expert_quality.md); one change from the default (units with budgets across layers, block "
-                      "measure, heads and channels, all-docs rule) per row, and the last row two. The best target "
+                      "expert_quality.md); one change from the default (per-neuron selection, block measure, all "
+                      "neuron kinds, all-docs rule) per row, and the last row two. The best target "
                       "per expert and ratio is bold.",
                       env, experts, "ratio | variant")
     lines.append(_dense_row(rows, experts))

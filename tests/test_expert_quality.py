@@ -18,10 +18,10 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality.csv")))
     methods = {r["method"] for r in rows}
-    assert methods == {"dense", "cusprun", "cusprun-neuron", "plnd", "wanda-sp", "flap", "shortgpt", "magnitude",
+    assert methods == {"dense", "cusprun", "cusprun-unit", "plnd", "wanda-sp", "flap", "shortgpt", "magnitude",
                        "random"}
     assert {r["variant"] for r in rows if r["experiment"] == "ablation"} == {
-        "uniform budget", "local measure", "MLP only", "mean-rank rule", "pooled rule"}
+        "units, uniform budget", "local measure", "MLP only", "mean-rank rule", "pooled rule"}
     assert {r["docs"] for r in rows if r["method"] == "cusprun" and r["variant"] == "default"} == {"1", "2"}
     for r in rows:
         assert float(r["target_ppl"]) > 1 and float(r["general_ppl"]) > 1
@@ -51,9 +51,9 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality_ablations.csv")))
     assert {r["variant"] for r in rows if r["method"] == "cusprun"} == {
-        "default", "uniform budget", "local measure", "MLP only", "mean-rank rule", "pooled rule",
-        "neuron granularity", "MLP only + mean-rank"}
+        "default", "units, uniform budget", "local measure", "MLP only", "mean-rank rule", "pooled rule",
+        "units, relative budget", "MLP only + mean-rank"}
     # the variants the first run evaluated came from the cache: only the new combination was evaluated
-    # (neuron granularity is the first run's cusprun-neuron)
+    # (units with the relative budget are the first run's cusprun-unit)
     assert len(list((tmp_path / "cache").glob("ppl-*.json"))) <= evaluated + 2
     assert "MLP only + mean-rank" in (tmp_path / "out" / "expert_quality_ablations.md").read_text()
