@@ -7,9 +7,11 @@ Experts, each built from the calibration corpora (data/corpora) of its dimension
   de                   German (Debian Reference)
   de+medical           German x medical (MEDLINE abstracts)
   de+medical+qa        German x medical x question answering (SQuAD-shifts new_wiki)
-Methods at each ratio of projection parameters removed (same selection, same slicing path):
-  cusprun   block measure, all neuron kinds, the paper's rule (lowest σ in every document)
-  plnd      PLND importances on the same target corpora, same selection
+Methods at each ratio of projection parameters removed (every expert exported in the same dense format):
+  cusprun          the default: the paper's per-neuron selection (the same σ share from every group), block
+                   measure, all-docs rule
+  cusprun-unit     whole query heads and MLP channels, budgets compared across layers (cusprun.units)
+  plnd      PLND importances on the same target corpora, same selection as cusprun
   wanda-sp, flap, shortgpt   on a general corpus (equal shares of every calibration corpus)
   magnitude, random          no data
 Evaluation (data/heldout, disjoint from calibration): perplexity on each held-out set; an expert's
@@ -17,8 +19,12 @@ Evaluation (data/heldout, disjoint from calibration): perplexity on each held-ou
 its sets (German: Debian Reference and news from another source, MLSUM; medical: MEDLINE; QA:
 new_wiki and New York Times paragraphs); *general* perplexity the geometric mean over English news
 (XSum) and English manual pages, which no expert targets.
-Also at the first ratio: the local measure, MLP-only selection and the mean-rank and pooled rules
-(ablations), and the German expert's quality against its corpus size (sweep).
+Also at the first ratio: units with the uniform budget, the local measure, MLP-only selection and the mean-rank and
+pooled rules (ablations), and the German expert's quality against its corpus size (sweep).
+Speed, measured in the same run on each model's dense export (cusprun.apply(..., format="dense")): prefill
+tokens/s on 512-token documents and decode tokens/s (greedy, KV cache), the median of several repetitions
+(cusprun.evaluate's harness, as the main job uses); the ideal speed-up from the FLOP count of a 512-token
+prefill, and measured / ideal.
 
 Writes benchmarks/results/expert_quality.{csv,md,png} and expert_quality_sweep.png (with --quick:
 under --out only, default a temporary folder). Scores are cached under benchmarks/.cache/ so an
@@ -32,10 +38,11 @@ import csv
 import hashlib
 import json
 import math
+import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -47,7 +54,7 @@ from common import RESULTS, environment  # noqa: E402
 import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
-from cusprun.evaluate import perplexity  # noqa: E402
+from cusprun.evaluate import parameter_count, perplexity, prefill_tokens_per_s  # noqa: E402
 from cusprun.files import atomic_write  # noqa: E402
 from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
 from cusprun.scoreset import ScoreSet  # noqa: E402
@@ -58,12 +65,16 @@ EXPERTS = (("de",), ("de", "medical"), ("de", "medical", "qa"))
 EVAL_SETS = {"de": ("de", "de_news"), "medical": ("medical",), "qa": ("qa", "qa_nyt")}
 GENERAL_SETS = ("en_news", "en_man")
 GENERAL_CALIBRATION = ("de", "en", "medical", "legal", "qa")
-TARGETED = ("cusprun", "plnd")  # methods whose scores come from the expert's own corpora
+# methods whose scores come from the expert's own corpora, with the selection settings each uses
+TARGETED = {"cusprun": {}, "cusprun-unit": dict(granularity="unit"), "plnd": {}}
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
-ABLATIONS = {"local measure": dict(measure="local"), "MLP only": dict(neurons="mlp"),
+ABLATIONS = {"units, uniform budget": dict(granularity="unit", budget="uniform"),
+             "local measure": dict(measure="local"), "MLP only": dict(neurons="mlp"),
              "mean-rank rule": dict(rule="mean-rank"), "pooled rule": dict(rule="pooled")}
-# --ablations: every variant at every ratio, and the two that helped most together
-ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "MLP only + mean-rank": dict(neurons="mlp", rule="mean-rank")}
+SCORED_AS = {"cusprun-unit": "cusprun"}  # methods that select differently from the same score files
+# --ablations: every variant at every ratio, the paper's per-neuron selection, and two changes together
+ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "units, relative budget": dict(granularity="unit"),
+                      "MLP only + mean-rank": dict(neurons="mlp", rule="mean-rank")}
 
 
 @dataclass(frozen=True)
@@ -75,10 +86,15 @@ class Settings:
     eval_docs: int
     general_docs: int  # per corpus of the general calibration mix
     experts: tuple[tuple[str, ...], ...]
+    speed_docs: int = 1  # 512-token documents timed per prefill repetition
+    speed_tokens: int = 512
+    decode_tokens: int = 32
+    repetitions: int = 3
 
 
 FULL = Settings((0.25, 0.35, 0.45), 25, (10, 25, 50, 100), 128, 16, 5, EXPERTS)
-QUICK = Settings((0.25,), 2, (1, 2), 24, 2, 1, EXPERTS[:2])
+QUICK = Settings((0.25,), 2, (1, 2), 24, 2, 1, EXPERTS[:2], speed_docs=1, speed_tokens=64, decode_tokens=4,
+                 repetitions=1)
 
 
 def expert_name(dims) -> str:
@@ -103,6 +119,12 @@ class Bench:
         sets = {s for d in dims for s in EVAL_SETS[d]} | set(GENERAL_SETS)
         self.heldout = {s: self._ids(DATA / "heldout" / f"{s}.jsonl", settings.eval_docs, vocab) for s in sorted(sets)}
         self.heldout_digest = hashlib.sha256(repr(sorted(self.heldout.items())).encode()).digest()
+        # speed: held-out English news concatenated into documents of exactly speed_tokens tokens
+        stream = [t for ids in tokenize(read_corpus(DATA / "heldout" / "en_news.jsonl"), self.tokenizer, 4096, vocab)
+                  for t in ids]
+        n = settings.speed_tokens
+        self.speed_docs = [stream[i * n:(i + 1) * n] for i in range(settings.speed_docs)]
+        self.dense_speed = None
 
     def _ids(self, path: Path, n: int, vocab: int) -> list[list[int]]:
         ids = [t for t in tokenize(read_corpus(path), self.tokenizer, self.s.max_tokens, vocab) if t][:n]
@@ -135,6 +157,18 @@ class Bench:
         n = n_docs or self.s.docs
         return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d], measure), n) for d in dims))
 
+    def speed(self, selection) -> dict[str, float]:
+        """Prefill and decode tokens/s of the dense export of ``selection`` (the model itself for None), the
+        median over repetitions, and the FLOP count of one prefill; never cached (measured in this run)."""
+        model = self.model if selection is None else cusprun.apply(self.model, selection, format="dense")
+        prefill_tokens_per_s(model, self.speed_docs[:1])  # warm-up, not timed
+        prefill, decode = [], []
+        for _ in range(self.s.repetitions):
+            prefill.append(prefill_tokens_per_s(model, self.speed_docs))
+            decode.append(decode_tokens_per_s(model, self.speed_docs[0][:32], self.s.decode_tokens))
+        return {"prefill_tps": statistics.median(prefill), "decode_tps": statistics.median(decode),
+                "flops": prefill_flops(model, self.s.speed_tokens), "params": parameter_count(model)}
+
     def evaluate(self, selection) -> dict[str, float]:
         """Perplexity on every held-out set; cached by the plan's masks and the exact held-out tokens, so a
         rerun evaluates only plans it has not seen."""
@@ -152,6 +186,39 @@ class Bench:
         return ppl
 
 
+@torch.inference_mode()
+def decode_tokens_per_s(model, prompt: list[int], new_tokens: int) -> float:
+    """Greedy decoding with the model's KV cache, one token per forward: new tokens per second, the prompt's
+    prefill not timed. (A plain loop: generate()'s per-call setup would dominate a few tokens on a CPU.)"""
+    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    return new_tokens / (time.perf_counter() - start)
+
+
+def prefill_flops(model, tokens: int) -> int:
+    """Multiply-add FLOPs (2 per nonzero weight per token) of a ``tokens``-token causal prefill: every linear
+    layer (projections and lm_head) plus attention scores and values, 4 · heads · head_dim per (query, key)
+    pair, keys limited to the sliding window where there is one. Norms, activations and RoPE are left out.
+    Weights that are exactly zero (neurons removed inside a kept unit) do not count: the ideal is what the
+    plan removes, whether or not the export can skip it."""
+    linear = sum(int(m.weight.count_nonzero()) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    total = 2 * tokens * linear
+    window = getattr(model.config, "sliding_window", None)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        if attn is None:
+            continue
+        heads = attn.q_proj.out_features // attn.head_dim
+        layer_window = getattr(attn, "sliding_window", window) or tokens
+        pairs = sum(min(t, layer_window) for t in range(1, tokens + 1))
+        total += 4 * heads * attn.head_dim * pairs
+    return total
+
+
 def first_documents(score_set: ScoreSet, n: int) -> ScoreSet:
     meta = {**score_set.metadata, "n_docs": n, "token_counts": score_set.metadata["token_counts"][:n]}
     return ScoreSet({name: t[:n] for name, t in score_set.scores.items()}, meta)
@@ -163,21 +230,32 @@ def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:
     return target, geomean(ppl[s] for s in GENERAL_SETS)
 
 
-def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bool = False) -> list[dict]:
+def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bool = False,
+        methods: tuple[str, ...] | None = None, extras: bool = True,
+        variants: tuple[str, ...] | None = None) -> list[dict]:
+    """Evaluate every job; ``methods`` limits the main comparison, ``variants`` the ablations, ``extras`` False
+    skips ablations and sweep."""
     bench = Bench(settings, quiet, cache)
     rows: list[dict] = []
     jobs = ["dense"]
     first = settings.ratios[0]
+    targeted = [m for m in TARGETED if methods is None or m in methods]
+    general = [m for m in GENERAL_METHODS if methods is None or m in methods]
     if ablations_only:
         jobs += [("ablation", ratio, "cusprun", dims, {"variant": v, **kw}) for ratio in settings.ratios
                  for v, kw in ALL_RATIO_VARIANTS.items() for dims in settings.experts]
     else:
         for ratio in settings.ratios:
-            jobs += [("main", ratio, m, dims, {}) for dims in settings.experts for m in TARGETED]
-            jobs += [("main", ratio, m, None, {}) for m in GENERAL_METHODS]
-        jobs += [("ablation", first, "cusprun", dims, {"variant": v, **kw})
-                 for v, kw in ABLATIONS.items() for dims in settings.experts]
-        jobs += [("sweep", first, "cusprun", ("de",), {"docs": n}) for n in settings.sweep if n != settings.docs]
+            jobs += [("main", ratio, m, dims, {}) for dims in settings.experts for m in targeted]
+            jobs += [("main", ratio, m, None, {}) for m in general]
+        if extras:
+            jobs += [("ablation", first, "cusprun", dims, {"variant": v, **kw})
+                     for v, kw in ABLATIONS.items() for dims in settings.experts if variants is None or v in variants]
+            jobs += [("sweep", first, "cusprun", ("de",), {"docs": n}) for n in settings.sweep
+                     if n != settings.docs]
+    speeds = not ablations_only
+    if speeds:
+        bench.dense_speed = [bench.speed(None)]
     bar = tqdm(jobs, desc="models", unit="model", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for job in bar:
         if job == "dense":
@@ -187,7 +265,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
             continue
         experiment, ratio, method, dims, kw = job
         bar.set_postfix_str(f"{experiment} {method} {expert_name(dims) if dims else 'general'} {ratio:.0%}")
-        kw = dict(kw)
+        kw = {**TARGETED.get(method, {}), **kw}
         variant = kw.pop("variant", "default")
         n_docs = kw.pop("docs", settings.docs)
         measure = kw.pop("measure", "block")
@@ -195,12 +273,27 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
             docs = None if method in ("magnitude", "random") else bench.general
             score_set = bench.scores(method, "general", docs) if docs else baseline_scores(bench.model, method)
         else:
-            score_set = bench.expert_scores(method, dims, n_docs, measure)
+            score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure)
         selection = score_set.select(ratio, **kw)
         ppl = bench.evaluate(selection)
+        speed = bench.speed(selection) if experiment == "main" else {}
         for expert in [dims] if dims else settings.experts:
             rows.append(_row(experiment, method, expert, ratio, selection.removed_fraction,
-                             n_docs if dims else "-", ppl, variant))
+                             n_docs if dims else "-", ppl, variant) | speed)
+    if speeds:  # the dense model again at the end: the reference is the mean of both, drift shows in the CSV
+        bench.dense_speed.append(bench.speed(None))
+        reference = {k: statistics.mean(d[k] for d in bench.dense_speed) for k in ("prefill_tps", "decode_tps")}
+        dense = bench.dense_speed[0]
+        for r in rows:
+            if r["method"] == "dense":
+                r.update(dense, prefill_tps=reference["prefill_tps"], decode_tps=reference["decode_tps"],
+                         dense_prefill_tps_runs="/".join(f"{d['prefill_tps']:.0f}" for d in bench.dense_speed))
+            if "prefill_tps" in r:
+                r["prefill_speedup"] = round(r["prefill_tps"] / reference["prefill_tps"], 3)
+                r["decode_speedup"] = round(r["decode_tps"] / reference["decode_tps"], 3)
+                r["ideal_speedup"] = round(dense["flops"] / r["flops"], 3)
+                r["measured_over_ideal"] = round(r["prefill_speedup"] / r["ideal_speedup"], 3)
+                r["prefill_tps"], r["decode_tps"] = round(r["prefill_tps"], 1), round(r["decode_tps"], 2)
     return rows
 
 
@@ -256,31 +349,59 @@ def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
         best = _best_targets(at, experts)
         for method in (*TARGETED, *GENERAL_METHODS):
             by = {r["expert"]: r for r in at if r["method"] == method}
+            if not by:  # left out with --methods
+                continue
             achieved = next(iter(by.values()))["achieved"]
             label = method if abs(achieved - ratio) < 0.005 else f"{method} ({achieved:.1%} removed)"
             lines.append(f"| {ratio:.0%} | {label} | " + _cells(by, experts, best))
     first = settings.ratios[0]
-    lines += ["", f"Ablations at {first:.0%} (Cus-Prun, one change each from the default: block measure, "
-              "all neuron kinds, all-docs rule):", "",
+    lines += speed_table(main, settings)
+    lines += ["", f"Ablations at {first:.0%} (Cus-Prun, one change each from the default: per-neuron selection, "
+              "block measure, all neuron kinds, all-docs rule):", "",
               "| variant | " + " | ".join(f"{e} target / general" for e in experts) + " |",
               "|---|" + "---|" * len(experts)]
-    variants = {"default (block, all, all-docs)": [r for r in main if r["method"] == "cusprun" and r["ratio"] == first]}
+    variants = {"default": [r for r in main if r["method"] == "cusprun" and r["ratio"] == first],
+                "units, relative budget": [r for r in main if r["method"] == "cusprun-unit"
+                                           and r["ratio"] == first]}
     for v in ABLATIONS:
         variants[v] = [r for r in rows if r["experiment"] == "ablation" and r["variant"] == v]
     for v, vrows in variants.items():
-        lines.append(f"| {v} | " + _cells({r["expert"]: r for r in vrows}, experts))
+        if len(vrows) == len(experts):
+            lines.append(f"| {v} | " + _cells({r["expert"]: r for r in vrows}, experts))
     lines += ["", f"Corpus size, German expert at {first:.0%}:", "",
               "| documents | target | general |", "|---|---|---|"]
     lines += [f"| {r['docs']} | {r['target_ppl']:.1f} | {r['general_ppl']:.1f} |" for r in _sweep_rows(rows, first)]
     return "\n".join(lines) + "\n"
 
 
+def speed_table(main: list[dict], settings: Settings) -> list[str]:
+    """Speed of every model's dense export: one line per model (baselines' general models once)."""
+    lines = ["", f"Speed of the dense exports ({settings.speed_docs} documents of {settings.speed_tokens} tokens per "
+             f"prefill, {settings.decode_tokens} decoded tokens; median of {settings.repetitions} repetitions; "
+             "speed-ups against the dense model measured in the same run; ideal = dense FLOPs / expert FLOPs of "
+             "the prefill):", "",
+             "| ratio | method | expert | params | prefill tok/s | speed-up | ideal | measured / ideal | "
+             "decode tok/s | decode speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
+    seen = set()
+    for r in main:
+        key = (r["ratio"], r["method"], r["expert"] if r["method"] in TARGETED else "")
+        if "prefill_speedup" not in r or key in seen:
+            continue
+        seen.add(key)
+        expert = r["expert"] if r["method"] in TARGETED else "(all)"
+        lines.append(f"| {r['ratio']:.0%} | {r['method']} | {expert} | {r['params'] / 1e6:.1f}M | "
+                     f"{r['prefill_tps']:.0f} | {r['prefill_speedup']:.2f}x | {r['ideal_speedup']:.2f}x | "
+                     f"{r['measured_over_ideal']:.2f} | {r['decode_tps']:.1f} | {r['decode_speedup']:.2f}x |")
+    return lines
+
+
 def markdown_ablations(rows: list[dict], settings: Settings, env: dict) -> str:
     """--ablations: target / general perplexity of every Cus-Prun variant at every ratio."""
     experts = [expert_name(d) for d in settings.experts]
     lines = _preamble(f"Cus-Prun variants on {DEFAULT_MODEL} at every ratio: perplexity target / general (as in "
-                      "expert_quality.md); one change from the default (block measure, all neuron kinds, all-docs "
-                      "rule) per row, and the last row two. The best target per expert and ratio is bold.",
+                      "expert_quality.md); one change from the default (per-neuron selection, block measure, all "
+                      "neuron kinds, all-docs rule) per row, and the last row two. The best target "
+                      "per expert and ratio is bold.",
                       env, experts, "ratio | variant")
     lines.append(_dense_row(rows, experts))
     for ratio in settings.ratios:
@@ -362,13 +483,34 @@ def main():
                          "(expert_quality_ablations.{csv,md})")
     ap.add_argument("--cache", default=str(CACHE), help=f"score cache (default: {CACHE})")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--ratios", help="comma-separated ratios instead of the settings' (e.g. 0.25,0.45)")
+    ap.add_argument("--experts", help="comma-separated experts instead of all (e.g. de,de+medical+qa)")
+    ap.add_argument("--methods", help=f"comma-separated methods of the comparison (default: all of "
+                                      f"{', '.join([*TARGETED, *GENERAL_METHODS])})")
+    ap.add_argument("--no-extras", action="store_true", help="skip the ablations and the corpus-size sweep")
+    ap.add_argument("--variants", help="comma-separated ablations to run (default: all; implies no sweep)")
+    ap.add_argument("--docs", type=int, help="calibration documents per dimension instead of the settings'")
+    ap.add_argument("--eval-docs", type=int, help="held-out documents per set instead of the settings'")
     args = ap.parse_args()
     settings = QUICK if args.quick else FULL
+    if args.ratios:
+        settings = replace(settings, ratios=tuple(float(r) for r in args.ratios.split(",")))
+    if args.experts:
+        settings = replace(settings, experts=tuple(tuple(e.split("+")) for e in args.experts.split(",")))
+    if args.docs:
+        settings = replace(settings, docs=args.docs)
+    if args.eval_docs:
+        settings = replace(settings, eval_docs=args.eval_docs)
+    if args.no_extras or args.variants:  # no sweep: German is scored over its first settings.docs documents only
+        settings = replace(settings, sweep=(settings.docs,))
+    variants = tuple(args.variants.split(",")) if args.variants else None
+    methods = tuple(args.methods.split(",")) if args.methods else None
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="expert-quality-")) if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    rows = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations)
+    rows = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations, methods=methods,
+               extras=not args.no_extras, variants=variants)
     env = {**environment(), "minutes": f"{(time.perf_counter() - start) / 60:.1f}",
            "settings": "quick" if args.quick else "full"}
     if args.ablations:

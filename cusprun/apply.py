@@ -10,7 +10,7 @@ from .modeling_cusprun import PROJECTIONS, SLICED
 from .neurons import tensor_name
 from .plan import Plan
 
-FORMATS = ("sliced", "masked", "stock")
+FORMATS = ("sliced", "masked", "stock", "dense")
 
 
 def _masks(plan: Plan, layer: int, proj: str):
@@ -75,7 +75,9 @@ def apply(model, plan, format: str = "sliced"):
     format: ``sliced`` (default; physically smaller, computes exactly what ``masked`` computes),
     ``masked`` (original architecture, removed rows/columns zero) or ``stock`` (the original
     architecture class with fewer MLP channels and k/v groups; needs a plan uniform across layers,
-    from ``ScoreSet.select(ratio, uniform=True)``, see :mod:`cusprun.stock`)."""
+    from ``ScoreSet.select(ratio, uniform=True)``, see :mod:`cusprun.stock`) or ``dense`` (dense matrices,
+    per-layer head and channel counts, removed blocks skipped and layers dropped; any plan, fastest for plans of
+    whole units, see :mod:`cusprun.dense`)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     keep = getattr(plan, "plan", plan)
@@ -83,4 +85,8 @@ def apply(model, plan, format: str = "sliced"):
         from .stock import stock
 
         return stock(model, keep)
+    if format == "dense":
+        from .dense import dense
+
+        return dense(model, keep)
     return sliced(model, keep) if format == "sliced" else masked(model, keep)

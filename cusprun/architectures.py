@@ -38,13 +38,15 @@ ARCHITECTURES = {a.model_type: a for a in (
     Architecture("qwen2", "Qwen2", qkv_bias_always=True, window_for_every_layer=False),
 )}
 SUPPORTED_TYPES = tuple(ARCHITECTURES)
-# Pruned models cusprun writes carry ``cusprun_`` before the original model_type.
+# Pruned models cusprun writes carry ``cusprun_`` (sliced) or ``cusprun_dense_`` (dense) before the original
+# model_type.
 PRUNED_PREFIX = "cusprun_"
+DENSE_PREFIX = "dense_"
 
 
 def architecture_of(config) -> Architecture:
     """The table entry of a config (or of a pruned model's config); CusprunError when unsupported."""
-    name = config.model_type.removeprefix(PRUNED_PREFIX)
+    name = config.model_type.removeprefix(PRUNED_PREFIX).removeprefix(DENSE_PREFIX)
     if name not in ARCHITECTURES:
         raise CusprunError(f"unsupported architecture {config.model_type!r}: "
                            f"cusprun supports {', '.join(SUPPORTED_TYPES)} (Llama 2/3, SmolLM2, Mistral, Qwen2)")

@@ -51,16 +51,19 @@ def check_against_model(sets: list[ScoreSet], paths, config) -> None:
 
 
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
-                 out: Path, rule: str = "all-docs", neurons: str = "all") -> dict:
+                 out: Path, rule: str = "all-docs", neurons: str = "all", granularity: str = "neuron",
+                 budget: str = "relative") -> dict:
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
-    sel = intersect(*sets).select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons)
+    sel = intersect(*sets).select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons,
+                                  granularity=granularity, budget=budget)
     pruned = apply(model, sel, format)
     params = dense_params - (sel.total_projection_params - sel.kept_projection_params)
     report = {
         "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
         "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
+        "granularity": granularity, "budget": budget,
         "ratio_asked": ratio,
         "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
         "sigma": sel.sigma, "params_dense": dense_params, "params": params,

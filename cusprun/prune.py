@@ -10,8 +10,9 @@ from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .expert import build_expert, check_against_model, check_ratio, load_score_sets
 from .export import check_out_dir
 from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
-from .scoreset import NEURONS
+from .scoreset import GRANULARITIES, NEURONS
 from .selection import RULES
+from .units import BUDGETS
 
 DESCRIPTION = """\
 Build an expert model from one score file per dimension (language, domain, task).
@@ -38,8 +39,11 @@ formats:
           the plan is made uniform across layers (same number of channels and of k/v groups, each with
           its query heads, kept in every layer), so plain transformers and serving engines load it.
           It reaches the asked ratio only as closely as whole units allow (reported).
+  dense   every kept matrix dense, each layer with its own numbers of query heads, k/v heads and MLP
+          channels (transformers' per_layer_config); removed blocks are skipped, removed layers dropped.
+          Computes exactly what the masked model computes; faster only by the whole units the plan removes.
 
-Sliced models carry their modeling code (modeling_cusprun.py, auto_map in config.json): they load
+Sliced and dense models carry their modeling code (modeling_cusprun.py, auto_map in config.json): they load
 with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) where cusprun is not installed.
 """
 
@@ -56,6 +60,11 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--rule", choices=RULES, default="all-docs", help="aggregation over documents (default: all-docs)")
     p.add_argument("--neurons", choices=tuple(NEURONS), default="all",
                    help="all (default) or mlp: choose only MLP channels, keep attention whole")
+    p.add_argument("--granularity", choices=GRANULARITIES, default="neuron",
+                   help="unit: whole query heads and MLP channels; neuron: the paper's per-row/column selection")
+    p.add_argument("--budget", choices=BUDGETS, default="relative",
+                   help="with --granularity unit: relative (units compared across layers, default) or uniform "
+                        "(the same share from every block)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -72,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_weights(source, args.dtype, quiet=args.quiet)
     try:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
-                              rule=args.rule, neurons=args.neurons)
+                              rule=args.rule, neurons=args.neurons, granularity=args.granularity,
+                              budget=args.budget)
     except ValueError as exc:  # a ratio the candidate neurons cannot reach, a stock plan from layer scores
         raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")

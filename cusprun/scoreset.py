@@ -20,6 +20,7 @@ from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
 from .selection import Selection, relevance, select, select_layers
 
 # Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
+GRANULARITIES = ("unit", "neuron")
 NEURONS = {"all": None, "mlp": ["mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols"]}
 
 
@@ -109,7 +110,7 @@ class ScoreSet:
         return Geometry(config)
 
     def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
-               neurons: str = "all") -> Selection:
+               neurons: str = "all", granularity: str = "neuron", budget: str = "relative") -> Selection:
         """The plan removing the least relevant neurons (and all they make dead) until ``ratio`` of the
         projection parameters is gone; ``cusprun.apply`` it to the model.
 
@@ -117,6 +118,9 @@ class ScoreSet:
             in every layer.
         rule: aggregation over documents, ``all-docs`` (the paper's, default), ``mean-rank`` or ``pooled``.
         neurons: ``all`` (default) or ``mlp`` (only MLP channels are chosen; attention stays whole).
+        granularity: ``neuron`` (the paper's per-row/column selection) or ``unit`` (whole query heads and MLP
+            channels, see :mod:`cusprun.units`), with ``budget`` ``relative`` (compared across layers) or
+            ``uniform`` (the same share from every block).
         What may be removed is the scoring method's (:mod:`cusprun.methods`): layer-granularity methods
         (ShortGPT) remove whole layers; methods that declare ``prunable`` groups (FLAP) choose only among
         those."""
@@ -138,6 +142,13 @@ class ScoreSet:
             from .stock import select_uniform
 
             return select_uniform(self.relevance(rule), geo, ratio)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if granularity == "unit" and method.prunable is None:
+            from .units import select_units, unit_values
+
+            kinds = ("channels",) if neurons == "mlp" else ("heads", "channels")
+            return select_units(unit_values(self._per_corpus(), geo, rule, budget), geo, ratio, budget, kinds)
         candidates = None if groups is None else {n for n in geo.names() if group_of(n) in groups}
         return select(self.relevance(rule), geo, ratio, candidates)
 

@@ -18,9 +18,10 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality.csv")))
     methods = {r["method"] for r in rows}
-    assert methods == {"dense", "cusprun", "plnd", "wanda-sp", "flap", "shortgpt", "magnitude", "random"}
+    assert methods == {"dense", "cusprun", "cusprun-unit", "plnd", "wanda-sp", "flap", "shortgpt", "magnitude",
+                       "random"}
     assert {r["variant"] for r in rows if r["experiment"] == "ablation"} == {
-        "local measure", "MLP only", "mean-rank rule", "pooled rule"}
+        "units, uniform budget", "local measure", "MLP only", "mean-rank rule", "pooled rule"}
     assert {r["docs"] for r in rows if r["method"] == "cusprun" and r["variant"] == "default"} == {"1", "2"}
     for r in rows:
         assert float(r["target_ppl"]) > 1 and float(r["general_ppl"]) > 1
@@ -29,6 +30,15 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     dense = {r["expert"]: float(r["target_ppl"]) for r in rows if r["method"] == "dense"}
     pruned = [r for r in rows if r["method"] == "cusprun"]
     assert all(float(r["target_ppl"]) > dense[r["expert"]] for r in pruned)  # pruning without retraining costs
+    # speed of every main model's dense export, measured in this run; the ideal speed-up follows the FLOPs
+    for r in rows:
+        if r["experiment"] == "main":
+            assert float(r["prefill_tps"]) > 0 and float(r["decode_tps"]) > 0, r
+            assert float(r["ideal_speedup"]) == pytest.approx(1.0) if r["method"] == "dense" else (
+                float(r["ideal_speedup"]) > 1.0), r
+            assert float(r["measured_over_ideal"]) == pytest.approx(
+                float(r["prefill_speedup"]) / float(r["ideal_speedup"]), abs=2e-3)
+    assert "| speed-up | ideal | measured / ideal |" in (tmp_path / "out" / "expert_quality.md").read_text()
     for png in ("expert_quality.png", "expert_quality_sweep.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 25% | cusprun |" in (tmp_path / "out" / "expert_quality.md").read_text()
@@ -41,7 +51,9 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality_ablations.csv")))
     assert {r["variant"] for r in rows if r["method"] == "cusprun"} == {
-        "default", "local measure", "MLP only", "mean-rank rule", "pooled rule", "MLP only + mean-rank"}
+        "default", "units, uniform budget", "local measure", "MLP only", "mean-rank rule", "pooled rule",
+        "units, relative budget", "MLP only + mean-rank"}
     # the variants the first run evaluated came from the cache: only the new combination was evaluated
+    # (units with the relative budget are the first run's cusprun-unit)
     assert len(list((tmp_path / "cache").glob("ppl-*.json"))) <= evaluated + 2
     assert "MLP only + mean-rank" in (tmp_path / "out" / "expert_quality_ablations.md").read_text()

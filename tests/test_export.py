@@ -54,7 +54,7 @@ def test_stock_refuses_a_non_uniform_plan():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """A tiny Qwen2 (biases, 4 query heads per k/v group) pruned to the sliced and the stock format by the CLI."""
+    """A tiny Qwen2 (biases, 4 query heads per k/v group) pruned to the sliced, stock and dense formats by the CLI."""
     root = tmp_path_factory.mktemp("exported")
     model = tiny_model("qwen2", seed=6, layers=2)
     model.save_pretrained(root / "model")
@@ -62,7 +62,7 @@ def exported(tmp_path_factory):
     run = [sys.executable, "-m", "cusprun.score", "--model", root / "model", "--corpus", f"a={root / 'a.jsonl'}",
            "--out", root / "scores", "--quiet"]
     assert subprocess.run(run, capture_output=True).returncode == 0
-    for fmt in ("sliced", "stock"):
+    for fmt in ("sliced", "stock", "dense"):
         res = subprocess.run([sys.executable, "-m", "cusprun.prune", "--model", root / "model", "--scores",
                               root / "scores/a.safetensors", "--ratio", "0.3", "--format", fmt, "--out", root / fmt,
                               "--quiet"], capture_output=True, text=True)
@@ -84,27 +84,33 @@ from transformers import AutoModelForCausalLM
 ids = torch.tensor([json.loads(sys.argv[3])])
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=sys.argv[2] == "remote").eval()
 with torch.no_grad():
-    print(json.dumps({"class": type(model).__name__, "logits": model(ids).logits.tolist()}))
+    tokens = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    print(json.dumps({"class": type(model).__name__, "logits": model(ids).logits.tolist(), "tokens": tokens.tolist()}))
 """
 
 
 def test_exports_load_where_cusprun_is_not_installed(exported, tmp_path):
     python = fresh_venv(tmp_path)
     ids = random_ids(11, seed=2)
-    for fmt, mode in (("sliced", "remote"), ("stock", "plain")):
+    for fmt, mode in (("sliced", "remote"), ("stock", "plain"), ("dense", "remote")):
         res = run_isolated(python, SCRIPT, tmp_path, str(exported / fmt), mode, json.dumps(ids))
         assert res.returncode == 0, res.stderr[-2000:]
         got = json.loads(res.stdout.strip().splitlines()[-1])
         expected = AutoModelForCausalLM.from_pretrained(exported / fmt).eval()
         assert got["class"] == type(expected).__name__
         assert (torch.tensor(got["logits"]) - logits(expected, ids)).abs().max() <= 1e-5
+        with torch.no_grad():
+            assert got["tokens"] == expected.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False,
+                                                      pad_token_id=0).tolist()
     assert json.loads((exported / "sliced" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
         "modeling_cusprun.CusprunQwen2ForCausalLM")
+    assert json.loads((exported / "dense" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_cusprun.CusprunDenseQwen2ForCausalLM")
 
 
 def test_model_folders_get_the_umask_permissions(exported):
     from cusprun.files import umask_mode
 
-    for fmt in ("sliced", "stock"):
+    for fmt in ("sliced", "stock", "dense"):
         assert (exported / fmt).stat().st_mode & 0o777 == umask_mode(0o777)
         assert (exported / fmt / "pruning.json").stat().st_mode & 0o777 == umask_mode()

@@ -82,6 +82,8 @@ def test_sliced_equals_masked_from_the_same_plan():
     ("mixed", "mix measures"),
     ("not_empty", "exists and is not empty"),
     ("missing", "score file not found"),
+    ("unreachable", "cannot be reached by removing MLP channels: the largest reachable ratio is 0."),
+    ("granularity", "argument --granularity: invalid choice: 'layer'"),
 ])
 def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     other = tmp_path / "other"
@@ -96,8 +98,12 @@ def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
         scores.append(scored / "local/b.safetensors")
     if case == "missing":
         scores = [tmp_path / "nope.safetensors"]
-    ratio = "1.5" if case == "ratio" else "0.2"
+    ratio = {"ratio": "1.5", "unreachable": "0.9"}.get(case, "0.2")
     args = ["--model", model, "--ratio", ratio, "--out", out, "--quiet"] + [a for s in scores for a in ("--scores", s)]
+    if case == "unreachable":
+        args += ["--granularity", "unit", "--neurons", "mlp"]
+    if case == "granularity":
+        args += ["--granularity", "layer"]
     res = cli("prune", *args)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()

@@ -1,0 +1,134 @@
+"""The ``dense`` format: a plan turned into a model of dense matrices with its own shapes per layer.
+
+The units of a layer are its query heads (q rows and o columns of one head), its k/v heads (k and v rows)
+and its MLP channels (gate row, up row, down column). A unit stays when any of its neurons is live in the
+propagated plan (:func:`cusprun.plan.propagate`); neurons removed inside a kept unit (single q/k rows,
+hidden-size columns or rows) are zero in its dense matrices, so the dense model computes exactly what
+``masked(model, plan)`` computes for any plan, and is only as much faster as the plan removes whole units:
+
+* a query head stays while any of its o columns is live (a head whose q rows are all removed still
+  averages its values uniformly, so it is not dead);
+* a k/v head stays while a kept query head reads it;
+* an MLP channel stays while its gate row, up row and down column are all live (act(0) · up = 0 and
+  gate · 0 = 0);
+* a block with no unit left is skipped, unless its output projection keeps a bias (then it is kept with
+  zero units and adds that constant); a layer with both blocks skipped is dropped.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .modeling_cusprun import DENSE
+from .neurons import Geometry
+from .plan import Plan, propagate
+
+
+def _k(layer: int, proj: str, side: str) -> str:
+    return f"model.layers.{layer}.{proj}.{side}"
+
+
+def layer_units(plan: Plan, geo: Geometry, layer: int) -> dict:
+    """Kept units of one layer of a propagated plan.
+
+    heads: [(k/v head, query head)] kept, grouped by k/v head; groups: kept k/v heads; channels: kept MLP
+    channel indices; kv_map: per kept query head, the position of its k/v head among the kept ones, or None
+    when every kept group keeps the same number of query heads."""
+    o_cols = plan[_k(layer, "self_attn.o_proj", "cols")].view(geo.kv, geo.rep, geo.hd)
+    live = o_cols.any(dim=-1)  # [kv, rep]
+    heads = [(g, r) for g in range(geo.kv) for r in range(geo.rep) if live[g, r]]
+    groups = [g for g in range(geo.kv) if live[g].any()]
+    counts = {int(live[g].sum()) for g in groups}
+    kv_map = None if len(counts) <= 1 else [groups.index(g) for g, _ in heads]
+    channel = (plan[_k(layer, "mlp.gate_proj", "rows")] & plan[_k(layer, "mlp.up_proj", "rows")]
+               & plan[_k(layer, "mlp.down_proj", "cols")])
+    return {"heads": heads, "groups": groups, "kv_map": kv_map, "channels": channel.nonzero().flatten()}
+
+
+def _head_index(units: list[int], width: int) -> torch.Tensor:
+    """Row (or column) indices of whole units of ``width`` neurons, in the given order."""
+    return torch.tensor([u * width + d for u in units for d in range(width)], dtype=torch.long)
+
+
+def masked_state(model, plan: Plan) -> dict[str, torch.Tensor]:
+    """``masked(model, plan).state_dict()`` without copying the model: removed rows (and their biases) and
+    columns of every projection zero, every other tensor shared with ``model``."""
+    state = dict(model.state_dict())
+    for name, keep in plan.items():
+        prefix, side = name.rsplit(".", 1)
+        if keep.all():
+            continue
+        weight = state[prefix + ".weight"] = state[prefix + ".weight"].clone()
+        if side == "rows":
+            weight[~keep] = 0
+            if prefix + ".bias" in state:
+                state[prefix + ".bias"] = state[prefix + ".bias"].clone()
+                state[prefix + ".bias"][~keep] = 0
+        else:
+            weight[:, ~keep] = 0
+    return state
+
+
+def dense(model, plan: Plan):
+    """A dense-format model computing exactly what ``masked(model, plan)`` computes (see module doc)."""
+    from transformers.initialization import no_init_weights
+
+    arch = model.config.model_type
+    if arch not in DENSE:
+        raise ValueError(f"the dense format supports {tuple(DENSE)}, not {arch!r}")
+    geo = Geometry(model.config)
+    plan = propagate(plan, geo)
+    zeroed = masked_state(model, plan)  # removed neurons inside kept units stay as zeros
+    state = {k: v for k, v in zeroed.items() if not k.startswith("model.layers.")}
+    per_layer, kept_layers = {}, []
+    for layer in range(geo.layers):
+        units = layer_units(plan, geo, layer)
+        src = f"model.layers.{layer}."
+        o_bias, down_bias = zeroed.get(src + "self_attn.o_proj.bias"), zeroed.get(src + "mlp.down_proj.bias")
+        attention = bool(units["heads"]) or (o_bias is not None and bool(o_bias.any()))
+        mlp = len(units["channels"]) > 0 or (down_bias is not None and bool(down_bias.any()))
+        if not attention and not mlp:
+            continue
+        dst = f"model.layers.{len(kept_layers)}."
+        kept_layers.append(layer)
+        overrides = {"num_attention_heads": len(units["heads"]), "num_key_value_heads": len(units["groups"]),
+                     "intermediate_size": len(units["channels"])}
+        if units["kv_map"] is not None:
+            overrides["cusprun_kv_map"] = units["kv_map"]
+        overrides["skip"] = [b for b, on in (("self_attn", attention), ("mlp", mlp)) if not on]
+        per_layer[len(kept_layers) - 1] = overrides
+        if attention:
+            q_index = _head_index([g * geo.rep + r for g, r in units["heads"]], geo.hd)
+            kv_index = _head_index(units["groups"], geo.hd)
+            state[dst + "input_layernorm.weight"] = zeroed[src + "input_layernorm.weight"]
+            for proj, index in (("q_proj", q_index), ("k_proj", kv_index), ("v_proj", kv_index)):
+                state[f"{dst}self_attn.{proj}.weight"] = zeroed[f"{src}self_attn.{proj}.weight"][index]
+                if f"{src}self_attn.{proj}.bias" in zeroed:
+                    state[f"{dst}self_attn.{proj}.bias"] = zeroed[f"{src}self_attn.{proj}.bias"][index]
+            state[dst + "self_attn.o_proj.weight"] = zeroed[src + "self_attn.o_proj.weight"][:, q_index]
+            if o_bias is not None:
+                state[dst + "self_attn.o_proj.bias"] = o_bias
+        if mlp:
+            channels = units["channels"]
+            state[dst + "post_attention_layernorm.weight"] = zeroed[src + "post_attention_layernorm.weight"]
+            for proj in ("gate_proj", "up_proj"):
+                state[f"{dst}mlp.{proj}.weight"] = zeroed[f"{src}mlp.{proj}.weight"][channels]
+                if f"{src}mlp.{proj}.bias" in zeroed:
+                    state[f"{dst}mlp.{proj}.bias"] = zeroed[f"{src}mlp.{proj}.bias"][channels]
+            state[dst + "mlp.down_proj.weight"] = zeroed[src + "mlp.down_proj.weight"][:, channels]
+            if down_bias is not None:
+                state[dst + "mlp.down_proj.bias"] = down_bias
+    config_cls, model_cls = DENSE[arch]
+    config_dict = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config"):
+        config_dict.pop(key, None)
+    if config_dict.get("layer_types"):
+        config_dict["layer_types"] = [config_dict["layer_types"][i] for i in kept_layers]
+    config_dict.update(num_hidden_layers=len(kept_layers), head_dim=geo.hd)
+    config = config_cls(per_layer_config=per_layer, cusprun_source_layers=kept_layers, **config_dict)
+    config.architectures = [model_cls.__name__]
+    with no_init_weights():
+        out = model_cls(config)
+    out.tie_weights()
+    out.load_state_dict(state, strict=True)  # copies into the new parameters: model stays untouched
+    return out.to(dtype=next(model.parameters()).dtype).eval()

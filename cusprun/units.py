@@ -1,0 +1,163 @@
+"""Selection by units: whole query heads and MLP channels, with budgets compared across layers.
+
+The paper's selection (:mod:`.selection`, ``granularity="neuron"``) ranks single rows and columns inside each
+(layer, projection, side) group and takes the same share σ from every group. This module chooses whole units,
+the structure a dense model can drop (:mod:`.dense`), and lets some layers lose more than others.
+
+Unit scores, per document, derived from the per-neuron scores in the score files (both measures):
+
+* an MLP channel k: ``down_proj.cols[k]`` = ‖W_down[:, k]‖₂ · ‖A[:, k]‖₂, A = act(gate) ⊙ up. That is the norm
+  of the channel's whole contribution to the MLP output, under the local and the block measure alike (under
+  the block measure the gate and up rows carry the same number; under the local measure they are
+  pre-activation norms the activation may silence, so they are not used);
+* a query head h: sqrt(Σ_{j ∈ h} ``o_proj.cols[j]``²), the head's contribution to the attention output
+  ‖O_h W_o,hᵀ‖ when its columns' contributions are orthogonal (in general Σ_j cols[j] bounds it from above);
+  a k/v head goes with the last query head that reads it;
+* the block's output: ‖attention output‖ = sqrt(Σ_i ``o_proj.rows[i]``²) and ‖MLP output‖ =
+  sqrt(Σ_i ``down_proj.rows[i]``²) (rows are local: ‖Y[:, i]‖₂, so the sum of squares is ‖Y‖_F²).
+
+Budgets (``budget``):
+
+* ``relative`` (cross-layer): a unit's value in a document is its score divided by its block's output norm in
+  the same document — the relative change of the block's output its removal causes at most — and units
+  are removed in ascending order of value per projection parameter they hold, over all layers at once;
+* ``uniform``: a unit's value is its within-block rank fraction per document, as the neuron selection does,
+  so every block loses about the same share.
+
+Documents are combined by the rule (``all-docs``: the maximum over documents, so a unit goes only when it
+is small in every document; ``mean-rank``: the mean; ``pooled``: the corpus as one document, squares summed
+over documents before dividing); several corpora: the maximum over corpora. As in :func:`.selection.select`,
+the shortest prefix of that order whose removal (with everything it makes dead) reaches the asked ratio
+of projection parameters is taken.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from .neurons import Geometry
+from .plan import Plan, kept_params, propagate
+from .selection import Selection, aggregate
+
+BUDGETS = ("relative", "uniform")
+KINDS = ("heads", "channels")  # the unit kinds, in the order used for tie-breaking
+
+
+def _k(layer: int, proj: str, side: str) -> str:
+    return f"model.layers.{layer}.{proj}.{side}"
+
+
+def unit_scores(scores: dict[str, torch.Tensor], geo: Geometry, layer: int) -> dict[str, tuple]:
+    """{kind: (unit scores [n_docs, units], block output norm [n_docs])} of one layer, float64."""
+    o_cols = scores[_k(layer, "self_attn.o_proj", "cols")].double()
+    heads = o_cols.view(o_cols.shape[0], geo.heads, geo.hd).square().sum(-1).sqrt()
+    attention = scores[_k(layer, "self_attn.o_proj", "rows")].double().square().sum(-1).sqrt()
+    channels = scores[_k(layer, "mlp.down_proj", "cols")].double()
+    mlp = scores[_k(layer, "mlp.down_proj", "rows")].double().square().sum(-1).sqrt()
+    return {"heads": (heads, attention), "channels": (channels, mlp)}
+
+
+def _aggregate(units: torch.Tensor, norm: torch.Tensor, rule: str, budget: str) -> torch.Tensor:
+    """[n_docs, units] scores and [n_docs] block norms of one corpus -> [units] value under rule and budget."""
+    if budget == "uniform":
+        return aggregate(units, rule)
+    tiny = torch.finfo(torch.float64).tiny
+    if rule == "pooled":
+        return units.square().sum(0).sqrt() / norm.square().sum().sqrt().clamp_min(tiny)
+    relative = units / norm[:, None].clamp_min(tiny)
+    if rule == "all-docs":
+        return relative.max(dim=0).values
+    if rule == "mean-rank":
+        return relative.mean(dim=0)
+    raise ValueError(f"unknown rule {rule!r}")
+
+
+def unit_values(score_sets: list[dict[str, torch.Tensor]], geo: Geometry, rule: str = "all-docs",
+                budget: str = "relative") -> dict[str, torch.Tensor]:
+    """{kind: [layers, units]} float64 values (lower: removed first), the maximum over corpora."""
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
+    out = {}
+    for kind in KINDS:
+        per_layer = []
+        for layer in range(geo.layers):
+            per_corpus = [_aggregate(*unit_scores(s, geo, layer)[kind], rule, budget) for s in score_sets]
+            per_layer.append(torch.stack(per_corpus).max(dim=0).values)
+        out[kind] = torch.stack(per_layer)
+    return out
+
+
+def unit_cost(geo: Geometry) -> dict[str, int]:
+    """Projection parameters one unit holds: a query head's q rows (with bias) and o columns; a channel's gate
+    and up rows (with biases) and down column. (A k/v head's rows go with its last query head.)"""
+    head = 2 * geo.hd * geo.hidden + (geo.hd if geo.bias["self_attn.q_proj"] else 0)
+    channel = 3 * geo.hidden + (2 if geo.bias["mlp.gate_proj"] else 0)
+    return {"heads": head, "channels": channel}
+
+
+def remove_units(geo: Geometry, removed: dict[str, torch.Tensor]) -> Plan:
+    """The propagated plan removing ``removed[kind]`` (bool [layers, units]) heads and channels."""
+    plan = geo.full_plan()
+    for layer in range(geo.layers):
+        heads = removed["heads"][layer]
+        plan[_k(layer, "self_attn.o_proj", "cols")] = ~heads.repeat_interleave(geo.hd)
+        plan[_k(layer, "mlp.down_proj", "cols")] = ~removed["channels"][layer]
+    return propagate(plan, geo)
+
+
+def reachable(geo: Geometry, kinds: tuple[str, ...]) -> float:
+    """The largest fraction of projection parameters removing every unit of ``kinds`` reaches."""
+    removed = {k: torch.full((geo.layers, geo.heads if k == "heads" else geo.inter), k in kinds) for k in KINDS}
+    return 1 - kept_params(remove_units(geo, removed), geo) / geo.projection_params()
+
+
+def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget: str = "relative",
+                 kinds: tuple[str, ...] = KINDS) -> Selection:
+    """Remove the lowest-valued units of ``kinds`` until ``ratio`` of the projection parameters is gone.
+
+    Order: ascending value (per parameter under the relative budget), then kind, layer and index."""
+    if not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    total = geo.projection_params()
+    cost = unit_cost(geo)
+    flat, tags = [], []
+    for kind_index, kind in enumerate(KINDS):
+        if kind not in kinds:
+            continue
+        v = values[kind]
+        flat.append((v / cost[kind] if budget == "relative" else v).flatten())
+        layers, units = v.shape
+        tags.append(torch.stack([torch.full((layers * units,), kind_index),
+                                 torch.arange(layers).repeat_interleave(units),
+                                 torch.arange(units).repeat(layers)], dim=1))
+    keys, tags = torch.cat(flat), torch.cat(tags)
+    minor = (tags[:, 0] * (geo.layers + 1) + tags[:, 1]) * (max(geo.heads, geo.inter) + 1) + tags[:, 2]
+    order = torch.argsort(minor, stable=True)
+    order = order[torch.sort(keys[order], stable=True).indices]
+
+    def plan_for(k: int) -> Plan:
+        removed = {kind: torch.zeros(values[kind].shape, dtype=torch.bool) for kind in KINDS}
+        chosen = tags[order[:k]]
+        for kind_index, kind in enumerate(KINDS):
+            mine = chosen[chosen[:, 0] == kind_index]
+            removed[kind][mine[:, 1], mine[:, 2]] = True
+        return remove_units(geo, removed)
+
+    @cache
+    def fraction(k: int) -> float:
+        return 1 - kept_params(plan_for(k), geo) / total
+
+    lo, hi = 0, len(order)
+    if fraction(hi) < ratio:
+        names = {"heads": "query heads", "channels": "MLP channels"}
+        raise ValueError(f"ratio {ratio} cannot be reached by removing {' and '.join(names[k] for k in kinds)}: "
+                         f"the largest reachable ratio is {fraction(hi):.4f}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fraction(mid) >= ratio else (mid, hi)
+    k = hi if lo == 0 or abs(fraction(hi) - ratio) <= abs(fraction(lo) - ratio) else lo
+    plan = plan_for(k)
+    kept = kept_params(plan, geo)
+    return Selection(plan, float(keys[order[k - 1]]) if k else 0.0, 1 - kept / total, kept, total)

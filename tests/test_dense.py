@@ -1,0 +1,119 @@
+"""The dense format: dense matrices, per-layer shapes, skipped blocks, dropped layers == the masked model."""
+
+import pytest
+import torch
+
+import cusprun
+from cusprun.apply import apply
+from cusprun.plan import Geometry, propagate
+from tests.tiny import random_ids, tiny_model
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits
+
+
+def batch(vocab, seed=0, length=17):
+    return [random_ids(length, vocab=vocab, seed=seed), random_ids(length, vocab=vocab, seed=seed + 1)]
+
+
+def unit_plan(geo: Geometry, seed: int):
+    """Layer 0 loses every head, layer 1 every channel, layer 2 everything; the others lose random units
+    (query heads, whole k/v groups, channels) and random single neurons, so kept groups are uneven."""
+    gen = torch.Generator().manual_seed(seed)
+    plan = geo.full_plan()
+
+    def k(layer, proj, side):
+        return f"model.layers.{layer}.{proj}.{side}"
+    for layer in range(geo.layers):
+        heads = torch.rand(geo.kv, geo.rep, generator=gen) > 0.4
+        heads[0, torch.randint(geo.rep, (1,), generator=gen)] = True
+        if geo.kv > 1:
+            heads[torch.randint(geo.kv, (1,), generator=gen)] = False  # a whole k/v group
+        channels = torch.rand(geo.inter, generator=gen) > 0.4
+        if layer in (0, 2):
+            heads[:] = False
+        if layer in (1, 2):
+            channels[:] = False
+        plan[k(layer, "self_attn.o_proj", "cols")] = heads[..., None].expand(-1, -1, geo.hd).flatten().clone()
+        plan[k(layer, "mlp.down_proj", "cols")] = channels
+        if layer >= 3:  # single neurons inside kept units: zeros in the dense matrices
+            for proj, side in (("self_attn.q_proj", "rows"), ("self_attn.k_proj", "rows"),
+                               ("self_attn.q_proj", "cols"), ("mlp.up_proj", "cols"), ("self_attn.o_proj", "rows")):
+                plan[k(layer, proj, side)] &= torch.rand(geo.size(k(layer, proj, side)), generator=gen) > 0.1
+    return propagate(plan, geo)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_computes_exactly_what_masked_computes(arch, seed):
+    model = tiny_model(arch, seed=seed, layers=5)
+    geo = Geometry(model.config)
+    plan = unit_plan(geo, seed)
+    dense, masked = apply(model, plan, "dense"), apply(model, plan, "masked")
+    ids = batch(model.config.vocab_size, seed)
+    assert (logits(dense, ids) - logits(masked, ids)).abs().max() <= 1e-4
+    assert (logits(masked, ids) - logits(model, ids)).abs().max() > 1e-2  # the removal changed something
+    # layer 2 lost everything: dropped; layer 0 has no attention, layer 1 no MLP; no projection gathers
+    assert dense.config.cusprun_source_layers == [0, 1, 3, 4]
+    layers = dense.model.layers
+    assert layers[0].self_attn is None and layers[0].mlp is not None
+    assert layers[1].mlp is None and layers[1].self_attn is not None
+    for i, layer in enumerate(layers):
+        cfg = dense.config.per_layer_config[i]
+        if layer.self_attn is not None:
+            assert layer.self_attn.q_proj.weight.shape == (cfg.num_attention_heads * geo.hd, geo.hidden)
+            assert layer.self_attn.k_proj.weight.shape == (cfg.num_key_value_heads * geo.hd, geo.hidden)
+        if layer.mlp is not None:
+            assert layer.mlp.down_proj.weight.shape == (geo.hidden, cfg.intermediate_size)
+    assert all(type(m) in (torch.nn.Linear,) for n, m in dense.named_modules() if n.endswith("_proj"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_dense_from_a_neuron_selection(arch):
+    """Any plan, also the paper's per-neuron one: partial units stay, with zeros."""
+    model = tiny_model(arch, seed=7, layers=3)
+    scores = cusprun.score(model, [random_ids(n, seed=n) for n in (7, 12, 9)], progress=False)
+    for ratio in (0.2, 0.5):
+        plan = scores.select(ratio)
+        ids = batch(model.config.vocab_size, seed=3)
+        gap = logits(apply(model, plan, "dense"), ids) - logits(apply(model, plan, "masked"), ids)
+        assert gap.abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_dense_generate_with_a_cache_sized_per_layer(arch):
+    """Greedy decoding with the KV cache (longer than Mistral's sliding window) gives the masked model's tokens,
+    and the cache holds each layer's own k/v heads."""
+    model = tiny_model(arch, seed=2, layers=5)
+    geo = Geometry(model.config)
+    plan = unit_plan(geo, 3)
+    dense, masked = apply(model, plan, "dense"), apply(model, plan, "masked")
+    prompt = torch.tensor([random_ids(6, vocab=model.config.vocab_size, seed=9)])
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        got, want = dense.generate(prompt, **kw), masked.generate(prompt, **kw)
+        assert torch.equal(got, want)
+        out = dense(prompt, use_cache=True)
+    for i, layer in enumerate(out.past_key_values.layers):
+        heads = dense.config.per_layer_config[i].num_key_value_heads
+        assert layer.keys.shape[1] == heads or (heads == 0 and layer.keys.shape[1] == layer.keys.shape[3] == 1)
+        assert layer.get_seq_length() == prompt.shape[1]
+
+
+def test_dense_config_uses_per_layer_config(tmp_path):
+    model = tiny_model("llama", seed=1, layers=5)
+    dense = apply(model, unit_plan(Geometry(model.config), 0), "dense")
+    dense.save_pretrained(tmp_path)
+    import json
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "cusprun_dense_llama" and config["num_hidden_layers"] == 4
+    assert config["per_layer_config"]["0"]["skip"] == ["self_attn"]
+    assert config["per_layer_config"]["1"]["skip"] == ["mlp"]
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = batch(61)
+    assert torch.equal(logits(loaded, ids), logits(dense, ids))

@@ -1,0 +1,109 @@
+"""Selection by units (cusprun.units): unit scores from the score files, budgets across layers, whole units only."""
+
+import pytest
+import torch
+
+import cusprun
+from cusprun.dense import layer_units
+from cusprun.plan import Geometry, propagate
+from cusprun.units import unit_scores, unit_values
+from tests.tiny import random_ids, tiny_model
+
+DOCS = (7, 12, 9)
+
+
+def documents(seed=0):
+    return [random_ids(n, seed=seed + n) for n in DOCS]
+
+
+def block_outputs(model, layer: int, ids: list[int]):
+    """(attention block output [T, hidden], o_proj input [T, q], MLP output, down_proj input) of one document,
+    float64, from hooks on the model's own modules."""
+    seen = {}
+    attn, mlp = model.model.layers[layer].self_attn, model.model.layers[layer].mlp
+    hooks = [attn.o_proj.register_forward_hook(lambda m, i, o: seen.update(o_in=i[0][0], o_out=o[0])),
+             mlp.down_proj.register_forward_hook(lambda m, i, o: seen.update(d_in=i[0][0], d_out=o[0]))]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return {k: v.double() for k, v in seen.items()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("measure", ["block", "local"])
+def test_unit_scores_are_block_output_changes(arch, measure):
+    """The documented derivations, against the model's own forward pass (float64): the block norms are the
+    blocks' output norms, a channel's score is the exact norm of its contribution to the MLP output, and a
+    head's score lies between its contribution's norm over the largest column and the sum over its columns."""
+    model = tiny_model(arch, seed=2, layers=2).double()
+    scores = cusprun.score(model.float(), [random_ids(n, seed=n) for n in DOCS], measure, progress=False).scores
+    model = model.double()
+    geo = Geometry(model.config)
+    for layer in range(geo.layers):
+        per_kind = unit_scores(scores, geo, layer)
+        heads, attn_norm = per_kind["heads"]
+        channels, mlp_norm = per_kind["channels"]
+        for d, n in enumerate(DOCS):
+            seen = block_outputs(model, layer, random_ids(n, seed=n))
+            tol = 1e-4 * float(seen["o_out"].norm())
+            assert abs(float(attn_norm[d]) - float(seen["o_out"].norm())) <= tol
+            assert abs(float(mlp_norm[d]) - float(seen["d_out"].norm())) <= 1e-4 * float(seen["d_out"].norm())
+            w_down = model.model.layers[layer].mlp.down_proj.weight.double()
+            for k in (0, geo.inter // 2, geo.inter - 1):
+                contribution = torch.outer(seen["d_in"][:, k], w_down[:, k]).norm()
+                assert abs(float(channels[d, k]) - float(contribution)) <= 1e-4 * float(seen["d_out"].norm())
+            w_o = model.model.layers[layer].self_attn.o_proj.weight.double()
+            for h in range(geo.heads):
+                cols = slice(h * geo.hd, (h + 1) * geo.hd)
+                contribution = float((seen["o_in"][:, cols] @ w_o[:, cols].T).norm())
+                per_col = scores[f"model.layers.{layer}.self_attn.o_proj.cols"][d, cols].double()
+                assert float(per_col.max()) - tol <= float(heads[d, h]) <= float(per_col.sum()) + tol
+                assert contribution <= float(per_col.sum()) + tol
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("budget", ["relative", "uniform"])
+@pytest.mark.parametrize("ratio", [0.15, 0.4, 0.8])
+def test_unit_selection_removes_whole_units_and_reaches_the_ratio(arch, budget, ratio):
+    model = tiny_model(arch, seed=4, layers=4)
+    geo = Geometry(model.config)
+    sel = cusprun.score(model, documents(), progress=False).select(ratio, granularity="unit", budget=budget)
+    assert all(torch.equal(sel.plan[n], propagate(sel.plan, geo)[n]) for n in sel.plan)
+    for name, keep in sel.plan.items():  # hidden-size rows and columns are never removed
+        if name.endswith(("q_proj.cols", "k_proj.cols", "v_proj.cols", "gate_proj.cols", "up_proj.cols",
+                          "o_proj.rows", "down_proj.rows")):
+            assert keep.all(), name
+    for layer in range(geo.layers):  # whole heads: every o column of a kept head is kept
+        o_cols = sel.plan[f"model.layers.{layer}.self_attn.o_proj.cols"].view(geo.heads, geo.hd)
+        assert torch.equal(o_cols.all(-1), o_cols.any(-1))
+    per_unit = (2 * geo.hd * geo.hidden) / geo.projection_params()  # the coarsest step: one query head
+    assert abs(sel.removed_fraction - ratio) <= per_unit
+    ids = torch.tensor([random_ids(15, seed=1)])
+    with torch.no_grad():
+        gap = cusprun.apply(model, sel, "dense")(ids).logits - cusprun.apply(model, sel, "masked")(ids).logits
+    assert gap.abs().max() <= 1e-4
+
+
+def test_relative_budget_differs_across_layers_and_follows_the_values():
+    """Under the relative budget the layers lose different numbers of channels, and every removed channel's value
+    per parameter is at most every kept one's (the order is global, not per layer)."""
+    model = tiny_model("llama", seed=6, layers=4)
+    geo = Geometry(model.config)
+    score_set = cusprun.score(model, documents(3), progress=False)
+    sel = score_set.select(0.15, granularity="unit", neurons="mlp")
+    kept = [len(layer_units(sel.plan, geo, layer)["channels"]) for layer in range(geo.layers)]
+    assert len(set(kept)) > 1
+    values = unit_values([score_set.scores], geo)["channels"]
+    removed = torch.stack([~sel.plan[f"model.layers.{layer}.mlp.down_proj.cols"] for layer in range(geo.layers)])
+    assert values[removed].max() <= values[~removed].min()
+
+
+def test_unreachable_ratio_names_the_largest_reachable_one():
+    model = tiny_model("llama", seed=1, layers=2)
+    score_set = cusprun.score(model, documents(), progress=False)
+    with pytest.raises(ValueError, match=r"cannot be reached by removing MLP channels: the largest reachable ratio "
+                                         r"is 0\.\d{4}"):
+        score_set.select(0.95, granularity="unit", neurons="mlp")
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        score_set.select(0.3, granularity="layer")
