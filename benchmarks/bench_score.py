@@ -2,6 +2,7 @@
 and the exact q/k-row ablation of one layer against a materialized reference.
 
     python benchmarks/bench_score.py [--docs 4] [--tokens 512] [--model smollm2-135m] [--qk-layers 2]
+    python benchmarks/bench_score.py --random-width 4096 [--layers 2]   # Llama-3-8B geometry, random weights
 
 Prints tokens/s of a plain Hugging Face forward pass over the same documents, of local-measure
 scoring and of block-measure scoring, and each one's time relative to the plain forward pass. Then,
@@ -41,6 +42,20 @@ def documents(tokenizer, vocab, n, length):
     if len(ids) < n * length:
         raise SystemExit(f"the shipped corpora hold {len(ids)} tokens, fewer than {n} x {length}")
     return [ids[i * length:(i + 1) * length] for i in range(n)]
+
+
+def random_llama(width: int, layers: int, device: str):
+    """A randomly initialized Llama with Llama-3-8B's geometry at hidden size ``width`` (head_dim 128, 4 query
+    heads per k/v head, intermediate 3.5 x width, 128,256-token vocabulary); nothing is downloaded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = width // 128
+    config = LlamaConfig(hidden_size=width, intermediate_size=width * 7 // 2, num_attention_heads=heads,
+                         num_key_value_heads=max(1, heads // 4), head_dim=128, num_hidden_layers=layers,
+                         vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(config).eval()
 
 
 def attention_inputs(model, ids, n_layers, device):
@@ -117,10 +132,21 @@ def main():
                     "with the materialized reference (0: skip)")
     ap.add_argument("--batch-tokens", type=int, default=None, help="the engine's token budget per batch "
                     "(default: its per-device default)")
+    ap.add_argument("--random-width", type=int, metavar="N", help="instead of --model: a random Llama with "
+                    "Llama-3-8B geometry at hidden size N (4096 is Llama-3-8B's), random token ids")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of the --random-width model")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    model, tokenizer, _ = load_model(args.model, device=args.device, quiet=True)
-    docs = documents(tokenizer, model.config.vocab_size, args.docs, args.tokens)
+    if args.random_width:
+        if args.random_width % 128 or args.random_width < 128:
+            raise SystemExit("--random-width must be a positive multiple of 128 (head_dim 128)")
+        model = random_llama(args.random_width, args.layers, args.device)
+        args.model = f"random-llama3-geometry-width{args.random_width}-layers{args.layers}"
+        gen = torch.Generator().manual_seed(0)
+        docs = torch.randint(0, model.config.vocab_size, (args.docs, args.tokens), generator=gen).tolist()
+    else:
+        model, tokenizer, _ = load_model(args.model, device=args.device, quiet=True)
+        docs = documents(tokenizer, model.config.vocab_size, args.docs, args.tokens)
     n_tokens = sum(map(len, docs))
     n_layers = model.config.num_hidden_layers
 

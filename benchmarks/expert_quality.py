@@ -66,14 +66,14 @@ EVAL_SETS = {"de": ("de", "de_news"), "medical": ("medical",), "qa": ("qa", "qa_
 GENERAL_SETS = ("en_news", "en_man")
 GENERAL_CALIBRATION = ("de", "en", "medical", "legal", "qa")
 # methods whose scores come from the expert's own corpora, with the selection settings each uses
-TARGETED = {"cusprun": {}, "cusprun-unit": dict(granularity="unit"), "plnd": {}}
+TARGETED = {"cusprun": {}, "cusprun-unit": dict(granularity="unit", budget="relative"), "plnd": {}}
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
 ABLATIONS = {"units, uniform budget": dict(granularity="unit", budget="uniform"),
              "local measure": dict(measure="local"), "MLP only": dict(neurons="mlp"),
              "mean-rank rule": dict(rule="mean-rank"), "pooled rule": dict(rule="pooled")}
 SCORED_AS = {"cusprun-unit": "cusprun"}  # methods that select differently from the same score files
 # --ablations: every variant at every ratio, the paper's per-neuron selection, and two changes together
-ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "units, relative budget": dict(granularity="unit"),
+ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "units, relative budget": dict(granularity="unit", budget="relative"),
                       "MLP only + mean-rank": dict(neurons="mlp", rule="mean-rank")}
 
 

@@ -52,7 +52,7 @@ def check_against_model(sets: list[ScoreSet], paths, config) -> None:
 
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
                  out: Path, rule: str = "all-docs", neurons: str = "all", granularity: str = "neuron",
-                 budget: str = "relative") -> dict:
+                 budget: str = "uniform") -> dict:
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())

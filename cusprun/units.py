@@ -75,7 +75,7 @@ def _aggregate(units: torch.Tensor, norm: torch.Tensor, rule: str, budget: str) 
 
 
 def unit_values(score_sets: list[dict[str, torch.Tensor]], geo: Geometry, rule: str = "all-docs",
-                budget: str = "relative") -> dict[str, torch.Tensor]:
+                budget: str = "uniform") -> dict[str, torch.Tensor]:
     """{kind: [layers, units]} float64 values (lower: removed first), the maximum over corpora."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
@@ -113,7 +113,7 @@ def reachable(geo: Geometry, kinds: tuple[str, ...]) -> float:
     return 1 - kept_params(remove_units(geo, removed), geo) / geo.projection_params()
 
 
-def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget: str = "relative",
+def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget: str = "uniform",
                  kinds: tuple[str, ...] = KINDS) -> Selection:
     """Remove the lowest-valued units of ``kinds`` until ``ratio`` of the projection parameters is gone.
 

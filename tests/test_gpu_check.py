@@ -10,6 +10,7 @@ def test_without_a_gpu_only_the_steps_that_need_none():
     names = [s[0] for s in gpu_check.steps(gpu=True)]
     assert names[:11] == ["aot", "build", "resources", "tests", "bruteforce", "memcheck", "racecheck",
                           "memcheck-triton", "verify", "bench_kernels", "bench_score"]
+    assert names[11:] == ["bench_score-8b-width"]  # bench_score.py --random-width 4096: Llama-3-8B geometry
     assert sum(limit for _, _, limit, _ in gpu_check.steps(gpu=True)) > 0
 
 

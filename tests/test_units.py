@@ -91,10 +91,10 @@ def test_relative_budget_differs_across_layers_and_follows_the_values():
     model = tiny_model("llama", seed=6, layers=4)
     geo = Geometry(model.config)
     score_set = cusprun.score(model, documents(3), progress=False)
-    sel = score_set.select(0.15, granularity="unit", neurons="mlp")
+    sel = score_set.select(0.15, granularity="unit", neurons="mlp", budget="relative")
     kept = [len(layer_units(sel.plan, geo, layer)["channels"]) for layer in range(geo.layers)]
     assert len(set(kept)) > 1
-    values = unit_values([score_set.scores], geo)["channels"]
+    values = unit_values([score_set.scores], geo, budget="relative")["channels"]
     removed = torch.stack([~sel.plan[f"model.layers.{layer}.mlp.down_proj.cols"] for layer in range(geo.layers)])
     assert values[removed].max() <= values[~removed].min()
 
