@@ -1,0 +1,42 @@
+"""python -m cusprun.pipeline end to end on a tiny model: scores, experts, evaluation table, summary, reuse."""
+
+import json
+import subprocess
+import sys
+
+from tests.conftest import write_ids_corpus
+
+
+def run_pipeline(*args):
+    return subprocess.run([sys.executable, "-m", "cusprun.pipeline", *map(str, args)], capture_output=True, text=True)
+
+
+def test_main_job_on_a_tiny_model(tiny_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "corpora").mkdir(parents=True)
+    (data / "heldout").mkdir()
+    for i, name in enumerate(("a", "b")):
+        write_ids_corpus(data / "corpora" / f"{name}.jsonl", [9, 14, 5], seed=10 * i)
+        write_ids_corpus(data / "heldout" / f"{name}.jsonl", [12, 7], seed=100 + 10 * i)
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", data, "--expert", "a", "--expert", "a+b", "--eval", "a", "--eval", "b",
+            "--docs", 2, "--max-tokens", 12, "--eval-max-tokens", 16, "--out", out, "--quiet"]
+    res = run_pipeline(*args)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["model"] for r in summary["results"]] == ["dense", "a", "a+b"]
+    for row in summary["results"][1:]:
+        assert abs(row["ratio_achieved_projection"] - 0.25) < 0.05
+        assert (out / "experts" / row["model"] / "pruning.json").is_file()
+    assert all(r["files"][str(data / "heldout" / "a.jsonl")]["perplexity"] > 1 for r in summary["results"])
+    table = (out / "summary.md").read_text()
+    assert table.startswith("| model |") and "| a+b |" in table and table in res.stdout
+    # corpora are cut to --docs documents, and a second run reuses the matching score files
+    assert len((out / "corpora" / "a.jsonl").read_text().splitlines()) == 2
+    again = run_pipeline(*args)
+    assert again.returncode == 0 and again.stderr.count("reusing") == 2, again.stderr
+
+
+def test_main_job_checks_its_inputs_before_loading(tmp_path):
+    res = run_pipeline("--model", tmp_path / "no-model", "--data", tmp_path, "--out", tmp_path / "o", "--quiet")
+    assert res.returncode == 2 and "no calibration corpus" in res.stderr and "Traceback" not in res.stderr
