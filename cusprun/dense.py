@@ -20,12 +20,8 @@ from __future__ import annotations
 import torch
 
 from .modeling_cusprun import DENSE
-from .neurons import Geometry
+from .neurons import Geometry, tensor_name
 from .plan import Plan, propagate
-
-
-def _k(layer: int, proj: str, side: str) -> str:
-    return f"model.layers.{layer}.{proj}.{side}"
 
 
 def layer_units(plan: Plan, geo: Geometry, layer: int) -> dict:
@@ -34,14 +30,14 @@ def layer_units(plan: Plan, geo: Geometry, layer: int) -> dict:
     heads: [(k/v head, query head)] kept, grouped by k/v head; groups: kept k/v heads; channels: kept MLP
     channel indices; kv_map: per kept query head, the position of its k/v head among the kept ones, or None
     when every kept group keeps the same number of query heads."""
-    o_cols = plan[_k(layer, "self_attn.o_proj", "cols")].view(geo.kv, geo.rep, geo.hd)
+    o_cols = plan[tensor_name(layer, "self_attn.o_proj", "cols")].view(geo.kv, geo.rep, geo.hd)
     live = o_cols.any(dim=-1)  # [kv, rep]
     heads = [(g, r) for g in range(geo.kv) for r in range(geo.rep) if live[g, r]]
     groups = [g for g in range(geo.kv) if live[g].any()]
     counts = {int(live[g].sum()) for g in groups}
     kv_map = None if len(counts) <= 1 else [groups.index(g) for g, _ in heads]
-    channel = (plan[_k(layer, "mlp.gate_proj", "rows")] & plan[_k(layer, "mlp.up_proj", "rows")]
-               & plan[_k(layer, "mlp.down_proj", "cols")])
+    channel = (plan[tensor_name(layer, "mlp.gate_proj", "rows")] & plan[tensor_name(layer, "mlp.up_proj", "rows")]
+               & plan[tensor_name(layer, "mlp.down_proj", "cols")])
     return {"heads": heads, "groups": groups, "kv_map": kv_map, "channels": channel.nonzero().flatten()}
 
 
