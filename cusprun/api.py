@@ -3,8 +3,8 @@
     import cusprun
     de = cusprun.score(model, german_texts, tokenizer=tokenizer)      # ScoreSet
     med = cusprun.ScoreSet.load("scores/medical.safetensors")
-    plan = (de & med).select(0.25)                                      # intersection, then σ for 25%
-    expert = cusprun.apply(model, plan, format="sliced")
+    plan = (de & med).select(0.25)              # intersection, then whole MLP channels for 25%
+    expert = cusprun.apply(model, plan)         # dense: per-layer MLP widths, no gathers or scatters
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def token_ids(documents, tokenizer=None, max_tokens: int | None = None,
 
 
 def score(model, documents, measure: str = "block", *, tokenizer=None, max_tokens: int | None = None,
-          corpus: str = "documents", progress: bool = True) -> ScoreSet:
+          corpus: str = "documents", progress: bool = True, stats: bool = False) -> ScoreSet:
     """Every neuron's relevance score for each document, on a model the caller has loaded.
 
     model: a Llama / Mistral / Qwen2 ``*ForCausalLM`` on any device and dtype (scores accumulate in
@@ -60,6 +60,7 @@ def score(model, documents, measure: str = "block", *, tokenizer=None, max_token
         1-D tensors, or any iterable of these; ``max_tokens`` truncates each.
     measure: ``block`` (default) or ``local``; see the README's score definition.
     corpus: the name recorded in the ScoreSet's metadata.
+    stats: also collect the Gram matrices ``--compensate`` needs (``ScoreSet.stats``, see :mod:`cusprun.stats`).
     Returns a :class:`ScoreSet` of float32 [n_docs, features] tensors, row i for document i.
     """
     if measure not in MEASURES:
@@ -69,7 +70,7 @@ def score(model, documents, measure: str = "block", *, tokenizer=None, max_token
     check_architecture(model.config)
     ids = token_ids(documents, tokenizer, max_tokens, model.config.vocab_size)
     param = next(model.parameters())
-    scorer = Scorer(model, measure)
+    scorer = Scorer(model, measure, stats=stats)
     with progress_bar(sum(map(len, ids)), corpus, disable=not progress) as bar:
         scores = scorer.score_documents(ids, partial(advance, bar, len(ids), model.config.num_hidden_layers))
     metadata = score_metadata(model.config, measure=measure,

@@ -1,4 +1,4 @@
-"""Turn a plan into a model: masked (original architecture, zeros) or sliced (physically smaller)."""
+"""Turn a plan into a model: dense (per-layer shapes), sliced, masked (original architecture, zeros) or stock."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .modeling_cusprun import PROJECTIONS, SLICED
 from .neurons import tensor_name
 from .plan import Plan
 
-FORMATS = ("sliced", "masked", "stock", "dense")
+FORMATS = ("dense", "sliced", "masked", "stock")
 
 
 def _masks(plan: Plan, layer: int, proj: str):
@@ -68,16 +68,17 @@ def sliced(model, plan: Plan):
     return out.to(dtype=next(model.parameters()).dtype).eval()
 
 
-def apply(model, plan, format: str = "sliced"):
-    """The pruned model, in memory (``model`` is left as it was).
+def apply(model, plan, format: str = "dense"):
+    """The pruned model, in memory (``model`` is left as it was); every format computes exactly what
+    ``masked`` computes.
 
     plan: a :class:`~cusprun.selection.Selection` (from ``ScoreSet.select``) or a dict of keep masks.
-    format: ``sliced`` (default; physically smaller, computes exactly what ``masked`` computes),
-    ``masked`` (original architecture, removed rows/columns zero) or ``stock`` (the original
-    architecture class with fewer MLP channels and k/v groups; needs a plan uniform across layers,
-    from ``ScoreSet.select(ratio, uniform=True)``, see :mod:`cusprun.stock`) or ``dense`` (dense matrices,
-    per-layer head and channel counts, removed blocks skipped and layers dropped; any plan, fastest for plans of
-    whole units, see :mod:`cusprun.dense`)."""
+    format: ``dense`` (default: dense matrices, per-layer head and channel counts, removed blocks skipped
+    and layers dropped; any plan, fastest for plans of whole units, see :mod:`cusprun.dense`), ``sliced``
+    (only live rows and columns, gathered and scattered at full width), ``masked`` (original
+    architecture, removed rows/columns zero) or ``stock`` (the original architecture class with fewer MLP
+    channels and k/v groups; needs a plan uniform across layers, from ``ScoreSet.select(ratio,
+    uniform=True)``, see :mod:`cusprun.stock`)."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     keep = getattr(plan, "plan", plan)

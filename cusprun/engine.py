@@ -32,18 +32,20 @@ class Scorer:
 
     Give either a loaded Hugging Face model (Llama, Mistral or Qwen2 layout) or a layer source.
     ``batch_tokens``: the token budget of a batch (default per device, :data:`DEFAULT_BATCH_TOKENS`);
-    scores do not depend on it, bit for bit.
+    scores do not depend on it, bit for bit. ``stats``: also sum the Gram matrices of o_proj's and
+    down_proj's inputs over all documents (``model.layers.{l}.{proj}.gram``, float64 [n, n], among the
+    results of :meth:`score_documents`; see :mod:`cusprun.stats`).
     """
 
     def __init__(self, model=None, measure: str = "block", chunk_bytes: int = ops.qk_ablation.DEFAULT_CHUNK_BYTES,
-                 layers: LayerSource | None = None, batch_tokens: int | None = None):
+                 layers: LayerSource | None = None, batch_tokens: int | None = None, stats: bool = False):
         if measure not in MEASURES:
             raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
         if (model is None) == (layers is None):
             raise ValueError("give a model or a layer source, not both")
         if batch_tokens is not None and batch_tokens < 1:
             raise ValueError(f"batch_tokens must be at least 1, got {batch_tokens}")
-        self.measure, self.chunk_bytes = measure, chunk_bytes
+        self.measure, self.chunk_bytes, self.stats = measure, chunk_bytes, stats
         self.source: LayerSource = layers if layers is not None else InMemoryLayers(model)
         self.config = self.source.config
         self.batch_tokens = batch_tokens or DEFAULT_BATCH_TOKENS.get(self.source.device.type,
@@ -61,10 +63,11 @@ class Scorer:
         return out
 
     def _run_layer(self, index: int, layer: torch.nn.Module, hidden: HiddenStore, batches: list[list[int]],
-                   on_step) -> dict[int, dict[str, torch.Tensor]]:
+                   on_step) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         """Every batch through layer ``index``: hidden states replaced by the layer's outputs; returns each
-        document's scores of the layer on the host (document -> tensor name -> float32 [features])."""
-        scorer = LayerScores(self.source, index, layer, self.measure, self.chunk_bytes)
+        document's scores of the layer on the host (document -> tensor name -> float32 [features]) and,
+        with ``stats``, the layer's Gram matrices over these documents (name -> float64 [n, n], host)."""
+        scorer = LayerScores(self.source, index, layer, self.measure, self.chunk_bytes, self.stats)
         parts, names = [], None
         with scorer.instrumented():
             for batch in batches:
@@ -74,13 +77,14 @@ class Scorer:
                     hidden.put(i, out)
                 names = list(scores)
                 parts.append(torch.cat([scores[n] for n in names], dim=1))  # [batch docs, all features]
+        grams = {name: g.cpu() for name, g in scorer.grams().items()}
         if not parts:
-            return {}
+            return {}, grams
         flat = torch.cat(parts).float().cpu()  # the layer's scores reach the host in one copy
         widths = [scores[n].shape[1] for n in names]
         docs = [i for batch in batches for i in batch]
         # per-document clones: a view would carry (and pickle, when gathered) the whole layer's storage
-        return {i: {n: t.clone() for n, t in zip(names, flat[j].split(widths))} for j, i in enumerate(docs)}
+        return {i: {n: t.clone() for n, t in zip(names, flat[j].split(widths))} for j, i in enumerate(docs)}, grams
 
     @torch.inference_mode()
     def score_documents(self, documents: list[list[int]], on_step: Callable[[int, int, int], None] | None = None,
@@ -111,19 +115,22 @@ class Scorer:
         try:
             for index in range(start, n_layers):
                 layer = self.source.layer(index)
-                error, rows = None, {}
+                error, rows, grams = None, {}, {}
                 try:
-                    rows = self._run_layer(index, layer, hidden, batches, on_step)
+                    rows, grams = self._run_layer(index, layer, hidden, batches, on_step)
                 except Exception as exc:  # shared with every rank below, so none waits forever
                     if parallel.world == 1:
                         raise
                     error = f"{type(exc).__name__}: {exc}"
                 parallel.check(error)
-                gathered = parallel.gather(rows)
+                # a rank's Gram sums travel under a negative key (document keys are 0, 1, ...)
+                gathered = parallel.gather({**rows, -1 - parallel.rank: grams})
                 layer_scores = None
                 if gathered is not None:
                     layer_scores = {name: torch.stack([gathered[i][name] for i in range(len(documents))])
                                     for name in gathered[0]}
+                    per_rank = [gathered[k] for k in sorted(gathered) if k < 0]  # in rank order: deterministic sums
+                    layer_scores.update({name: sum(g[name] for g in per_rank if name in g) for name in grams})
                     scores.update(layer_scores)
                 if checkpoint is not None:
                     # hidden states of every rank first, then the scores: a layer's score file exists only

@@ -11,11 +11,14 @@ from pathlib import Path
 
 from . import __version__
 from .apply import apply
+from .compensate import DEFAULT_RIDGE
+from .compensate import compensate as compensate_model
 from .errors import CusprunError
 from .export import save_model_dir
 from .neurons import Geometry, config_hash
 from .plan import kept_counts
 from .scoreset import ScoreSet, intersect
+from .stats import stats_path
 
 
 def check_ratio(ratio: float) -> None:
@@ -50,20 +53,42 @@ def check_against_model(sets: list[ScoreSet], paths, config) -> None:
                 raise CusprunError(f"{path}: tensor {name} missing or not [n_docs, {n}] (another model?)")
 
 
+def check_stats(sets: list[ScoreSet], paths) -> None:
+    """--compensate needs the statistics beside every score file: one line naming the first missing one."""
+    for score_set, path in zip(sets, paths):
+        if score_set.stats is None:
+            raise CusprunError(f"--compensate needs {stats_path(path)}: score with python -m cusprun.score ... "
+                               "--stats to write it")
+
+
+def _layer_norm_params(model) -> int:
+    return sum(p.numel() for name, p in model.model.layers.named_parameters() if "layernorm" in name)
+
+
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
-                 out: Path, rule: str = "all-docs", neurons: str = "all", granularity: str = "neuron",
-                 budget: str = "uniform") -> dict:
-    """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report."""
+                 out: Path, rule: str = "all-docs", neurons: str | None = None, granularity: str | None = None,
+                 budget: str = "uniform", compensate: bool = False, ridge: float = DEFAULT_RIDGE) -> dict:
+    """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report.
+    ``neurons``/``granularity`` None: the scoring method's defaults (:meth:`ScoreSet.select`). ``compensate``:
+    refit o_proj and down_proj over the kept columns first (:mod:`cusprun.compensate`; needs the sets' stats)."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
-    sel = intersect(*sets).select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons,
-                                  granularity=granularity, budget=budget)
+    combined = intersect(*sets)
+    neurons, granularity = combined.selection_settings(neurons, granularity, uniform=format == "stock")
+    sel = combined.select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons,
+                          granularity=granularity, budget=budget)
+    if compensate:
+        check_stats(sets, score_paths)
+        model = compensate_model(model, sel.plan, combined.stats, ridge)
     pruned = apply(model, sel, format)
-    params = dense_params - (sel.total_projection_params - sel.kept_projection_params)
+    # the dense format also drops the norm in front of a block it skips
+    dropped_norms = _layer_norm_params(model) - _layer_norm_params(pruned) if format == "dense" else 0
+    params = dense_params - (sel.total_projection_params - sel.kept_projection_params) - dropped_norms
     report = {
         "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
         "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
-        "granularity": granularity, "budget": budget,
+        "granularity": granularity, "budget": budget, "compensate": compensate,
+        **({"ridge": ridge} if compensate else {}),
         "ratio_asked": ratio,
         "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
         "sigma": sel.sigma, "params_dense": dense_params, "params": params,

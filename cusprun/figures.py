@@ -152,7 +152,10 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
         kept, sigma, ratio = report["kept"], report["sigma"], report["ratio_achieved_projection"]
         title = f"{Path(expert).name}: {ratio:.1%} of projection parameters removed"
     else:
-        selection = combined.select(ratio)
+        try:
+            selection = combined.select(ratio)
+        except ValueError as exc:  # a ratio the default units cannot reach
+            raise CusprunError(str(exc)) from None
         kept, sigma = kept_counts(selection.plan, geo), selection.sigma
         title = f"{label(combined)}: {selection.removed_fraction:.1%} of projection parameters removed"
     layer = geo.layers // 2 if layer is None else layer

@@ -28,6 +28,7 @@ from cusprun_kernels.segments import Segments
 from .architectures import sliding_window
 from .layers import LayerSource, layer_mask
 from .neurons import PROJECTIONS, tensor_name
+from .stats import STAT_PROJECTIONS, gram_name
 
 MEASURES = ("block", "local")  # checked by the engine before any work
 
@@ -35,12 +36,16 @@ MEASURES = ("block", "local")  # checked by the engine before any work
 class LayerScores:
     """Decoder layer ``index`` instrumented for scoring (inside ``with scores.instrumented():``).
 
-    :meth:`run` passes a batch of documents through the layer and returns their outputs and scores.
+    :meth:`run` passes a batch of documents through the layer and returns their outputs and scores. With
+    ``stats``, the Gram matrices of o_proj's and down_proj's inputs are summed over every batch (:meth:`grams`).
     """
 
-    def __init__(self, source: LayerSource, index: int, layer: torch.nn.Module, measure: str, chunk_bytes: int):
+    def __init__(self, source: LayerSource, index: int, layer: torch.nn.Module, measure: str, chunk_bytes: int,
+                 stats: bool = False):
         self.source, self.index, self.layer = source, index, layer
         self.config, self.measure, self.chunk_bytes = source.config, measure, chunk_bytes
+        self.stats = stats
+        self._gram: dict[str, torch.Tensor] = {}  # float64 sums over the batches
         # Fresh float32 copies, once per layer: reductions over a weight round the same way whatever its
         # memory alignment in the loaded model (so streamed and in-memory runs are bit-identical).
         self.w_o = layer.self_attn.o_proj.weight.to(torch.float32, copy=True)
@@ -58,6 +63,9 @@ class LayerScores:
             flat = x.reshape(-1, x.shape[-1])
             y, row_sq, col_sq = ops.projection_energies(flat, linear.weight, linear.bias, self._doc)
             self._energies.setdefault(proj, []).append((row_sq[0], col_sq[0]))
+            if self.stats and proj in STAT_PROJECTIONS:
+                g = ops.gram(flat).double()
+                self._gram[proj] = g if proj not in self._gram else self._gram[proj].add_(g)
             if self.measure == "block":  # the attention-side block scores need these, nothing else
                 if proj == "self_attn.o_proj":
                     self._keep(f"{proj}.in", flat)
@@ -111,6 +119,11 @@ class LayerScores:
             self._doc = None
             self._energies.clear()
             self._tensors.clear()
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        """{``gram_name``: float64 [n, n] on the device}: XᵀX of o_proj's and down_proj's inputs over every
+        token that has passed the layer (empty without ``stats``)."""
+        return {gram_name(self.index, proj): g for proj, g in self._gram.items()}
 
     def _scores(self, segments: Segments) -> dict[str, torch.Tensor]:
         row_sq = {proj: torch.stack([e[0] for e in self._energies[proj]]) for proj in PROJECTIONS}

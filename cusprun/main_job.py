@@ -1,7 +1,7 @@
 """The main job, end to end, in one process (one model load): the library behind ``python -m cusprun.pipeline``.
 
-score the calibration corpora -> build each expert (intersection of its dimensions' irrelevant
-neurons, sliced) -> evaluate the dense model and every expert on held-out text of the target
+score the calibration corpora -> build each expert (the default selection: whole MLP channels irrelevant
+to every dimension, dense per-layer widths) -> evaluate the dense model and every expert on held-out text of the target
 dimensions and on general text -> a table, OUT/summary.json / OUT/summary.md, and each expert's
 pictures (:mod:`cusprun.figures`) in OUT/plots/EXPERT/.
 
@@ -48,7 +48,7 @@ class MainJob:
     docs: int = 16
     max_tokens: int = 256
     eval_max_tokens: int = 512
-    measure: str = "block"
+    measure: str = "local"  # the default experts' channel scores are the same under both measures
     out: Path = Path("runs/main")
     quiet: bool = False
 
@@ -128,7 +128,7 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
     for expert in experts:
         paths = [score_files[d] for d in expert.split("+")]
         sets = [ScoreSet.load(p) for p in paths]
-        report = build_expert(model, tokenizer, source, sets, paths, job.ratio, "sliced", out / "experts" / expert)
+        report = build_expert(model, tokenizer, source, sets, paths, job.ratio, "dense", out / "experts" / expert)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
         rows.append((expert, evaluate(pruned, tokenizer, texts, job.eval_max_tokens, 32, expert, quiet), report))
         if plots:

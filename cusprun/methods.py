@@ -26,6 +26,8 @@ class Method:
     data: what it calibrates on: ``none``, a ``general`` corpus (pooled) or the ``target`` corpus (per document).
     prunable: the groups (``{proj}.{side}``) a selection may choose; None: every group.
     granularity: ``neuron`` (rows and columns) or ``layer`` (whole decoder layers, by ``block_influence``).
+    selection: the method's default :meth:`~cusprun.scoreset.ScoreSet.select` settings (``neurons``,
+        ``granularity``), which explicit arguments override; unset ones are ``all`` and ``neuron``.
     scorer: baselines only — ``scorer(model, stats, seed) -> (scores, extra metadata)``, see :mod:`.baselines`.
     """
 
@@ -35,13 +37,17 @@ class Method:
     prunable: tuple[str, ...] | None = None
     granularity: str = "neuron"
     scorer: Callable | None = None
+    selection: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.data not in DATA or self.granularity not in ("neuron", "layer"):
             raise ValueError(f"method {self.name}: data must be one of {DATA}, granularity neuron or layer")
 
 
-CUSPRUN = Method("cusprun", "Cus-Prun's relevance scores with --measure block|local (default)", data="target")
+# Cus-Prun's default expert: whole MLP channels, the same share from every layer (the README's "Expert
+# quality" numbers chose it; the paper's per-neuron selection is granularity="neuron", neurons="all").
+CUSPRUN = Method("cusprun", "Cus-Prun's relevance scores with --measure block|local (default)", data="target",
+                 selection=(("granularity", "unit"), ("neurons", "mlp")))
 _REGISTRY: dict[str, Method] = {CUSPRUN.name: CUSPRUN}
 
 

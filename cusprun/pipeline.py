@@ -1,8 +1,8 @@
 """``python -m cusprun.pipeline``: the main job, end to end, in one process (one model load); the work is
 :mod:`cusprun.main_job`'s.
 
-score the calibration corpora -> build each expert (intersection of its dimensions' irrelevant
-neurons, sliced) -> evaluate the dense model and every expert on held-out text of the target
+score the calibration corpora -> build each expert (the default selection: whole MLP channels irrelevant
+to every dimension, dense per-layer widths) -> evaluate the dense model and every expert on held-out text of the target
 dimensions and on general text -> a table (stdout), OUT/summary.json / OUT/summary.md, and each expert's
 pictures (python -m cusprun.plot) in OUT/plots/EXPERT/.
 
@@ -34,7 +34,10 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--docs", type=int, default=16, help="calibration documents per corpus")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per calibration document")
     p.add_argument("--eval-max-tokens", type=int, default=512)
-    p.add_argument("--measure", choices=MEASURES, default="block")
+    p.add_argument("--measure", choices=MEASURES, default="local",
+                   help="local (default): one forward pass per corpus, enough for the default experts (whole MLP "
+                        "channels score the same under both measures); block: every neuron's exact block score "
+                        "(the paper's selection, the plots' q/k/v panels), about 25x slower on a CPU")
     p.add_argument("--out", default="runs/main")
     p.add_argument("--quiet", action="store_true")
     return p

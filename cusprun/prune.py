@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from .apply import FORMATS
+from .compensate import DEFAULT_RIDGE
 from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .expert import build_expert, check_against_model, check_ratio, load_score_sets
+from .expert import build_expert, check_against_model, check_ratio, check_stats, load_score_sets
 from .export import check_out_dir
 from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
 from .scoreset import GRANULARITIES, NEURONS
@@ -17,10 +18,16 @@ from .units import BUDGETS
 DESCRIPTION = """\
 Build an expert model from one score file per dimension (language, domain, task).
 
-A neuron is irrelevant to a corpus when it ranks in the lowest σ of its group (layer, projection,
-rows or columns) in every document of that corpus; the expert removes the neurons irrelevant to
-every given corpus (the intersection), plus everything their removal makes dead. σ is searched so
-that --ratio of the decoder layers' projection parameters is removed.
+selection (the defaults are what measured best, README "Expert quality"):
+  default   whole MLP channels; attention and the hidden size stay whole. A channel's score in a
+            document is the norm of its whole contribution to the MLP output, ||W_down[:, k]|| * ||A[:, k]||
+            (the same under both measures). A channel is irrelevant to a corpus when it ranks in the
+            lowest sigma of its layer's channels in every document; the expert removes the channels
+            irrelevant to every given corpus (the intersection), sigma searched so that --ratio of the
+            decoder layers' projection parameters is removed.
+  --neurons all                          whole query heads too (each head with its q rows and o columns)
+  --granularity neuron --neurons all     the paper's selection: every row and column ranked within its group
+                                         (layer, projection, rows or columns), plus what its removal makes dead
 
 rules (--rule), how a corpus's documents are combined:
   all-docs   (default, the paper's) irrelevant = in the lowest σ in every document
@@ -32,16 +39,16 @@ ShortGPT's remove whole layers; FLAP's, Wanda-sp's and magnitude's only attentio
 channels.
 
 formats:
-  sliced  (default) each matrix keeps only its live rows and columns: physically smaller, computes
-          exactly what the masked model computes; loads with `import cusprun` and AutoModelForCausalLM.
+  dense   (default) every kept matrix dense, each layer with its own numbers of query heads, k/v heads and
+          MLP channels (transformers' per_layer_config); removed blocks are skipped, removed layers dropped.
+          Computes exactly what the masked model computes; faster by the whole units the plan removes.
+  sliced  each matrix keeps only its live rows and columns: physically smaller, computes exactly what the
+          masked model computes, but scattered rows and columns cost gathers and scatters at full width.
   masked  the original architecture with removed rows, biases and columns set to zero.
   stock   the original architecture class (LlamaForCausalLM, ...) with fewer MLP channels and k/v groups:
           the plan is made uniform across layers (same number of channels and of k/v groups, each with
           its query heads, kept in every layer), so plain transformers and serving engines load it.
           It reaches the asked ratio only as closely as whole units allow (reported).
-  dense   every kept matrix dense, each layer with its own numbers of query heads, k/v heads and MLP
-          channels (transformers' per_layer_config); removed blocks are skipped, removed layers dropped.
-          Computes exactly what the masked model computes; faster only by the whole units the plan removes.
 
 Sliced and dense models carry their modeling code (modeling_cusprun.py, auto_map in config.json): they load
 with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) where cusprun is not installed.
@@ -56,15 +63,22 @@ def build_parser() -> OneLineArgumentParser:
                    help="a score file from python -m cusprun.score (repeat: one per dimension)")
     p.add_argument("--ratio", type=float, required=True, help="fraction of projection parameters to remove, in (0, 1)")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--format", choices=FORMATS, default="sliced")
+    p.add_argument("--format", choices=FORMATS, default="dense", help="see formats above (default: dense)")
     p.add_argument("--rule", choices=RULES, default="all-docs", help="aggregation over documents (default: all-docs)")
-    p.add_argument("--neurons", choices=tuple(NEURONS), default="all",
-                   help="all (default) or mlp: choose only MLP channels, keep attention whole")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="neuron",
-                   help="unit: whole query heads and MLP channels; neuron: the paper's per-row/column selection")
+    p.add_argument("--neurons", choices=tuple(NEURONS),
+                   help="mlp (Cus-Prun's default): choose only MLP channels, keep attention whole; all: every "
+                        "projection (baselines' scores: their own default)")
+    p.add_argument("--granularity", choices=GRANULARITIES,
+                   help="unit (Cus-Prun's default): whole query heads and MLP channels; neuron: the paper's "
+                        "per-row/column selection (the paper's expert: --granularity neuron --neurons all)")
     p.add_argument("--budget", choices=BUDGETS, default="uniform",
                    help="with --granularity unit: uniform (the same share from every block, default) or relative "
                         "(units compared across layers; measured far worse on SmolLM2, see the README)")
+    p.add_argument("--compensate", action="store_true",
+                   help="refit o_proj and down_proj over the kept columns by ridge least squares on the calibration "
+                        "statistics (score with --stats); see the README for when it helps")
+    p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
+                   help=f"with --compensate: ridge, relative to the mean kept Gram diagonal (default {DEFAULT_RIDGE})")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -75,14 +89,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_ratio(args.ratio)
     out = check_out_dir(args.out, args.overwrite)
+    if args.ridge <= 0:
+        raise CusprunError(f"--ridge {args.ridge}: must be positive")
     sets = load_score_sets(args.scores)
+    if args.compensate:
+        check_stats(sets, args.scores)
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
     model = load_weights(source, args.dtype, quiet=args.quiet)
     try:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
                               rule=args.rule, neurons=args.neurons, granularity=args.granularity,
-                              budget=args.budget)
+                              budget=args.budget, compensate=args.compensate, ridge=args.ridge)
     except ValueError as exc:  # a ratio the candidate neurons cannot reach, a stock plan from layer scores
         raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")

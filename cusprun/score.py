@@ -71,6 +71,9 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--batch-tokens", type=int, metavar="N",
                    help="tokens per batch of packed documents (default: 4096 on a CPU, 32768 on a GPU); scores do "
                         "not depend on it")
+    p.add_argument("--stats", action="store_true",
+                   help="also write NAME.stats.safetensors: the Gram matrices of o_proj's and down_proj's inputs, "
+                        "which python -m cusprun.prune --compensate needs (SmolLM2-135M: 280 MB per corpus)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -88,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     out = prepare_out(args.out)
     check_device(args.device)
     if args.method != "cusprun":
+        if args.stats:
+            raise CusprunError("--stats: statistics come from Cus-Prun's own scoring pass (--method cusprun)")
         print_summary(score_baseline(args.model, args.method, corpora, out, seed=args.seed, max_tokens=args.max_tokens,
                                      dtype=args.dtype, device=args.device, quiet=args.quiet))
         return 0
@@ -102,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scorer, tokenizer, source, budget, streamed = open_scorer(args.model, args.measure, args.dtype, args.device,
                                                                   args.stream, max_memory, parallel, args.quiet,
-                                                                  args.batch_tokens)
-        options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend}
+                                                                  args.batch_tokens, args.stats)
+        # "stats" in the options: part of the metadata, so a checkpoint without Gram matrices is not resumed
+        options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend, "stats": args.stats}
         results = [score_corpus(scorer, tokenizer, source, spec, out, options, args.quiet, parallel, budget)
                    for spec in corpora]
     except cusprun_kernels.BackendUnavailable as exc:  # a named backend that failed its check at first use

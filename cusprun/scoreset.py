@@ -4,6 +4,8 @@ A ScoreSet holds, for every decoder layer l and projection P, ``model.layers.{l}
 ``.cols`` as float32 [n_docs, features] tensors, plus the metadata of a ``cusprun-scores/1`` file.
 It is what :func:`cusprun.score` returns and what ``save``/``load`` write and read; ``relevance``,
 ``intersect`` and ``select`` are the paper's thresholding and intersection (see :mod:`.selection`).
+Scored with ``stats``, a set also holds the Gram matrices compensation needs (``stats``, saved beside the
+score file, see :mod:`.stats`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .methods import method_of
 from .neurons import Geometry, group_of
 from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
 from .selection import Selection, relevance, select, select_layers
+from .stats import load_stats, save_stats, split_stats, stats_path
 
 # Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
 GRANULARITIES = ("unit", "neuron")
@@ -30,8 +33,12 @@ class ScoreSet:
 
     scores: dict[str, torch.Tensor]
     metadata: dict = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] | None = None  # ``model.layers.{l}.{proj}.gram`` [n, n], see .stats
 
     def __post_init__(self):
+        scores, grams = split_stats(self.scores)  # an engine result scored with stats holds both
+        if grams:
+            self.scores, self.stats = scores, {**(self.stats or {}), **grams}
         # as a file stores them: JSON fields decoded, every other value a string (so sets compare equal
         # whether they were just computed or loaded)
         self.metadata = {k: v if k in JSON_FIELDS else str(v) for k, v in self.metadata.items()}
@@ -47,14 +54,27 @@ class ScoreSet:
         return [p["corpus"] for p in self._parts()]
 
     def save(self, path: str | Path) -> Path:
-        """Write a ``cusprun-scores/1`` file atomically (a temporary file renamed into place)."""
+        """Write a ``cusprun-scores/1`` file atomically (a temporary file renamed into place), and its
+        statistics beside it (``NAME.stats.safetensors``) when the set holds them."""
+        if self.stats:
+            save_stats(stats_path(path), self.stats, {"n_docs": self.n_docs, "tokens": sum(self.token_counts()),
+                                                      "config_hash": self.metadata.get("config_hash", "")})
         save_scores(path, self.scores, self.metadata)
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> ScoreSet:
+        """A score file, with its statistics when ``NAME.stats.safetensors`` lies beside it."""
         tensors, meta = load_scores(path)
-        return cls(tensors, meta)
+        stats = None
+        if stats_path(path).is_file():
+            stats, stats_meta = load_stats(stats_path(path))
+            if stats_meta.get("config_hash") != meta.get("config_hash"):
+                raise ValueError(f"{stats_path(path)} belongs to another model than {path}")
+        return cls(tensors, meta, stats)
+
+    def token_counts(self) -> list[int]:
+        return [int(n) for n in self.metadata.get("token_counts", [])]
 
     def relevance(self, rule: str = "all-docs") -> dict[str, torch.Tensor]:
         """R(n) per tensor name, float64 [features]. Under the paper's rule ``all-docs`` (default): the
@@ -89,7 +109,9 @@ class ScoreSet:
         meta = {**common, "corpus": "+".join(p["corpus"] for p in parts), "n_docs": sum(s.n_docs for s in sets),
                 "token_counts": [n for s in sets for n in s.metadata.get("token_counts", [])],
                 "parts": parts}
-        return ScoreSet({name: torch.cat([s.scores[name] for s in sets]) for name in self.scores}, meta)
+        # statistics add up over corpora; a set without them leaves the intersection without them
+        stats = None if any(s.stats is None for s in sets) else {n: sum(s.stats[n] for s in sets) for n in self.stats}
+        return ScoreSet({name: torch.cat([s.scores[name] for s in sets]) for name in self.scores}, meta, stats)
 
     __and__ = intersect
 
@@ -109,25 +131,38 @@ class ScoreSet:
             config = SimpleNamespace(**arch)
         return Geometry(config)
 
+    def selection_settings(self, neurons: str | None = None, granularity: str | None = None,
+                           uniform: bool = False) -> tuple[str, str]:
+        """(neurons, granularity) that :meth:`select` uses: the given ones, else the scoring method's defaults."""
+        # a uniform (stock) plan has its own units (channels and k/v groups, see .stock): no method default
+        chosen = {"neurons": "all", "granularity": "neuron",
+                  **({} if uniform else dict(method_of(self.metadata).selection))}
+        return (chosen["neurons"] if neurons is None else neurons,
+                chosen["granularity"] if granularity is None else granularity)
+
     def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
-               neurons: str = "all", granularity: str = "neuron", budget: str = "uniform") -> Selection:
-        """The plan removing the least relevant neurons (and all they make dead) until ``ratio`` of the
-        projection parameters is gone; ``cusprun.apply`` it to the model.
+               neurons: str | None = None, granularity: str | None = None, budget: str = "uniform") -> Selection:
+        """The plan removing the least relevant units or neurons (and all they make dead) until ``ratio`` of
+        the projection parameters is gone; ``cusprun.apply`` it to the model.
 
         uniform: the plan the ``stock`` format needs: whole MLP channels and k/v groups, the same count
             in every layer.
         rule: aggregation over documents, ``all-docs`` (the paper's, default), ``mean-rank`` or ``pooled``.
-        neurons: ``all`` (default) or ``mlp`` (only MLP channels are chosen; attention stays whole).
-        granularity: ``neuron`` (the paper's per-row/column selection) or ``unit`` (whole query heads and MLP
-            channels, see :mod:`cusprun.units`), with ``budget`` ``uniform`` (default: the same share
-            from every block) or ``relative`` (compared across layers; measured far worse, see the README).
-        What may be removed is the scoring method's (:mod:`cusprun.methods`): layer-granularity methods
-        (ShortGPT) remove whole layers; methods that declare ``prunable`` groups (FLAP) choose only among
-        those."""
+        neurons: ``mlp`` (only MLP channels are chosen; attention stays whole) or ``all``.
+        granularity: ``unit`` (whole query heads and MLP channels, see :mod:`cusprun.units`) or ``neuron``
+            (the paper's per-row/column selection); with units, ``budget`` ``uniform`` (default: the same
+            share from every block) or ``relative`` (compared across layers; measured far worse, see the
+            README).
+        neurons and granularity default to the scoring method's choice (:mod:`cusprun.methods`): for
+        Cus-Prun's scores whole MLP channels (``unit``, ``mlp``), the best expert in the README's "Expert
+        quality"; the paper's selection is ``granularity="neuron", neurons="all"``. What may be removed is
+        the method's too: layer-granularity methods (ShortGPT) remove whole layers; methods that declare
+        ``prunable`` groups (FLAP) choose only among those."""
         geo = self.geometry(config)
+        method = method_of(self.metadata)
+        neurons, granularity = self.selection_settings(neurons, granularity, uniform)
         if neurons not in NEURONS:
             raise ValueError(f"neurons must be one of {tuple(NEURONS)}, got {neurons!r}")
-        method = method_of(self.metadata)
         if method.granularity == "layer":
             if uniform:
                 raise ValueError(f"whole-layer scores ({method.name}) cannot make a uniform (stock) plan")

@@ -97,7 +97,7 @@ def default_budget(device: str) -> int:
 
 
 def open_scorer(model: str, measure: str, dtype: str, device: str, stream: bool, max_memory: int | None,
-                parallel: Parallel, quiet: bool = False, batch_tokens: int | None = None):
+                parallel: Parallel, quiet: bool = False, batch_tokens: int | None = None, stats: bool = False):
     """An in-memory or a streaming scorer, as the model's size, ``stream`` and ``max_memory`` decide.
     Returns (scorer, tokenizer, source, memory budget, streamed)."""
     from .layers import StreamedLayers, weights_bytes
@@ -110,9 +110,10 @@ def open_scorer(model: str, measure: str, dtype: str, device: str, stream: bool,
         if folder is None:
             raise CusprunError(f"--stream needs a model in safetensors format; {model} is a GGUF file")
         layers = StreamedLayers(folder, config, DTYPES[dtype], device)
-        return Scorer(measure=measure, layers=layers, batch_tokens=batch_tokens), tokenizer, source, budget, True
+        return (Scorer(measure=measure, layers=layers, batch_tokens=batch_tokens, stats=stats), tokenizer, source,
+                budget, True)
     weights = load_weights(source, dtype, device, quiet)
-    return Scorer(weights, measure, batch_tokens=batch_tokens), tokenizer, source, budget, False
+    return Scorer(weights, measure, batch_tokens=batch_tokens, stats=stats), tokenizer, source, budget, False
 
 
 @dataclass

@@ -152,8 +152,9 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
     lo, hi = 0, len(order)
     if fraction(hi) < ratio:
         names = {"heads": "query heads", "channels": "MLP channels"}
+        hint = "" if "heads" in kinds else "; with neurons='all' (--neurons all) query heads go too"
         raise ValueError(f"ratio {ratio} cannot be reached by removing {' and '.join(names[k] for k in kinds)}: "
-                         f"the largest reachable ratio is {fraction(hi):.4f}")
+                         f"the largest reachable ratio is {fraction(hi):.4f}{hint}")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fraction(mid) >= ratio else (mid, hi)

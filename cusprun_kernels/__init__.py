@@ -8,7 +8,8 @@ per batch so launches never sync with the device, or an offsets tensor [n_docs +
 
 * :func:`projection_energies` — y = x Wᵀ (+ b) with per-document row and column energies;
 * :func:`qk_row_ablation` — exact block-output change of removing each q and k row;
-* :func:`v_row_energies` — block-output change of removing each v row (linear, no recompute).
+* :func:`v_row_energies` — block-output change of removing each v row (linear, no recompute);
+* :func:`gram` — XᵀX of a projection's input over a batch (the statistics of ``--compensate``).
 """
 
 from __future__ import annotations
@@ -35,5 +36,10 @@ def v_row_energies(o_in, w_o, offsets, **kw):
     return implementation("v_row_energies", args, kw)(*args, **kw)
 
 
+def gram(x):
+    """See :mod:`cusprun_kernels.gram`."""
+    return implementation("gram", (x,), {})(x)
+
+
 __all__ = ["BackendUnavailable", "Segments", "backend_status", "resolve_backend", "set_quiet",
-           "projection_energies", "qk_row_ablation", "v_row_energies"]
+           "projection_energies", "qk_row_ablation", "v_row_energies", "gram"]

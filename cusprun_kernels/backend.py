@@ -35,6 +35,7 @@ from functools import cache
 import torch
 
 from .cache import cache_dir, load, store
+from .gram import gram_torch, gram_triton
 from .projection_energy import projection_energies_cuda, projection_energies_torch, projection_energies_triton
 from .qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton
 from .segments import Segments
@@ -50,6 +51,8 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
                             "cuda": projection_energies_cuda},
     "qk_row_ablation": {"torch": qk_row_ablation_torch, "triton": qk_row_ablation_triton, "cuda": qk_row_ablation_cuda},
     "v_row_energies": {"torch": v_row_energies_torch, "triton": v_row_energies_torch, "cuda": v_row_energies_torch},
+    # XᵀX is one GEMM: cuBLAS (through torch) is the CUDA implementation
+    "gram": {"torch": gram_torch, "triton": gram_triton, "cuda": gram_torch},
 }
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}  # any other device type: torch
 
@@ -58,6 +61,7 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}  # any other device type: tor
 TOLERANCE = {
     "projection_energies": {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2},
     "qk_row_ablation": {torch.float32: 1e-4, torch.float16: 1e-4, torch.bfloat16: 1e-4},
+    "gram": {torch.float32: 1e-5, torch.float16: 1e-5, torch.bfloat16: 1e-5},  # float32 products either way
 }
 
 _quiet = False
@@ -210,7 +214,12 @@ def _qk_runs(case: Case):
         yield f"window {window}", args, dict(n_rep=case.n_rep, sliding_window=window)
 
 
-CHECK_RUNS = {"projection_energies": _projection_runs, "qk_row_ablation": _qk_runs}
+def _gram_runs(case: Case):
+    gen = torch.Generator().manual_seed(29)
+    yield "", (_randn(gen, sum(_lengths(case.device)), 41, case=case),), {}
+
+
+CHECK_RUNS = {"projection_energies": _projection_runs, "qk_row_ablation": _qk_runs, "gram": _gram_runs}
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -230,6 +239,8 @@ def check(op: str, backend: str, case: Case) -> str | None:
     for label, args, kw in CHECK_RUNS[op](case):
         try:
             got, want = impl(*args, **kw), ref(*args, **kw)
+            if isinstance(want, torch.Tensor):  # ops with one output
+                got, want = (got,), (want,)
             err = max(relative_error(g, w) for g, w in zip(got, want))
         except Exception as exc:  # noqa: BLE001 - any failure disqualifies the backend; its message is reported
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -130,11 +130,26 @@ def compile_projection(target: int, dtype: str) -> CompileReport:
                          spills, cfg.shared_bytes())
 
 
+def compile_gram(target: int, dtype: str) -> CompileReport:
+    from .gram import GRAM_BLOCK_N, GRAM_BLOCK_T, GRAM_STAGES, GRAM_WARPS, _gram_kernel
+
+    limit = shared_limit(target)
+    signature = {"x_ptr": f"*{dtype}", "out_ptr": "*fp32", **{n: "i64" for n in ("T", "N", "stride_t", "stride_n")}}
+    constants = dict(PRECISION="tf32x3", BN=GRAM_BLOCK_N, BT=GRAM_BLOCK_T)
+    kernel = _compile(_gram_kernel, signature, constants, target, GRAM_WARPS, GRAM_STAGES, enable_fp_fusion=True)
+    regs, spills = _ptxas_usage(kernel.asm["ptx"], target)
+    # two [BT, BN] float32 operand tiles per pipeline stage
+    estimate = GRAM_STAGES * 2 * GRAM_BLOCK_T * GRAM_BLOCK_N * 4
+    config = f"BN={GRAM_BLOCK_N} BT={GRAM_BLOCK_T} warps={GRAM_WARPS} stages={GRAM_STAGES}"
+    return CompileReport(f"gram {dtype}", target, config, kernel.metadata.shared, limit, regs, spills, estimate)
+
+
 def compile_all(targets=TARGETS, head_dims=HEAD_DIMS) -> list[CompileReport]:
     reports = []
     for target in targets:
         reports += [compile_attention(target, hd) for hd in head_dims]
         reports += [compile_projection(target, dtype) for dtype in PROJECTION_DTYPES]
+        reports += [compile_gram(target, dtype) for dtype in PROJECTION_DTYPES]
     return reports
 
 

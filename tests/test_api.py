@@ -105,12 +105,12 @@ def test_intersection_refuses_other_measures():
 def test_select_and_apply(arch):
     model = tiny_model(arch, seed=8, layers=3)
     scores = cusprun.score(model, [random_ids(n, seed=n) for n in (6, 13)], progress=False)
-    plan = scores.select(0.3)
+    plan = scores.select(0.3, granularity="neuron", neurons="all")  # the paper's selection
     assert abs(plan.removed_fraction - 0.3) < 0.08
     assert all(torch.equal(plan.plan[n], propagate(plan.plan, Geometry(model.config))[n]) for n in plan.plan)
     removed = plan.removed()
     assert sum(len(v) for v in removed.values()) == sum(int((~m).sum()) for m in plan.plan.values())
-    sliced, masked = cusprun.apply(model, plan), cusprun.apply(model, plan, format="masked")
+    sliced, masked = cusprun.apply(model, plan, format="sliced"), cusprun.apply(model, plan, format="masked")
     ids = torch.tensor([random_ids(15, seed=2)])
     with torch.no_grad():
         assert (sliced(ids).logits - masked(ids).logits).abs().max() <= 1e-4

@@ -18,17 +18,21 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality.csv")))
     methods = {r["method"] for r in rows}
-    assert methods == {"dense", "cusprun", "cusprun-unit", "plnd", "wanda-sp", "flap", "shortgpt", "magnitude",
-                       "random"}
+    assert methods == {"dense", "cusprun-channels", "cusprun-channels-comp", "cusprun-units", "cusprun-neurons", "plnd",
+                       "wanda-sp", "flap", "shortgpt", "magnitude", "random"}
     assert {r["variant"] for r in rows if r["experiment"] == "ablation"} == {
-        "units, uniform budget", "local measure", "MLP only", "mean-rank rule", "pooled rule"}
-    assert {r["docs"] for r in rows if r["method"] == "cusprun" and r["variant"] == "default"} == {"1", "2"}
+        "local measure", "relative budget", "mean-rank rule", "pooled rule"}
+    assert {r["docs"] for r in rows if r["method"] == "cusprun-channels" and r["variant"] == "default"} == {"1", "2"}
+    # the same plan with and without compensation: only the refit weights differ
+    plain, comp = ({r["expert"]: r for r in rows if r["experiment"] == "main" and r["method"] == m}
+                   for m in ("cusprun-channels", "cusprun-channels-comp"))
+    assert all(plain[e]["params"] == comp[e]["params"] and plain[e]["ppl_de"] != comp[e]["ppl_de"] for e in plain)
     for r in rows:
         assert float(r["target_ppl"]) > 1 and float(r["general_ppl"]) > 1
         if r["method"] not in ("dense", "shortgpt"):
             assert abs(float(r["achieved"]) - float(r["ratio"])) < 0.01, r
     dense = {r["expert"]: float(r["target_ppl"]) for r in rows if r["method"] == "dense"}
-    pruned = [r for r in rows if r["method"] == "cusprun"]
+    pruned = [r for r in rows if r["method"].startswith("cusprun")]
     assert all(float(r["target_ppl"]) > dense[r["expert"]] for r in pruned)  # pruning without retraining costs
     # speed of every main model's dense export, measured in this run; the ideal speed-up follows the FLOPs
     for r in rows:
@@ -41,7 +45,7 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     assert "| speed-up | ideal | measured / ideal |" in (tmp_path / "out" / "expert_quality.md").read_text()
     for png in ("expert_quality.png", "expert_quality_sweep.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| 25% | cusprun |" in (tmp_path / "out" / "expert_quality.md").read_text()
+    assert "| 25% | cusprun-channels |" in (tmp_path / "out" / "expert_quality.md").read_text()
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) >= 9  # resumable: scores were cached
     evaluated = len(list((tmp_path / "cache").glob("ppl-*.json")))
 
@@ -50,10 +54,8 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality_ablations.csv")))
-    assert {r["variant"] for r in rows if r["method"] == "cusprun"} == {
-        "default", "units, uniform budget", "local measure", "MLP only", "mean-rank rule", "pooled rule",
-        "units, relative budget", "MLP only + mean-rank"}
+    assert {r["variant"] for r in rows if r["method"] == "cusprun-channels"} == {
+        "default", "local measure", "relative budget", "mean-rank rule", "pooled rule", "local measure + mean-rank"}
     # the variants the first run evaluated came from the cache: only the new combination was evaluated
-    # (units with the relative budget are the first run's cusprun-unit)
     assert len(list((tmp_path / "cache").glob("ppl-*.json"))) <= evaluated + 2
-    assert "MLP only + mean-rank" in (tmp_path / "out" / "expert_quality_ablations.md").read_text()
+    assert "local measure + mean-rank" in (tmp_path / "out" / "expert_quality_ablations.md").read_text()

@@ -47,7 +47,7 @@ def test_stock_model_computes_what_the_masked_uniform_plan_computes(arch, ratio)
 
 def test_stock_refuses_a_non_uniform_plan():
     model = tiny_model("llama", seed=1)
-    plan = cusprun.score(model, [random_ids(9)], progress=False).select(0.3)
+    plan = cusprun.score(model, [random_ids(9)], progress=False).select(0.3, granularity="neuron", neurons="all")
     with pytest.raises(ValueError, match="select with uniform=True"):
         cusprun.apply(model, plan, "stock")
 
@@ -63,9 +63,10 @@ def exported(tmp_path_factory):
            "--out", root / "scores", "--quiet"]
     assert subprocess.run(run, capture_output=True).returncode == 0
     for fmt in ("sliced", "stock", "dense"):
+        paper = [] if fmt == "stock" else ["--granularity", "neuron", "--neurons", "all"]  # scattered rows too
         res = subprocess.run([sys.executable, "-m", "cusprun.prune", "--model", root / "model", "--scores",
                               root / "scores/a.safetensors", "--ratio", "0.3", "--format", fmt, "--out", root / fmt,
-                              "--quiet"], capture_output=True, text=True)
+                              "--quiet", *paper], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
     return root
 

@@ -32,7 +32,7 @@ def two_sets():
 def test_plot_cli_writes_three_pngs(two_sets, tmp_path):
     _, a, b = two_sets
     res = cli("--scores", a.save(tmp_path / "a.safetensors"), "--scores", b.save(tmp_path / "b.safetensors"),
-              "--ratio", "0.3", "--out", tmp_path / "plots")
+              "--ratio", "0.2", "--out", tmp_path / "plots")
     assert res.returncode == 0, res.stderr
     for name in ("kept.png", "overlap.png", "distributions.png"):
         data = (tmp_path / "plots" / name).read_bytes()
@@ -42,8 +42,8 @@ def test_plot_cli_writes_three_pngs(two_sets, tmp_path):
 
 def test_plotted_numbers(two_sets):
     model, a, b = two_sets
-    selection = (a & b).select(0.3)
-    sliced = cusprun.apply(model, selection)
+    selection = (a & b).select(0.3, granularity="neuron", neurons="all")  # the paper's: every projection
+    sliced = cusprun.apply(model, selection, "sliced")
     geo = Geometry(model.config)
     fractions = kept_fractions(kept_counts(selection.plan, geo), geo)
     for layer, block in enumerate(sliced.model.layers):  # independent: the sliced model's own weight shapes

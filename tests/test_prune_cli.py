@@ -43,10 +43,13 @@ def test_prune_round_trip_generate(scored, tmp_path):
     assert all(len(c["corpus_sha256"]) == 64 for c in report["corpora"])
     expert = AutoModelForCausalLM.from_pretrained(out).eval()
     assert sum(p.numel() for p in expert.parameters()) == report["params"]
-    # the saved expert equals the masked model rebuilt from the kept masks it reports
+    # the default expert: whole MLP channels, dense per-layer widths, attention whole
+    assert (report["format"], report["granularity"], report["neurons"]) == ("dense", "unit", "mlp")
     dense = AutoModelForCausalLM.from_pretrained(scored / "model").eval()
-    sliced_cfg = expert.config.cusprun_slices
-    assert set(sliced_cfg) == {"0", "1"}
+    widths = [expert.config.per_layer_config[i].intermediate_size for i in (0, 1)]
+    assert sum(widths) < 2 * dense.config.intermediate_size
+    assert all(layer.self_attn.q_proj.weight.shape == d.self_attn.q_proj.weight.shape
+               for layer, d in zip(expert.model.layers, dense.model.layers))
     ids = torch.tensor([random_ids(12, seed=3)])
     out_ids = expert.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out_ids.shape == (1, 17)
@@ -56,7 +59,7 @@ def test_prune_round_trip_generate(scored, tmp_path):
 
 def test_masked_format_loads_as_the_original_architecture(scored, tmp_path):
     out = tmp_path / "masked"
-    res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.3",
+    res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.2",
               "--out", out, "--format", "masked", "--quiet")
     assert res.returncode == 0, res.stderr
     masked = AutoModelForCausalLM.from_pretrained(out)
@@ -100,8 +103,6 @@ def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
         scores = [tmp_path / "nope.safetensors"]
     ratio = {"ratio": "1.5", "unreachable": "0.9"}.get(case, "0.2")
     args = ["--model", model, "--ratio", ratio, "--out", out, "--quiet"] + [a for s in scores for a in ("--scores", s)]
-    if case == "unreachable":
-        args += ["--granularity", "unit", "--neurons", "mlp"]
     if case == "granularity":
         args += ["--granularity", "layer"]
     res = cli("prune", *args)

@@ -68,7 +68,8 @@ def test_unit_scores_are_block_output_changes(arch, measure):
 def test_unit_selection_removes_whole_units_and_reaches_the_ratio(arch, budget, ratio):
     model = tiny_model(arch, seed=4, layers=4)
     geo = Geometry(model.config)
-    sel = cusprun.score(model, documents(), progress=False).select(ratio, granularity="unit", budget=budget)
+    sel = cusprun.score(model, documents(), progress=False).select(ratio, granularity="unit", neurons="all",
+                                                                  budget=budget)
     assert all(torch.equal(sel.plan[n], propagate(sel.plan, geo)[n]) for n in sel.plan)
     for name, keep in sel.plan.items():  # hidden-size rows and columns are never removed
         if name.endswith(("q_proj.cols", "k_proj.cols", "v_proj.cols", "gate_proj.cols", "up_proj.cols",
@@ -107,3 +108,27 @@ def test_unreachable_ratio_names_the_largest_reachable_one():
         score_set.select(0.95, granularity="unit", neurons="mlp")
     with pytest.raises(ValueError, match="granularity must be one of"):
         score_set.select(0.3, granularity="layer")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_default_selection_is_whole_mlp_channels_and_the_same_under_both_measures(arch):
+    """Cus-Prun's default expert: MLP channels only, the same share from every layer; a channel's score is the
+    down_proj column's under either measure, so block and local score files give the same expert. The paper's
+    selection stays one argument away and differs."""
+    model = tiny_model(arch, seed=5, layers=3)
+    geo = Geometry(model.config)
+    block = cusprun.score(model, documents(2), "block", progress=False)
+    local = cusprun.score(model, documents(2), "local", progress=False)
+    default = block.select(0.2)
+    assert all(torch.equal(default.plan[n], block.select(0.2, granularity="unit", neurons="mlp").plan[n])
+               for n in default.plan)
+    assert all(torch.equal(default.plan[n], local.select(0.2).plan[n]) for n in default.plan)
+    for name, keep in default.plan.items():  # attention and the hidden size stay whole
+        assert keep.all() == ("self_attn" in name or name.endswith(("gate_proj.cols", "up_proj.cols",
+                                                                     "down_proj.rows"))), name
+    # one threshold σ on within-layer rank fractions for every layer: removed exactly the channels below it
+    values = unit_values([block.scores], geo)["channels"]
+    removed = torch.stack([~default.plan[f"model.layers.{layer}.mlp.down_proj.cols"] for layer in range(geo.layers)])
+    assert values[removed].max() <= values[~removed].min()
+    paper = block.select(0.2, granularity="neuron", neurons="all")
+    assert any(not paper.plan[n].all() for n in paper.plan if "self_attn" in n)

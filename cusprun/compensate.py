@@ -1,0 +1,56 @@
+"""Closed-form compensation (``--compensate``): refit each pruned block's output projection, no training.
+
+After a plan removes input columns K̄ of o_proj (query-head dimensions) or down_proj (MLP channels), the
+block's output on the calibration tokens, Y = X Wᵀ, is best reproduced from the kept columns K by
+
+    W'_K = argmin ‖X_K W'_Kᵀ − X Wᵀ‖² + λ‖W'_K‖²  =  W G[:, K] (G[K, K] + λ I)⁻¹,
+
+with G = XᵀX the Gram matrix of the projection's unpruned input summed over the calibration documents
+(:mod:`cusprun.stats`, written by ``score --stats``). λ = ``ridge`` × the mean of diag(G[K, K]) keeps the
+solve well posed when kept columns are nearly collinear or rarely active. Solved in float64 per layer; only
+the kept columns change, so the compensated model's dense, sliced, stock and masked forms still agree exactly.
+Llama, Mistral and Qwen2 have no bias on o_proj and down_proj, so there is no bias to refit (a FLAP-style
+mean correction would need one).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .neurons import tensor_name
+from .stats import STAT_PROJECTIONS, gram_name
+
+DEFAULT_RIDGE = 1e-2
+
+
+def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+    """weight [out, n], gram [n, n], keep bool [n] -> the refit weight [out, n] (float64): kept columns solved
+    for, removed columns as they were (the plan zeroes them)."""
+    w, g = weight.double(), gram.double()
+    kept = keep.nonzero().flatten()
+    g_kk = g[kept][:, kept]
+    lam = ridge * g_kk.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    rhs = g[kept] @ w.T  # [K, out] = G[K, :] Wᵀ
+    solved = torch.linalg.solve(g_kk + lam * torch.eye(len(kept), dtype=torch.float64), rhs)
+    out = w.clone()
+    out[:, kept] = solved.T
+    return out
+
+
+def compensate(model, plan: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
+               ridge: float = DEFAULT_RIDGE):
+    """A copy of ``model`` whose o_proj and down_proj are refit over the columns ``plan`` keeps (layers and
+    projections that lose no column, or every column, are left as they are)."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for index, layer in enumerate(out.model.layers):
+            for proj in STAT_PROJECTIONS:
+                keep = plan[tensor_name(index, proj, "cols")]
+                if keep.all() or not keep.any():
+                    continue
+                linear = layer.get_submodule(proj)
+                fitted = refit(linear.weight, grams[gram_name(index, proj)], keep, ridge)
+                linear.weight.copy_(fitted.to(linear.weight.dtype))
+    return out

@@ -1,0 +1,124 @@
+"""Closed-form compensation: the Gram statistics of the scoring pass, the ridge refit, the CLI path."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import cusprun
+from cusprun.compensate import compensate, refit
+from cusprun.stats import gram_name, stats_path
+from tests.conftest import write_ids_corpus
+from tests.tiny import random_ids, tiny_model
+
+DOCS = (7, 12, 9)
+
+
+def documents(seed=0):
+    return [random_ids(n, seed=seed + n) for n in DOCS]
+
+
+def projection_inputs(model, docs, layer: int, proj: str) -> torch.Tensor:
+    """[Σ tokens, n] float64: the projection's input over every document, from a hook on the model's own module."""
+    seen = []
+    handle = model.model.layers[layer].get_submodule(proj).register_forward_hook(
+        lambda m, i, o: seen.append(i[0][0].double()))
+    with torch.no_grad():
+        for ids in docs:
+            model(torch.tensor([ids]))
+    handle.remove()
+    return torch.cat(seen)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_scoring_pass_collects_the_input_gram_matrices(arch):
+    model = tiny_model(arch, seed=3, layers=2)
+    with_stats = cusprun.score(model, documents(), progress=False, stats=True)
+    plain = cusprun.score(model, documents(), progress=False)
+    assert with_stats.scores.keys() == plain.scores.keys()
+    assert all(torch.equal(with_stats.scores[n], plain.scores[n]) for n in plain.scores)  # scores untouched
+    assert plain.stats is None
+    for layer in range(2):
+        for proj in ("self_attn.o_proj", "mlp.down_proj"):
+            x = projection_inputs(model, documents(), layer, proj)
+            want = x.T @ x
+            got = with_stats.stats[gram_name(layer, proj)]
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() <= 1e-5
+
+
+def test_stats_files_round_trip_and_add_up_over_corpora(tmp_path):
+    model = tiny_model("llama", seed=3, layers=2)
+    a = cusprun.score(model, documents(0), progress=False, stats=True, corpus="a")
+    b = cusprun.score(model, documents(5), progress=False, stats=True, corpus="b")
+    a.save(tmp_path / "a.safetensors")
+    assert stats_path(tmp_path / "a.safetensors").name == "a.stats.safetensors"
+    loaded = cusprun.ScoreSet.load(tmp_path / "a.safetensors")
+    assert loaded.stats.keys() == a.stats.keys()
+    assert all(torch.equal(loaded.stats[n], a.stats[n].float()) for n in a.stats)
+    both = a & b
+    assert all(torch.allclose(both.stats[n].double(), a.stats[n].double() + b.stats[n].double()) for n in a.stats)
+    assert (a & cusprun.score(model, documents(5), progress=False)).stats is None  # one set without: none
+
+
+def test_refit_is_the_ridge_least_squares_solution():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 9, generator=gen, dtype=torch.float64)
+    w = torch.randn(6, 9, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True, False, True, True, True, False])
+    ridge = 0.05
+    got = refit(w, x.T @ x, keep, ridge)
+    # independently: lstsq on the augmented system [X_K; sqrt(λ) I] W'ᵀ = [X Wᵀ; 0]
+    xk = x[:, keep]
+    lam = ridge * (xk * xk).sum(0).mean()
+    a = torch.cat([xk, lam.sqrt() * torch.eye(int(keep.sum()), dtype=torch.float64)])
+    b = torch.cat([x @ w.T, torch.zeros(int(keep.sum()), 6, dtype=torch.float64)])
+    want = torch.linalg.lstsq(a, b).solution.T
+    assert torch.allclose(got[:, keep], want, atol=1e-10)
+    assert torch.equal(got[:, ~keep], w[:, ~keep])
+
+
+def test_compensation_reduces_the_block_error_and_keeps_every_format_exact():
+    model = tiny_model("qwen2", seed=4, layers=3)
+    docs = documents(1)
+    scores = cusprun.score(model, docs, progress=False, stats=True)
+    sel = scores.select(0.2)  # the default: whole MLP channels
+    fixed = compensate(model, sel.plan, scores.stats, ridge=1e-6)
+    masked, masked_fixed = cusprun.apply(model, sel, "masked"), cusprun.apply(fixed, sel, "masked")
+    for layer in range(3):  # the MLP output on the calibration tokens moves towards the unpruned one
+        x = projection_inputs(model, docs, layer, "mlp.down_proj").float()
+        target = x @ model.model.layers[layer].mlp.down_proj.weight.T
+        errors = [((x @ m.model.layers[layer].mlp.down_proj.weight.T) - target).norm() for m in (masked, masked_fixed)]
+        assert errors[1] < errors[0]
+    ids = torch.tensor([random_ids(15, seed=9)])
+    with torch.no_grad():
+        gap = (cusprun.apply(fixed, sel)(ids).logits - masked_fixed(ids).logits).abs().max()
+    assert gap <= 1e-4
+    fresh = tiny_model("qwen2", seed=4, layers=3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), fresh.parameters()))  # model untouched
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True)
+
+
+def test_prune_compensate_cli(tmp_path):
+    tiny_model("llama", seed=6, layers=2).save_pretrained(tmp_path / "model")
+    write_ids_corpus(tmp_path / "a.jsonl", [6, 9, 4], seed=1)
+    for flags, out in (([], "plain"), (["--stats"], "stats")):
+        res = cli("cusprun.score", "--model", tmp_path / "model", "--corpus", f"a={tmp_path / 'a.jsonl'}",
+                  "--out", tmp_path / out, "--measure", "local", "--quiet", *flags)
+        assert res.returncode == 0, res.stderr
+    assert (tmp_path / "stats" / "a.stats.safetensors").is_file()
+    assert not (tmp_path / "plain" / "a.stats.safetensors").exists()
+    common = ["cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet", "--compensate"]
+    res = cli(*common, "--scores", tmp_path / "plain" / "a.safetensors", "--out", tmp_path / "e1")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: --compensate needs {tmp_path / 'plain' / 'a.stats.safetensors'}: score with python -m "
+        "cusprun.score ... --stats to write it"]
+    res = cli(*common, "--scores", tmp_path / "stats" / "a.safetensors", "--out", tmp_path / "e2")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "e2" / "pruning.json").read_text())
+    assert report["compensate"] is True and report["ridge"] == pytest.approx(1e-2)
