@@ -8,10 +8,13 @@ Experts, each built from the calibration corpora (data/corpora) of its dimension
   de+medical           German x medical (MEDLINE abstracts)
   de+medical+qa        German x medical x question answering (SQuAD-shifts new_wiki)
 Methods at each ratio of projection parameters removed (every expert exported in the same dense format):
-  cusprun          the default: the paper's per-neuron selection (the same σ share from every group), block
-                   measure, all-docs rule
-  cusprun-unit     whole query heads and MLP channels, budgets compared across layers (cusprun.units)
-  plnd      PLND importances on the same target corpora, same selection as cusprun
+  cusprun-channels the library's default: whole MLP channels (attention and hidden size kept whole), the same
+                   share from every layer, block measure, all-docs rule (cusprun.units)
+  cusprun-channels-comp  the same channels, down_proj refit over the kept channels (--compensate,
+                   cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats)
+  cusprun-units    whole query heads and MLP channels, the same share from every block
+  cusprun-neurons  the paper's per-neuron selection (the same sigma share from every row/column group)
+  plnd      PLND importances on the same target corpora, the paper's selection
   wanda-sp, flap, shortgpt   on a general corpus (equal shares of every calibration corpus)
   magnitude, random          no data
 Evaluation (data/heldout, disjoint from calibration): perplexity on each held-out set; an expert's
@@ -19,8 +22,9 @@ Evaluation (data/heldout, disjoint from calibration): perplexity on each held-ou
 its sets (German: Debian Reference and news from another source, MLSUM; medical: MEDLINE; QA:
 new_wiki and New York Times paragraphs); *general* perplexity the geometric mean over English news
 (XSum) and English manual pages, which no expert targets.
-Also at the first ratio: units with the uniform budget, the local measure, MLP-only selection and the mean-rank and
-pooled rules (ablations), and the German expert's quality against its corpus size (sweep).
+Also at the first ratio, one change each from the default: the local measure, the relative (cross-layer)
+budget, the mean-rank and pooled rules (ablations); and the German expert's quality against its corpus size
+(sweep). Every model is evaluated and timed as its dense export, which computes what the masked model computes.
 Speed, measured in the same run on each model's dense export (cusprun.apply(..., format="dense")): prefill
 tokens/s on 512-token documents and decode tokens/s (greedy, KV cache), the median of several repetitions
 (cusprun.evaluate's harness, as the main job uses); the ideal speed-up from the FLOP count of a 512-token
@@ -53,6 +57,7 @@ from common import RESULTS, environment  # noqa: E402
 
 import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
+from cusprun.compensate import DEFAULT_RIDGE, compensate  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.evaluate import parameter_count, perplexity, prefill_tokens_per_s  # noqa: E402
 from cusprun.files import atomic_write  # noqa: E402
@@ -66,15 +71,19 @@ EVAL_SETS = {"de": ("de", "de_news"), "medical": ("medical",), "qa": ("qa", "qa_
 GENERAL_SETS = ("en_news", "en_man")
 GENERAL_CALIBRATION = ("de", "en", "medical", "legal", "qa")
 # methods whose scores come from the expert's own corpora, with the selection settings each uses
-TARGETED = {"cusprun": {}, "cusprun-unit": dict(granularity="unit", budget="relative"), "plnd": {}}
+TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
+            # the same channels (local and block channel scores are equal), down_proj refit by ridge least squares
+            "cusprun-channels-comp": dict(granularity="unit", neurons="mlp", measure="local", compensate=DEFAULT_RIDGE),
+            "cusprun-units": dict(granularity="unit", neurons="all"),
+            "cusprun-neurons": dict(granularity="neuron", neurons="all"), "plnd": {}}
+DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
-ABLATIONS = {"units, uniform budget": dict(granularity="unit", budget="uniform"),
-             "local measure": dict(measure="local"), "MLP only": dict(neurons="mlp"),
+# one change each from the default (TARGETED[DEFAULT])
+ABLATIONS = {"local measure": dict(measure="local"), "relative budget": dict(budget="relative"),
              "mean-rank rule": dict(rule="mean-rank"), "pooled rule": dict(rule="pooled")}
-SCORED_AS = {"cusprun-unit": "cusprun"}  # methods that select differently from the same score files
-# --ablations: every variant at every ratio, the paper's per-neuron selection, and two changes together
-ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "units, relative budget": dict(granularity="unit", budget="relative"),
-                      "MLP only + mean-rank": dict(neurons="mlp", rule="mean-rank")}
+SCORED_AS = {m: "cusprun" for m in TARGETED if m.startswith("cusprun")}  # one score file, several selections
+# --ablations: every variant at every ratio, and two changes together
+ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "local measure + mean-rank": dict(measure="local", rule="mean-rank")}
 
 
 @dataclass(frozen=True)
@@ -132,35 +141,38 @@ class Bench:
             raise SystemExit(f"{path} holds {len(ids)} documents, {n} are needed")
         return ids
 
-    def scores(self, method: str, corpus: str, docs: list[list[int]], measure: str = "block") -> ScoreSet:
+    def scores(self, method: str, corpus: str, docs: list[list[int]], measure: str = "block",
+               stats: bool = False) -> ScoreSet:
         """A cached ScoreSet: the file name carries the method and a hash of the exact tokens scored."""
         digest = hashlib.sha256(repr(docs).encode()).hexdigest()[:16]
-        tag = measure if method == "cusprun" else method
+        tag = (measure + ("-stats" if stats else "")) if method == "cusprun" else method
         path = self.cache / f"{tag}-{corpus}-{len(docs)}docs-{digest}.safetensors"
         if path.exists():
-            return ScoreSet.load(path)
+            return ScoreSet.load(path, stats=stats)
         start = time.perf_counter()
         if method == "cusprun":
-            result = cusprun.score(self.model, docs, measure, corpus=corpus, progress=not self.quiet)
+            result = cusprun.score(self.model, docs, measure, corpus=corpus, progress=not self.quiet, stats=stats)
         else:
             result = baseline_scores(self.model, method, docs, corpus=corpus)
         result.metadata["seconds"] = f"{time.perf_counter() - start:.1f}"
         self.cache.mkdir(parents=True, exist_ok=True)
         result.save(path)
-        return ScoreSet.load(path)  # as a rerun will see it (metadata as stored)
+        return ScoreSet.load(path, stats=stats)  # as a rerun will see it (metadata as stored)
 
-    def expert_scores(self, method: str, dims, n_docs: int | None = None, measure: str = "block") -> ScoreSet:
+    def expert_scores(self, method: str, dims, n_docs: int | None = None, measure: str = "block",
+                      stats: bool = False) -> ScoreSet:
         """The intersection over ``dims`` of each dimension's first ``n_docs`` documents' scores.
 
         A document's scores do not depend on the others, so every dimension is scored once over all
         its calibration documents and the corpus-size sweep takes leading rows."""
         n = n_docs or self.s.docs
+        if stats:  # Gram matrices are sums over the documents: score exactly the first n
+            return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure, True) for d in dims))
         return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d], measure), n) for d in dims))
 
-    def speed(self, selection) -> dict[str, float]:
-        """Prefill and decode tokens/s of the dense export of ``selection`` (the model itself for None), the
-        median over repetitions, and the FLOP count of one prefill; never cached (measured in this run)."""
-        model = self.model if selection is None else cusprun.apply(self.model, selection, format="dense")
+    def speed(self, model) -> dict[str, float]:
+        """Prefill and decode tokens/s of ``model`` (the dense model or an expert's dense export), the median
+        over repetitions, and the FLOP count of one prefill; never cached (measured in this run)."""
         prefill_tokens_per_s(model, self.speed_docs[:1])  # warm-up, not timed
         prefill, decode = [], []
         for _ in range(self.s.repetitions):
@@ -169,17 +181,17 @@ class Bench:
         return {"prefill_tps": statistics.median(prefill), "decode_tps": statistics.median(decode),
                 "flops": prefill_flops(model, self.s.speed_tokens), "params": parameter_count(model)}
 
-    def evaluate(self, selection) -> dict[str, float]:
-        """Perplexity on every held-out set; cached by the plan's masks and the exact held-out tokens, so a
-        rerun evaluates only plans it has not seen."""
-        h = hashlib.sha256(self.heldout_digest)
+    def evaluate(self, selection, model, tag: str = "") -> dict[str, float]:
+        """Perplexity of ``model`` (``selection``'s dense export, or the dense model for None) on every held-out
+        set; cached by the plan's masks and the exact held-out tokens, so a rerun evaluates only plans it has
+        not seen. ``tag`` names weights changed beyond the plan (compensation)."""
+        h = hashlib.sha256(self.heldout_digest + tag.encode())
         if selection is not None:
             for name in sorted(selection.plan):
                 h.update(name.encode() + selection.plan[name].numpy().tobytes())
         path = self.cache / f"ppl-{h.hexdigest()[:20]}.json"
         if path.exists():
             return json.loads(path.read_text())
-        model = self.model if selection is None else cusprun.apply(self.model, selection, format="masked")
         ppl = {name: perplexity(model, docs)[0] for name, docs in self.heldout.items()}
         self.cache.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(ppl)))
@@ -242,24 +254,24 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
     targeted = [m for m in TARGETED if methods is None or m in methods]
     general = [m for m in GENERAL_METHODS if methods is None or m in methods]
     if ablations_only:
-        jobs += [("ablation", ratio, "cusprun", dims, {"variant": v, **kw}) for ratio in settings.ratios
+        jobs += [("ablation", ratio, DEFAULT, dims, {"variant": v, **kw}) for ratio in settings.ratios
                  for v, kw in ALL_RATIO_VARIANTS.items() for dims in settings.experts]
     else:
         for ratio in settings.ratios:
             jobs += [("main", ratio, m, dims, {}) for dims in settings.experts for m in targeted]
             jobs += [("main", ratio, m, None, {}) for m in general]
         if extras:
-            jobs += [("ablation", first, "cusprun", dims, {"variant": v, **kw})
+            jobs += [("ablation", first, DEFAULT, dims, {"variant": v, **kw})
                      for v, kw in ABLATIONS.items() for dims in settings.experts if variants is None or v in variants]
-            jobs += [("sweep", first, "cusprun", ("de",), {"docs": n}) for n in settings.sweep
+            jobs += [("sweep", first, DEFAULT, ("de",), {"docs": n}) for n in settings.sweep
                      if n != settings.docs]
     speeds = not ablations_only
     if speeds:
-        bench.dense_speed = [bench.speed(None)]
+        bench.dense_speed = [bench.speed(bench.model)]
     bar = tqdm(jobs, desc="models", unit="model", disable=quiet, file=sys.stderr, dynamic_ncols=True)
     for job in bar:
         if job == "dense":
-            ppl = bench.evaluate(None)
+            ppl = bench.evaluate(None, bench.model)
             for dims in settings.experts:
                 rows.append(_row("main", "dense", dims, 0.0, 0.0, settings.docs, ppl, "-"))
             continue
@@ -269,19 +281,23 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         variant = kw.pop("variant", "default")
         n_docs = kw.pop("docs", settings.docs)
         measure = kw.pop("measure", "block")
+        ridge = kw.pop("compensate", None)  # a ridge: refit the output projections (needs the Gram statistics)
         if dims is None:  # general-corpus and data-free baselines: one model, reported for every expert
             docs = None if method in ("magnitude", "random") else bench.general
             score_set = bench.scores(method, "general", docs) if docs else baseline_scores(bench.model, method)
         else:
-            score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure)
+            score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure, ridge is not None)
         selection = score_set.select(ratio, **kw)
-        ppl = bench.evaluate(selection)
-        speed = bench.speed(selection) if experiment == "main" else {}
+        source = bench.model if ridge is None else compensate(bench.model, selection.plan, score_set.stats, ridge)
+        model = cusprun.apply(source, selection, format="dense")
+        ppl = bench.evaluate(selection, model, "" if ridge is None else f"compensate {ridge}")
+        speed = bench.speed(model) if experiment == "main" else {}
+        del model
         for expert in [dims] if dims else settings.experts:
             rows.append(_row(experiment, method, expert, ratio, selection.removed_fraction,
                              n_docs if dims else "-", ppl, variant) | speed)
     if speeds:  # the dense model again at the end: the reference is the mean of both, drift shows in the CSV
-        bench.dense_speed.append(bench.speed(None))
+        bench.dense_speed.append(bench.speed(bench.model))
         reference = {k: statistics.mean(d[k] for d in bench.dense_speed) for k in ("prefill_tps", "decode_tps")}
         dense = bench.dense_speed[0]
         for r in rows:
@@ -333,7 +349,7 @@ def _dense_row(rows: list[dict], experts: list[str]) -> str:
 
 def _sweep_rows(rows: list[dict], ratio: float) -> list[dict]:
     """The German expert's default Cus-Prun rows at ``ratio``, by corpus size."""
-    return sorted((r for r in rows if r["expert"] == "de" and r["method"] == "cusprun" and r["ratio"] == ratio
+    return sorted((r for r in rows if r["expert"] == "de" and r["method"] == DEFAULT and r["ratio"] == ratio
                    and r["variant"] == "default"), key=lambda r: r["docs"])
 
 
@@ -356,13 +372,11 @@ def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
             lines.append(f"| {ratio:.0%} | {label} | " + _cells(by, experts, best))
     first = settings.ratios[0]
     lines += speed_table(main, settings)
-    lines += ["", f"Ablations at {first:.0%} (Cus-Prun, one change each from the default: per-neuron selection, "
-              "block measure, all neuron kinds, all-docs rule):", "",
+    lines += ["", f"Ablations at {first:.0%} (one change each from the default, {DEFAULT}: whole MLP channels, the "
+              "same share from every layer, block measure, all-docs rule):", "",
               "| variant | " + " | ".join(f"{e} target / general" for e in experts) + " |",
               "|---|" + "---|" * len(experts)]
-    variants = {"default": [r for r in main if r["method"] == "cusprun" and r["ratio"] == first],
-                "units, relative budget": [r for r in main if r["method"] == "cusprun-unit"
-                                           and r["ratio"] == first]}
+    variants = {"default": [r for r in main if r["method"] == DEFAULT and r["ratio"] == first]}
     for v in ABLATIONS:
         variants[v] = [r for r in rows if r["experiment"] == "ablation" and r["variant"] == v]
     for v, vrows in variants.items():
@@ -399,9 +413,9 @@ def markdown_ablations(rows: list[dict], settings: Settings, env: dict) -> str:
     """--ablations: target / general perplexity of every Cus-Prun variant at every ratio."""
     experts = [expert_name(d) for d in settings.experts]
     lines = _preamble(f"Cus-Prun variants on {DEFAULT_MODEL} at every ratio: perplexity target / general (as in "
-                      "expert_quality.md); one change from the default (per-neuron selection, block measure, all "
-                      "neuron kinds, all-docs rule) per row, and the last row two. The best target "
-                      "per expert and ratio is bold.",
+                      f"expert_quality.md); one change from the default ({DEFAULT}: whole MLP channels, the same "
+                      "share from every layer, block measure, all-docs rule) per row, and the last row two. The "
+                      "best target per expert and ratio is bold.",
                       env, experts, "ratio | variant")
     lines.append(_dense_row(rows, experts))
     for ratio in settings.ratios:
@@ -429,7 +443,7 @@ def plot(rows: list[dict], settings: Settings, out: Path) -> list[Path]:
                 pts = sorted((r["ratio"], r[key]) for r in main if r["expert"] == e and r["method"] == method)
                 style = "-o" if method in TARGETED else "--."
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method,
-                        linewidth=2.2 if method == "cusprun" else 1.2)
+                        linewidth=2.2 if method == DEFAULT else 1.2)
             dense = next(r[key] for r in main if r["expert"] == e and r["method"] == "dense")
             ax.axhline(dense, color="black", linewidth=0.8, linestyle=":", label="dense")
             ax.set_yscale("log")

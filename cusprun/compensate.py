@@ -28,21 +28,22 @@ DEFAULT_RIDGE = 1e-2
 def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
     """weight [out, n], gram [n, n], keep bool [n] -> the refit weight [out, n] (float64): kept columns solved
     for, removed columns as they were (the plan zeroes them)."""
-    w, g = weight.double(), gram.double()
-    kept = keep.nonzero().flatten()
+    w, g = weight.double(), gram.to(weight.device, torch.float64)
+    kept = keep.to(weight.device).nonzero().flatten()
     g_kk = g[kept][:, kept]
     lam = ridge * g_kk.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     rhs = g[kept] @ w.T  # [K, out] = G[K, :] Wᵀ
-    solved = torch.linalg.solve(g_kk + lam * torch.eye(len(kept), dtype=torch.float64), rhs)
+    solved = torch.linalg.solve(g_kk + lam * torch.eye(len(kept), dtype=torch.float64, device=w.device), rhs)
     out = w.clone()
     out[:, kept] = solved.T
     return out
 
 
-def compensate(model, plan: dict[str, torch.Tensor], grams: dict[str, torch.Tensor],
-               ridge: float = DEFAULT_RIDGE):
-    """A copy of ``model`` whose o_proj and down_proj are refit over the columns ``plan`` keeps (layers and
-    projections that lose no column, or every column, are left as they are)."""
+def compensate(model, plan, grams: dict[str, torch.Tensor], ridge: float = DEFAULT_RIDGE):
+    """A copy of ``model`` whose o_proj and down_proj are refit over the columns ``plan`` (a
+    :class:`~cusprun.selection.Selection` or keep masks) keeps; layers and projections that lose no column,
+    or every column, are left as they are."""
+    plan = getattr(plan, "plan", plan)
     out = copy.deepcopy(model)
     with torch.no_grad():
         for index, layer in enumerate(out.model.layers):

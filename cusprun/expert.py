@@ -27,13 +27,14 @@ def check_ratio(ratio: float) -> None:
         raise CusprunError(f"--ratio {ratio}: must be strictly between 0 and 1")
 
 
-def load_score_sets(paths: list[str]) -> list[ScoreSet]:
-    """Score files read (one line and exit 2 when missing or damaged), checked to share one measure."""
+def load_score_sets(paths: list[str], stats: bool = False) -> list[ScoreSet]:
+    """Score files read (one line and exit 2 when missing or damaged), checked to share one measure; with
+    ``stats``, their statistics files too where they exist (see :func:`check_stats`)."""
     sets = []
     for path in paths:
         if not Path(path).is_file():
             raise CusprunError(f"score file not found: {path}")
-        sets.append(ScoreSet.load(path))
+        sets.append(ScoreSet.load(path, stats=stats))
     measures = {s.metadata.get("measure") for s in sets}
     if len(measures) > 1:
         raise CusprunError(f"score files mix measures ({', '.join(sorted(map(str, measures)))}): score all corpora "
@@ -79,7 +80,7 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
                           granularity=granularity, budget=budget)
     if compensate:
         check_stats(sets, score_paths)
-        model = compensate_model(model, sel.plan, combined.stats, ridge)
+        model = compensate_model(model, sel, combined.stats, ridge)
     pruned = apply(model, sel, format)
     # the dense format also drops the norm in front of a block it skips
     dropped_norms = _layer_norm_params(model) - _layer_norm_params(pruned) if format == "dense" else 0

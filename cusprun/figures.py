@@ -66,10 +66,14 @@ def irrelevant_sets(sets: list[ScoreSet], sigma: float) -> list[dict[str, torch.
     return [{name: r < sigma for name, r in s.relevance().items()} for s in sets]
 
 
-def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: Path) -> None:
+def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: Path, channels_only: bool) -> None:
+    """The irrelevant sets at σ: of MLP channels (their down_proj column's R) when the plan chooses only those,
+    else of every neuron."""
     names = [label(s) for s in sets]
-    masks = irrelevant_sets(sets, sigma)
-    flat = torch.stack([torch.cat([m[n] for n in geo.names()]) for m in masks])  # [dims, all neurons]
+    chosen = ["mlp.down_proj.cols"] if channels_only else None
+    masks = [{n: m for n, m in mask.items() if chosen is None or any(n.endswith(c) for c in chosen)}
+             for mask in irrelevant_sets(sets, sigma)]
+    flat = torch.stack([torch.cat(list(m.values())) for m in masks])  # [dims, candidate neurons]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.4]})
     labels, counts = [], []
     for size in range(1, len(sets) + 1):
@@ -81,7 +85,7 @@ def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: P
             counts.append(int(exact.sum()))
     bars = left.barh(labels[::-1], counts[::-1], color="tab:blue")
     left.bar_label(bars, fmt="{:,.0f}", fontsize=7)
-    left.set_xlabel(f"neurons irrelevant at σ = {sigma:.3f}")
+    left.set_xlabel(f"{'MLP channels' if channels_only else 'neurons'} irrelevant at σ = {sigma:.3f}")
     left.set_title("exact overlap of the irrelevant sets", fontsize=9)
     layers = range(geo.layers)
     for name, mask in zip(names, masks):
@@ -89,7 +93,7 @@ def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: P
     both = {n: torch.stack([m[n] for m in masks]).all(dim=0) for n in masks[0]}
     right.plot(layers, [_share(both, geo, layer) for layer in layers], "k--", label="all (intersection)")
     right.set_xlabel("layer")
-    right.set_ylabel("share of the layer's neurons")
+    right.set_ylabel(f"share of the layer's {'MLP channels' if channels_only else 'neurons'}")
     right.set_title("irrelevant share per layer", fontsize=9)
     right.legend(fontsize=7)
     _save(fig, path)
@@ -97,7 +101,7 @@ def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: P
 
 
 def _share(mask: dict[str, torch.Tensor], geo: Geometry, layer: int) -> float:
-    tensors = [mask[tensor_name(layer, p, s)] for p in PROJECTIONS for s in SIDES]
+    tensors = [mask[tensor_name(layer, p, s)] for p in PROJECTIONS for s in SIDES if tensor_name(layer, p, s) in mask]
     return float(sum(int(t.sum()) for t in tensors) / sum(t.numel() for t in tensors))
 
 
@@ -150,6 +154,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
             raise CusprunError(f"--expert {expert}: no pruning.json (not a cusprun expert folder)")
         report = json.loads(report_path.read_text())
         kept, sigma, ratio = report["kept"], report["sigma"], report["ratio_achieved_projection"]
+        settings = (report.get("neurons"), report.get("granularity"))
         title = f"{Path(expert).name}: {ratio:.1%} of projection parameters removed"
     else:
         try:
@@ -157,6 +162,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
         except ValueError as exc:  # a ratio the default units cannot reach
             raise CusprunError(str(exc)) from None
         kept, sigma = kept_counts(selection.plan, geo), selection.sigma
+        settings = combined.selection_settings()
         title = f"{label(combined)}: {selection.removed_fraction:.1%} of projection parameters removed"
     layer = geo.layers // 2 if layer is None else layer
     if not 0 <= layer < geo.layers:
@@ -164,6 +170,6 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "kept.png", out / "overlap.png", out / "distributions.png"]
     plot_kept(plt, kept_fractions(kept, geo), title, paths[0])
-    plot_overlap(plt, sets, sigma, geo, paths[1])
+    plot_overlap(plt, sets, sigma, geo, paths[1], channels_only=settings == ("mlp", "unit"))
     plot_distributions(plt, sets, layer, paths[2])
     return paths

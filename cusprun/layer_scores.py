@@ -64,8 +64,8 @@ class LayerScores:
             y, row_sq, col_sq = ops.projection_energies(flat, linear.weight, linear.bias, self._doc)
             self._energies.setdefault(proj, []).append((row_sq[0], col_sq[0]))
             if self.stats and proj in STAT_PROJECTIONS:
-                g = ops.gram(flat).double()
-                self._gram[proj] = g if proj not in self._gram else self._gram[proj].add_(g)
+                g = ops.gram(flat)  # float32, one document; summed in float64
+                self._gram[proj] = g.double() if proj not in self._gram else self._gram[proj].add_(g)
             if self.measure == "block":  # the attention-side block scores need these, nothing else
                 if proj == "self_attn.o_proj":
                     self._keep(f"{proj}.in", flat)

@@ -1,7 +1,8 @@
 """The main job, end to end, in one process (one model load): the library behind ``python -m cusprun.pipeline``.
 
-score the calibration corpora -> build each expert (the default selection: whole MLP channels irrelevant
-to every dimension, dense per-layer widths) -> evaluate the dense model and every expert on held-out text of the target
+score the calibration corpora (with the Gram statistics) -> build each expert (the default selection: whole
+MLP channels irrelevant to every dimension, down_proj refit over the kept channels, dense per-layer widths)
+-> evaluate the dense model and every expert on held-out text of the target
 dimensions and on general text -> a table, OUT/summary.json / OUT/summary.md, and each expert's
 pictures (:mod:`cusprun.figures`) in OUT/plots/EXPERT/.
 
@@ -26,10 +27,11 @@ from .expert import build_expert, check_ratio
 from .figures import write_plots
 from .files import atomic_write_text
 from .models import load_model
-from .neurons import config_hash
+from .neurons import Geometry, config_hash
 from .scorefile import load_scores
 from .scoreset import ScoreSet
 from .scoring import CorpusSpec, prepare_out, score_corpus
+from .units import reachable
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 DEFAULT_EXPERTS = ["de", "de+medical"]
@@ -45,10 +47,11 @@ class MainJob:
     experts: list[str]
     evals: list[str]
     ratio: float = 0.25
-    docs: int = 16
+    docs: int = 40
     max_tokens: int = 256
     eval_max_tokens: int = 512
     measure: str = "local"  # the default experts' channel scores are the same under both measures
+    compensate: bool = True  # refit down_proj over the kept channels (measured: better target perplexity)
     out: Path = Path("runs/main")
     quiet: bool = False
 
@@ -102,13 +105,18 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
         (out / sub).mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model, tokenizer, source = load_model(job.model, quiet=quiet)
+    largest = reachable(Geometry(model.config), ("channels",))
+    if job.ratio > largest:  # before any scoring: the default experts remove whole MLP channels only
+        raise CusprunError(f"--ratio {job.ratio}: the default experts remove whole MLP channels, which reach at most "
+                           f"{largest:.4f} of {source.model_id}'s projection parameters")
     from transformers import AutoModelForCausalLM
 
     import cusprun_kernels
 
     cusprun_kernels.set_quiet(quiet)
-    scorer = Scorer(model, job.measure)
-    options = {"max_tokens": job.max_tokens, "dtype": "float32", "backend": cusprun_kernels.resolve_backend("cpu")}
+    scorer = Scorer(model, job.measure, stats=job.compensate)
+    options = {"max_tokens": job.max_tokens, "dtype": "float32", "backend": cusprun_kernels.resolve_backend("cpu"),
+               "stats": job.compensate}
     score_files = {}
     for name in dims:
         corpus = out / "corpora" / f"{name}.jsonl"
@@ -127,14 +135,16 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
     for expert in experts:
         paths = [score_files[d] for d in expert.split("+")]
-        sets = [ScoreSet.load(p) for p in paths]
-        report = build_expert(model, tokenizer, source, sets, paths, job.ratio, "dense", out / "experts" / expert)
+        sets = [ScoreSet.load(p, stats=job.compensate) for p in paths]
+        report = build_expert(model, tokenizer, source, sets, paths, job.ratio, "dense", out / "experts" / expert,
+                              compensate=job.compensate)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
         rows.append((expert, evaluate(pruned, tokenizer, texts, job.eval_max_tokens, 32, expert, quiet), report))
         if plots:
             write_plots(sets, out / "plots" / expert, expert=out / "experts" / expert)
     summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": job.ratio,
-               "measure": job.measure, "docs_per_corpus": job.docs, "max_tokens": job.max_tokens,
+               "measure": job.measure, "compensate": job.compensate, "docs_per_corpus": job.docs,
+               "max_tokens": job.max_tokens,
                "seconds": time.perf_counter() - started,
                "results": [{"model": name, **result,
                             "ratio_achieved_projection": None if rep is None else rep["ratio_achieved_projection"]}

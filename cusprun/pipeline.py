@@ -1,8 +1,9 @@
 """``python -m cusprun.pipeline``: the main job, end to end, in one process (one model load); the work is
 :mod:`cusprun.main_job`'s.
 
-score the calibration corpora -> build each expert (the default selection: whole MLP channels irrelevant
-to every dimension, dense per-layer widths) -> evaluate the dense model and every expert on held-out text of the target
+score the calibration corpora (with the Gram statistics) -> build each expert (the default selection: whole
+MLP channels irrelevant to every dimension, down_proj refit over the kept channels, dense per-layer widths)
+-> evaluate the dense model and every expert on held-out text of the target
 dimensions and on general text -> a table (stdout), OUT/summary.json / OUT/summary.md, and each expert's
 pictures (python -m cusprun.plot) in OUT/plots/EXPERT/.
 
@@ -31,13 +32,16 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--eval", action="append", metavar="NAME",
                    help=f"held-out texts to evaluate on (default: {', '.join(DEFAULT_EVAL)})")
     p.add_argument("--ratio", type=float, default=0.25, help="fraction of projection parameters removed")
-    p.add_argument("--docs", type=int, default=16, help="calibration documents per corpus")
+    p.add_argument("--docs", type=int, default=40, help="calibration documents per corpus (default 40: all of the "
+                   "shipped medical corpus)")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per calibration document")
     p.add_argument("--eval-max-tokens", type=int, default=512)
     p.add_argument("--measure", choices=MEASURES, default="local",
                    help="local (default): one forward pass per corpus, enough for the default experts (whole MLP "
                         "channels score the same under both measures); block: every neuron's exact block score "
                         "(the paper's selection, the plots' q/k/v panels), about 25x slower on a CPU")
+    p.add_argument("--no-compensate", action="store_true",
+                   help="build the experts without refitting down_proj (no statistics are collected)")
     p.add_argument("--out", default="runs/main")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -46,7 +50,8 @@ def build_parser() -> OneLineArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     job = MainJob(args.model, Path(args.data), args.expert or DEFAULT_EXPERTS, args.eval or DEFAULT_EVAL, args.ratio,
-                  args.docs, args.max_tokens, args.eval_max_tokens, args.measure, Path(args.out), args.quiet)
+                  args.docs, args.max_tokens, args.eval_max_tokens, args.measure, not args.no_compensate,
+                  Path(args.out), args.quiet)
     summary, table = run_main_job(job)
     print(table)
     print(f"\n{summary['seconds']:.0f} s; experts in {job.out / 'experts'}, summary in {job.out / 'summary.md'}, "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .apply import FORMATS
@@ -26,7 +27,7 @@ selection (the defaults are what measured best, README "Expert quality"):
             irrelevant to every given corpus (the intersection), sigma searched so that --ratio of the
             decoder layers' projection parameters is removed.
   --neurons all                          whole query heads too (each head with its q rows and o columns)
-  --granularity neuron --neurons all     the paper's selection: every row and column ranked within its group
+  --granularity neuron                   the paper's selection: every row and column ranked within its group
                                          (layer, projection, rows or columns), plus what its removal makes dead
 
 rules (--rule), how a corpus's documents are combined:
@@ -70,7 +71,7 @@ def build_parser() -> OneLineArgumentParser:
                         "projection (baselines' scores: their own default)")
     p.add_argument("--granularity", choices=GRANULARITIES,
                    help="unit (Cus-Prun's default): whole query heads and MLP channels; neuron: the paper's "
-                        "per-row/column selection (the paper's expert: --granularity neuron --neurons all)")
+                        "per-row/column selection of every projection")
     p.add_argument("--budget", choices=BUDGETS, default="uniform",
                    help="with --granularity unit: uniform (the same share from every block, default) or relative "
                         "(units compared across layers; measured far worse on SmolLM2, see the README)")
@@ -89,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_ratio(args.ratio)
     out = check_out_dir(args.out, args.overwrite)
-    if args.ridge <= 0:
-        raise CusprunError(f"--ridge {args.ridge}: must be positive")
-    sets = load_score_sets(args.scores)
+    if not (math.isfinite(args.ridge) and args.ridge > 0):
+        raise CusprunError(f"--ridge {args.ridge}: must be a positive number")
+    sets = load_score_sets(args.scores, stats=args.compensate)
     if args.compensate:
         check_stats(sets, args.scores)
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)

@@ -10,17 +10,19 @@ score file, see :mod:`.stats`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
+from .errors import CusprunError
 from .methods import method_of
 from .neurons import Geometry, group_of
 from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
 from .selection import Selection, relevance, select, select_layers
-from .stats import load_stats, save_stats, split_stats, stats_path
+from .stats import STAT_PROJECTIONS, gram_name, load_stats, save_stats, split_stats, stats_path
 
 # Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
 GRANULARITIES = ("unit", "neuron")
@@ -55,26 +57,44 @@ class ScoreSet:
 
     def save(self, path: str | Path) -> Path:
         """Write a ``cusprun-scores/1`` file atomically (a temporary file renamed into place), and its
-        statistics beside it (``NAME.stats.safetensors``) when the set holds them."""
+        statistics beside it (``NAME.stats.safetensors``) when the set holds them; an older statistics file
+        there is removed otherwise, so it can never pass for these scores' statistics."""
         if self.stats:
-            save_stats(stats_path(path), self.stats, {"n_docs": self.n_docs, "tokens": sum(self.token_counts()),
-                                                      "config_hash": self.metadata.get("config_hash", "")})
+            save_stats(stats_path(path), self.stats, {"n_docs": self.n_docs, "scores": self.fingerprint()})
+        else:
+            stats_path(path).unlink(missing_ok=True)
         save_scores(path, self.scores, self.metadata)
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> ScoreSet:
-        """A score file, with its statistics when ``NAME.stats.safetensors`` lies beside it."""
+    def load(cls, path: str | Path, stats: bool = False) -> ScoreSet:
+        """A score file; with ``stats``, also its statistics (``NAME.stats.safetensors``) when they lie beside it
+        and belong to these scores (same model, corpus and documents), else a one-line :class:`CusprunError`."""
         tensors, meta = load_scores(path)
-        stats = None
-        if stats_path(path).is_file():
-            stats, stats_meta = load_stats(stats_path(path))
-            if stats_meta.get("config_hash") != meta.get("config_hash"):
-                raise ValueError(f"{stats_path(path)} belongs to another model than {path}")
-        return cls(tensors, meta, stats)
+        grams = None
+        if stats and stats_path(path).is_file():
+            grams, stats_meta = load_stats(stats_path(path))
+            loaded = cls(tensors, meta)
+            if stats_meta.get("scores") != loaded.fingerprint():
+                raise CusprunError(f"{stats_path(path)} does not belong to {path} (another model, corpus or "
+                                   "documents): score again with --stats")
+            geo = loaded.geometry()
+            for layer in range(geo.layers):
+                for proj in STAT_PROJECTIONS:
+                    n = geo.shape[proj][1]
+                    g = grams.get(gram_name(layer, proj))
+                    if g is None or g.shape != (n, n) or not torch.isfinite(g).all():
+                        raise CusprunError(f"{stats_path(path)}: {gram_name(layer, proj)} missing, not [{n}, {n}] "
+                                           "or not finite")
+        return cls(tensors, meta, grams)
 
-    def token_counts(self) -> list[int]:
-        return [int(n) for n in self.metadata.get("token_counts", [])]
+    def fingerprint(self) -> str:
+        """sha256 of the model's config hash and of every score (float32 bytes, tensors in name order): what
+        a statistics file must have been collected with."""
+        h = hashlib.sha256(str(self.metadata.get("config_hash", "")).encode())
+        for name in sorted(self.scores):
+            h.update(name.encode() + self.scores[name].float().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def relevance(self, rule: str = "all-docs") -> dict[str, torch.Tensor]:
         """R(n) per tensor name, float64 [features]. Under the paper's rule ``all-docs`` (default): the
@@ -134,9 +154,11 @@ class ScoreSet:
     def selection_settings(self, neurons: str | None = None, granularity: str | None = None,
                            uniform: bool = False) -> tuple[str, str]:
         """(neurons, granularity) that :meth:`select` uses: the given ones, else the scoring method's defaults."""
-        # a uniform (stock) plan has its own units (channels and k/v groups, see .stock): no method default
+        # a uniform (stock) plan has its own units (channels and k/v groups, see .stock), and the per-neuron
+        # selection asked for by name is the paper's (every projection): no method default then
+        paper = uniform or granularity == "neuron"
         chosen = {"neurons": "all", "granularity": "neuron",
-                  **({} if uniform else dict(method_of(self.metadata).selection))}
+                  **({} if paper else dict(method_of(self.metadata).selection))}
         return (chosen["neurons"] if neurons is None else neurons,
                 chosen["granularity"] if granularity is None else granularity)
 

@@ -48,6 +48,8 @@ def parse_corpora(values: list[str]) -> list[CorpusSpec]:
             raise CusprunError(f"--corpus {value!r}: NAME may hold letters, digits, '_', '.', '-'")
         if name in seen:
             raise CusprunError(f"--corpus: the name {name!r} is given twice")
+        if name.endswith(".stats"):  # NAME.stats.safetensors is the statistics file of corpus NAME
+            raise CusprunError(f"--corpus {value!r}: NAME may not end in '.stats'")
         seen.add(name)
         specs.append(CorpusSpec(name, path, read_corpus(path)))
     return specs

@@ -7,11 +7,14 @@
   ``model.layers.{l}.mlp.down_proj.gram`` float32 [intermediate, intermediate]: G = Σ_t x_t x_tᵀ over
   every token of every scored document, x_t the projection's input in the unpruned forward pass
   (summed in float64, stored in float32);
-* metadata: ``format`` = ``cusprun-stats/1``, ``tokens`` (tokens summed), ``n_docs``, ``config_hash``.
+* metadata: ``format`` = ``cusprun-stats/1``, ``n_docs``, and ``scores``: the fingerprint of the score file
+  they belong to (:meth:`cusprun.scoreset.ScoreSet.fingerprint`: sha256 of the config hash and of every
+  score), checked when they are loaded, so statistics of other documents are never used.
 
-Memory and disk: intermediate² + (heads·head_dim)² floats per layer (SmolLM2-135M: 280 MB per corpus;
-Llama-3-70B: 3.3 GB per layer for down_proj, so 70B statistics are for disks, not for RAM). Statistics of
-several corpora add up (an intersection's are the sum).
+Memory and disk: intermediate² + (heads·head_dim)² floats per layer (SmolLM2-135M: 320 MB per corpus;
+Llama-3-8B: 28 GB; Llama-3-70B: 3.3 GB per layer for down_proj). The scoring run holds them in host memory
+until it writes them, so today they are practical up to 8B-class models. Statistics of several corpora add
+up (an intersection's are the sum).
 """
 
 from __future__ import annotations

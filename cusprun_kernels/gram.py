@@ -5,8 +5,8 @@ For the input X [T, n] of o_proj or down_proj over a batch of tokens (every docu
     G = Xᵀ X  [n, n],  G[i, j] = Σ_t X[t, i] X[t, j].
 
 Summed over a corpus, G fixes the least-squares refit of the output projection after some of its input
-columns are removed (:mod:`cusprun.compensate`). The caller adds the batches' Gram matrices in float64;
-each batch's is computed with float32 products and float32 accumulation.
+columns are removed (:mod:`cusprun.compensate`). The engine calls it once per document and adds the results
+in float64; each call computes with float32 products and float32 accumulation.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def test_stats_files_round_trip_and_add_up_over_corpora(tmp_path):
     b = cusprun.score(model, documents(5), progress=False, stats=True, corpus="b")
     a.save(tmp_path / "a.safetensors")
     assert stats_path(tmp_path / "a.safetensors").name == "a.stats.safetensors"
-    loaded = cusprun.ScoreSet.load(tmp_path / "a.safetensors")
+    loaded = cusprun.ScoreSet.load(tmp_path / "a.safetensors", stats=True)
     assert loaded.stats.keys() == a.stats.keys()
     assert all(torch.equal(loaded.stats[n], a.stats[n].float()) for n in a.stats)
     both = a & b
@@ -122,3 +122,27 @@ def test_prune_compensate_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "e2" / "pruning.json").read_text())
     assert report["compensate"] is True and report["ridge"] == pytest.approx(1e-2)
+
+
+def test_statistics_of_other_documents_are_refused_and_stale_ones_removed(tmp_path):
+    from cusprun.errors import CusprunError
+
+    model = tiny_model("llama", seed=3, layers=2)
+    a = cusprun.score(model, documents(0), progress=False, stats=True, corpus="a")
+    b = cusprun.score(model, documents(5), progress=False, stats=True, corpus="b")
+    a.save(tmp_path / "a.safetensors")
+    b.save(tmp_path / "b.safetensors")
+    assert cusprun.ScoreSet.load(tmp_path / "a.safetensors").stats is None  # read only when asked for
+    stats_path(tmp_path / "b.safetensors").replace(stats_path(tmp_path / "a.safetensors"))
+    with pytest.raises(CusprunError, match="does not belong to"):
+        cusprun.ScoreSet.load(tmp_path / "a.safetensors", stats=True)
+    cusprun.score(model, documents(0), progress=False, corpus="a").save(tmp_path / "a.safetensors")
+    assert not stats_path(tmp_path / "a.safetensors").exists()  # re-scored without stats: the old file is gone
+
+
+@pytest.mark.parametrize("ridge", ["nan", "0", "-1"])
+def test_prune_refuses_a_bad_ridge(ridge, tmp_path):
+    res = cli("cusprun.prune", "--scores", tmp_path / "a.safetensors", "--ratio", "0.2", "--out", tmp_path / "o",
+              "--compensate", "--ridge", ridge)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"error: --ridge {float(ridge)}: must be a positive number"]

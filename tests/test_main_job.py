@@ -40,3 +40,17 @@ def test_main_job_on_a_tiny_model(tiny_dir, tmp_path):
 def test_main_job_checks_its_inputs_before_loading(tmp_path):
     res = run_pipeline("--model", tmp_path / "no-model", "--data", tmp_path, "--out", tmp_path / "o", "--quiet")
     assert res.returncode == 2 and "no calibration corpus" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_main_job_refuses_a_ratio_whole_mlp_channels_cannot_reach_before_scoring(tiny_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "corpora").mkdir(parents=True)
+    (data / "heldout").mkdir()
+    write_ids_corpus(data / "corpora" / "a.jsonl", [9, 14], seed=1)
+    write_ids_corpus(data / "heldout" / "a.jsonl", [12], seed=2)
+    res = run_pipeline("--model", tiny_dir, "--data", data, "--expert", "a", "--eval", "a", "--ratio", "0.9",
+                       "--out", tmp_path / "run", "--quiet")
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "remove whole MLP channels, which reach at most 0." in lines[0], res.stderr
+    assert not list((tmp_path / "run" / "scores").glob("*.safetensors"))  # nothing was scored

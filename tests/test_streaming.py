@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from cusprun.engine import Scorer
 from cusprun.layers import StreamedLayers
 from cusprun.scorefile import load_scores
+from cusprun.stats import load_stats
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 
@@ -57,7 +58,8 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     model_dir = tmp_path / "model"
     tiny_model("llama", seed=12, layers=8).save_pretrained(model_dir)
     write_ids_corpus(tmp_path / "c.jsonl", [60] * 12, seed=2)
-    args = ["--model", model_dir, "--corpus", f"c={tmp_path / 'c.jsonl'}", "--quiet"]
+    # with --stats: the Gram matrices of the finished layers come back from the checkpoint
+    args = ["--model", model_dir, "--corpus", f"c={tmp_path / 'c.jsonl'}", "--quiet", "--stats"]
     reference = score_cli(*args, "--out", tmp_path / "ref")
     assert reference.returncode == 0, reference.stderr
     out = tmp_path / "out"
@@ -75,6 +77,7 @@ def test_resume_after_kill_9_is_bit_identical(tmp_path):
     resumed = score_cli(*args, "--out", out)
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "c.safetensors").read_bytes() == (tmp_path / "ref/c.safetensors").read_bytes()
+    assert (out / "c.stats.safetensors").read_bytes() == (tmp_path / "ref/c.stats.safetensors").read_bytes()
 
 
 def test_checkpoint_from_other_inputs_is_refused(saved, tmp_path):
@@ -91,7 +94,7 @@ TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def test_two_ranks_equal_one_process(saved, tmp_path):
-    args = ["--model", saved / "model", "--corpus", f"c={saved / 'c.jsonl'}", "--quiet"]
+    args = ["--model", saved / "model", "--corpus", f"c={saved / 'c.jsonl'}", "--quiet", "--stats"]
     # CPU reductions round differently with different thread counts; torchrun gives each rank one thread
     one = score_cli(*args, "--out", tmp_path / "one", env={"OMP_NUM_THREADS": "1"})
     two = score_cli(*args, "--out", tmp_path / "two", launcher=TORCHRUN, env={"OMP_NUM_THREADS": "1"})
@@ -99,6 +102,11 @@ def test_two_ranks_equal_one_process(saved, tmp_path):
     assert (tmp_path / "one/c.safetensors").read_bytes() == (tmp_path / "two/c.safetensors").read_bytes()
     tensors, meta = load_scores(tmp_path / "two/c.safetensors")
     assert meta["n_docs"] == "5" and all(t.shape[0] == 5 for t in tensors.values())
+    # the ranks' Gram sums add up to the single process's (float64 partial sums, so equal to rounding)
+    one_stats, _ = load_stats(tmp_path / "one/c.stats.safetensors")
+    two_stats, _ = load_stats(tmp_path / "two/c.stats.safetensors")
+    assert one_stats.keys() == two_stats.keys() and len(one_stats) == 2 * 4
+    assert all(torch.allclose(one_stats[n], two_stats[n], rtol=1e-6, atol=1e-6) for n in one_stats)
 
 
 def test_a_failing_rank_fails_the_run_and_writes_nothing(saved, tmp_path):
