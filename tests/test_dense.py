@@ -76,7 +76,7 @@ def test_dense_from_a_neuron_selection(arch):
     model = tiny_model(arch, seed=7, layers=3)
     scores = cusprun.score(model, [random_ids(n, seed=n) for n in (7, 12, 9)], progress=False)
     for ratio in (0.2, 0.5):
-        plan = scores.select(ratio)
+        plan = scores.select(ratio, granularity="neuron")  # the paper's selection, every projection
         ids = batch(model.config.vocab_size, seed=3)
         gap = logits(apply(model, plan, "dense"), ids) - logits(apply(model, plan, "masked"), ids)
         assert gap.abs().max() <= 1e-4

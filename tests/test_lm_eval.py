@@ -32,7 +32,7 @@ def expert(tmp_path_factory):
     (root / "calib.jsonl").write_text("".join(json.dumps({"text": t * 2}) + "\n" for t in TEXTS))
     assert cli("cusprun.score", "--model", root / "model", "--corpus", f"c={root / 'calib.jsonl'}", "--out",
                root / "scores", "--quiet").returncode == 0
-    res = cli("cusprun.prune", "--model", root / "model", "--scores", root / "scores/c.safetensors", "--ratio", "0.3",
+    res = cli("cusprun.prune", "--model", root / "model", "--scores", root / "scores/c.safetensors", "--ratio", "0.2",
               "--out", root / "expert", "--quiet")
     assert res.returncode == 0, res.stderr
     return root / "expert"

@@ -21,6 +21,6 @@ def test_readme_api_snippet_runs(tmp_path):
     sigma_line, classes = res.stdout.strip().splitlines()[-2:]
     removed = float(re.search(r"removed ([0-9.]+)", sigma_line).group(1))
     assert abs(removed - 0.25) < 0.01
-    assert classes.split()[:2] == ["CusprunLlamaForCausalLM", "LlamaForCausalLM"]
+    assert classes.split()[:2] == ["CusprunDenseLlamaForCausalLM", "LlamaForCausalLM"]
     assert int(classes.split()[2]) < 1536
     assert (tmp_path / "de.safetensors").is_file()
