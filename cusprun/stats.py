@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from .errors import CusprunError
 from .files import atomic_write
+from .neurons import tensor_name
 from .scorefile import write_safetensors
 
 FORMAT = "cusprun-stats/1"
@@ -36,7 +37,7 @@ STAT_PROJECTIONS = ("self_attn.o_proj", "mlp.down_proj")
 
 def gram_name(layer: int, proj: str) -> str:
     """``model.layers.{layer}.{proj}.gram``: the name of a Gram matrix in checkpoints and statistics files."""
-    return f"model.layers.{layer}.{proj}{SUFFIX}"
+    return tensor_name(layer, proj, SUFFIX.removeprefix("."))
 
 
 def stats_path(score_path: str | Path) -> Path:
