@@ -7,9 +7,10 @@ and the exact q/k-row ablation of one layer against a materialized reference.
 Prints tokens/s of a plain Hugging Face forward pass over the same documents, of local-measure
 scoring and of block-measure scoring, and each one's time relative to the plain forward pass. Then,
 on the q, k, v of the first ``--qk-layers`` layers of the first document (the model's own activations),
-seconds per layer for all q and k rows: the torch backend (PyTorch's fused attention, one pass per
-removed row) against the materialized reference (PLND-style: the full [L, L] attention of every
-ablated dimension built, softmaxed and multiplied out), with their largest relative disagreement.
+seconds per layer for all q and k rows: the op's resolved backend (on the CPU the torch backend, shared
+logits) and PyTorch's fused attention, one pass per removed row (sdpa), against the materialized
+reference (PLND-style: the full [L, L] attention of every ablated dimension built, softmaxed and
+multiplied out), with their largest relative disagreement.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import cusprun_kernels as ops  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.engine import Scorer  # noqa: E402
 from cusprun.models import load_model  # noqa: E402
-from cusprun_kernels.qk_ablation import attention_mask  # noqa: E402
+from cusprun_kernels.backend import resolved_backends  # noqa: E402
+from cusprun_kernels.qk_ablation import attention_mask, qk_row_ablation_sdpa  # noqa: E402
 from cusprun_kernels.rope import apply_rope  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "corpora"
@@ -165,28 +167,36 @@ def main():
     rows = [[name, args.docs, args.tokens, t, n_tokens / t, t / base, t / args.docs] for name, t in timings.items()]
     if args.qk_layers:
         layers = attention_inputs(model, docs[0], args.qk_layers, args.device)
-        seconds = {"fused": 0.0, "materialized": 0.0}
-        worst = 0.0
+        implementations = {"torch": ops.qk_row_ablation, "sdpa": qk_row_ablation_sdpa, "materialized": materialized_qk}
+        seconds = dict.fromkeys(implementations, 0.0)
+        worst = dict.fromkeys(("torch", "sdpa"), 0.0)
         with torch.inference_mode():
             for *tensors, scaling in layers:
                 n_rep = tensors[0].shape[1] // tensors[1].shape[1]
-                t_fused, fused = timed(ops.qk_row_ablation, args.device, *tensors, [0, args.tokens], n_rep=n_rep,
-                                       scaling=scaling)
-                t_ref, ref = timed(materialized_qk, args.device, *tensors, n_rep, scaling)
-                seconds["fused"] += t_fused
-                seconds["materialized"] += t_ref
-                for f, r in zip(fused, ref):
-                    worst = max(worst, ((f[0].cpu() - r).abs().max() / r.abs().max()).item())
+                results = {}
+                for name, fn in implementations.items():
+                    args_ = (*tensors, n_rep, scaling) if name == "materialized" else (*tensors, [0, args.tokens])
+                    kw = {} if name == "materialized" else {"n_rep": n_rep, "scaling": scaling}
+                    t, results[name] = timed(fn, args.device, *args_, **kw)
+                    seconds[name] += t
+                for name in worst:
+                    for f, r in zip(results[name], results["materialized"]):
+                        worst[name] = max(worst[name], ((f[0].cpu() - r).abs().max() / r.abs().max()).item())
         per_layer = {name: t / len(layers) for name, t in seconds.items()}
-        for name, label in (("materialized", "q+k rows, materialized [L,L] per dim"),
-                            ("fused", "q+k rows, fused attention (torch op)")):
+        labels = {"materialized": "q+k rows, materialized [L,L] per dim",
+                  "sdpa": "q+k rows, fused attention per dim (sdpa)",
+                  "torch": f"q+k rows, {resolved_backends()['qk_row_ablation']} backend"}
+        for name, label in labels.items():
             t = per_layer[name]
             # per document: the measured seconds per layer times the model's layers
             rows.append([f"{label}, per layer", 1, args.tokens, t, args.tokens / t,
                          t / per_layer["materialized"], t * n_layers])
-        print(f"q/k rows on {len(layers)} layer(s): fused is {per_layer['materialized'] / per_layer['fused']:.1f}x "
-              f"faster than materialized; largest relative disagreement {worst:.2g}; 's per doc' of these rows "
-              f"= seconds per layer x {n_layers} layers; their 'x plain' column is relative to materialized")
+        speedup = per_layer["materialized"] / per_layer["torch"]
+        print(f"q/k rows on {len(layers)} layer(s): the backend is {speedup:.1f}x "
+              f"and sdpa {per_layer['materialized'] / per_layer['sdpa']:.1f}x faster than materialized; largest "
+              f"relative disagreement with it {worst['torch']:.2g} (backend), {worst['sdpa']:.2g} (sdpa); 's per doc' "
+              f"of these rows = seconds per layer x {n_layers} layers; their 'x plain' column is relative to "
+              f"materialized")
     report("bench_score", columns, rows, {**environment(), "model": args.model})
     print(json.dumps({k: round(v, 3) for k, v in timings.items()}))
 

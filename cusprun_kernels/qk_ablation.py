@@ -11,17 +11,21 @@ with ΔS_d = scale·(q_d·cos_d ⊗ k̃_d + s(d)·q_d·sin_p(d) ⊗ k̃_p(d)) a 
 Removing row i of k_proj (k/v head g, dimension d) changes the scores of every query head sharing
 g; their ΔO are concatenated and folded through the group's Gram matrix W_o,gᵀ W_o,g.
 
-The ablated logits are those of ordinary attention with the rotated query (or key) changed in the
-two coordinates d and p(d): rope(q with q_d = 0) = q̃ with q̃_d = rot(q)_d·sin_d and
-q̃_p(d) = q_p(d)·cos_p(d) — exactly what RoPE makes of the zeroed vector. So each removed row is one
-pass of fused attention (``scaled_dot_product_attention``: the flash kernels on CPUs and GPUs), and
-the unperturbed output comes from the same call on the same shapes, so rounding in the logits and
-the online softmax cancels in ΔO = O_ablated - O. o_proj enters only through the Gram matrices.
+Three implementations compute this, each exact (the unperturbed output always comes from the same
+call on the same shapes, so rounding in the logits and the softmax cancels in ΔO = O_ablated - O):
 
-Cost per document of length L: q and k rows each take heads·head_dim attention passes, ≈ 4·heads·hd²·L²
-FLOPs in all (the causal band halves L²). Memory: removed rows are batched per k/v group, as many as
-keep ``[rows, L, hd]`` queries, keys, outputs and differences under ``chunk_bytes``; no ``[L, L]`` tensor
-is built per removed row (a sliding window adds one shared ``[L, L]`` mask per document).
+* :func:`qk_row_ablation_shared`, the torch backend: S is computed once per head and query tile and
+  each removed row adds only its rank-2 term, a softmax and P·V, batched over removed dimensions on
+  the CPU's GEMM kernels (about half the FLOPs of an attention pass per removed row);
+* :func:`qk_row_ablation_sdpa`: the ablated logits are those of ordinary attention with the rotated
+  query (or key) changed in d and p(d) — rope(q with q_d = 0) has q̃_d = rot(q)_d·sin_d and
+  q̃_p(d) = q_p(d)·cos_p(d) — so each removed row is one pass of ``scaled_dot_product_attention``
+  (the flash kernels on CPUs and GPUs): the anchor what a user would pick instead is measured by;
+* the Triton and CUDA kernels (below): a flash attention with the two extra logit terms.
+
+Cost per document of length L: q and k rows each take heads·head_dim ablations, ≈ 4·heads·hd²·L²
+FLOPs as attention passes (the causal band halves L²), about half that on shared logits. Memory: no
+``[L, L]`` tensor is built per removed row; removed rows are batched under ``chunk_bytes``.
 """
 
 from __future__ import annotations
@@ -84,15 +88,27 @@ def _ablated(rotated, x_cos, rot_sin, d0, d1):
     return out
 
 
-def _folded(d_o, gram):
-    """Σ_t ΔO[..., t, :] G ΔO[..., t, :]ᵀ = Σ_ij G_ij (ΔOᵀΔO)_ij: d_o [..., L, w], gram [..., w, w] -> [...]."""
-    return (d_o.transpose(-1, -2) @ d_o).mul_(gram).sum(dim=(-1, -2))
+def _folded(d_o, factor):
+    """Σ_t ΔO[..., t, :] G ΔO[..., t, :]ᵀ = ‖ΔO F‖² with G = F Fᵀ: d_o [..., L, w], factor [..., w, r] -> [...]."""
+    return (d_o @ factor).square_().sum(dim=(-1, -2))
 
 
-def _score_document(q, k, v, cos, sin, gram_heads, gram_groups, n_rep, scaling, mask, chunk_bytes):
+def _factors(w_o, nh, nkv, work):
+    """o_proj's Gram matrices W_oᵀW_o as factors F Fᵀ, per head and per k/v group: w_o [hidden, heads·hd] ->
+    [heads, hd, r], [kv_heads, rep·hd, r'] (F = Rᵀ of W_o's QR, in float64: rank-deficient W_o are fine)."""
+    hidden = w_o.shape[0]
+
+    def factor(w):  # [n, hidden, cols] -> [n, cols, min(hidden, cols)]
+        return torch.linalg.qr(w, mode="r").R.transpose(-1, -2).to(work)
+    w = w_o.double()
+    return factor(w.reshape(hidden, nh, -1).transpose(0, 1)), factor(w.reshape(hidden, nkv, -1).transpose(0, 1))
+
+
+def _score_document(q, k, v, cos, sin, f_heads, f_groups, n_rep, scaling, sliding_window, chunk_bytes):
     """One document: q [L, heads, hd], k/v [L, kv_heads, hd] (working dtype) -> q_sq [heads·hd], k_sq [kv_heads·hd]."""
     L, nh, hd = q.shape
     nkv = k.shape[1]
+    mask = None if sliding_window is None else attention_mask(L, sliding_window, q.device).to(q.dtype)
     q_cos, q_sin = _rope_terms(q, cos, sin)
     k_cos, k_sin = _rope_terms(k, cos, sin)
     qr, kr = q_cos + q_sin, k_cos + k_sin  # [heads, L, hd], [kv_heads, L, hd]
@@ -118,7 +134,7 @@ def _score_document(q, k, v, cos, sin, gram_heads, gram_groups, n_rep, scaling, 
                          v_g.expand(n_rep, n + 1, L, hd))
             d_o = out[:, 1:] - out[:, :1]  # [rep, n, L, hd]
             del out
-            q_sq[g, :, d0:d1] = _folded(d_o, gram_heads[heads, None])
+            q_sq[g, :, d0:d1] = _folded(d_o, f_heads[heads, None])
             del d_o
             # k rows (g, d): every query head of the group sees the changed keys; batch [1 + n, rep]
             k_abl = _ablated(kr[g:g + 1], k_cos[g:g + 1], k_sin[g:g + 1], d0, d1)[0]  # [1 + n, L, hd]
@@ -127,13 +143,14 @@ def _score_document(q, k, v, cos, sin, gram_heads, gram_groups, n_rep, scaling, 
             del k_abl
             d_o = (out[1:] - out[:1]).permute(0, 2, 1, 3).reshape(n, L, n_rep * hd)  # the group's heads side by side
             del out
-            k_sq[g, d0:d1] = _folded(d_o, gram_groups[g])
+            k_sq[g, d0:d1] = _folded(d_o, f_groups[g])
     return q_sq.reshape(-1), k_sq.reshape(-1)
 
 
 def qk_row_ablation_sdpa(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
                          sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-    """The exact q/k-row ablation on PyTorch's fused attention (the torch backend).
+    """The exact q/k-row ablation on PyTorch's fused attention, one pass per removed row: the anchor
+    every backend is measured against (``bench_kernels.py``'s sdpa column).
 
     Args (packed documents, T = T_total):
         q [T, heads, hd], k/v [T, kv_heads, hd]: pre-RoPE projections (biases included);
@@ -146,25 +163,128 @@ def qk_row_ablation_sdpa(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling
     not depend on the other documents of the batch, bit for bit.
     """
     segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+    return _per_document(_score_document, segments, q, k, v, cos, sin, w_o, n_rep, scaling, sliding_window,
+                         chunk_bytes)
+
+
+def _per_document(score_document, segments, q, k, v, cos, sin, w_o, n_rep, scaling, sliding_window, chunk_bytes):
+    """The torch implementations' common frame: working dtype, o_proj's Gram factors per head and per
+    k/v group, and ``score_document`` on each document -> q_sq [n_docs, heads·hd], k_sq [n_docs, kv_heads·hd]."""
     T, nh, hd = q.shape
     nkv = k.shape[1]
     scaling = hd ** -0.5 if scaling is None else scaling
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, cos, sin, w_o = (t.to(work) for t in (q, k, v, cos, sin, w_o))
-    w = w_o.reshape(w_o.shape[0], nkv, n_rep * hd)
-    gram_groups = torch.einsum("kgi,kgj->gij", w, w)  # [kv_heads, rep·hd, rep·hd]
-    gram_heads = torch.stack([gram_groups[h // n_rep, (h % n_rep) * hd:(h % n_rep + 1) * hd,
-                                          (h % n_rep) * hd:(h % n_rep + 1) * hd] for h in range(nh)])
+    f_heads, f_groups = _factors(w_o, nh, nkv, work)
     q_sq = torch.empty(segments.n_docs, nh * hd, dtype=torch.float32, device=q.device)
     k_sq = torch.empty(segments.n_docs, nkv * hd, dtype=torch.float32, device=q.device)
     for i, (s, e) in enumerate(segments.spans()):
-        mask = None if sliding_window is None else attention_mask(e - s, sliding_window, q.device).to(work)
-        q_sq[i], k_sq[i] = _score_document(q[s:e], k[s:e], v[s:e], cos[s:e], sin[s:e], gram_heads, gram_groups,
-                                           n_rep, scaling, mask, chunk_bytes)
+        q_sq[i], k_sq[i] = score_document(q[s:e], k[s:e], v[s:e], cos[s:e], sin[s:e], f_heads, f_groups,
+                                          n_rep, scaling, sliding_window, chunk_bytes)
     return q_sq, k_sq
 
 
-qk_row_ablation_torch = qk_row_ablation_sdpa  # the torch backend's implementation
+# ---------------------------------------------------------------------------------------------------
+# Shared logits (the torch backend). The ablated logits differ from S = scale·q̃k̃ᵀ by a rank-2 term:
+#   q row (h, d): ΔS = scale·(q_cos_d ⊗ k̃_d + q_sin_p(d) ⊗ k̃_p(d))   (the rotated query loses q_cos_d
+#                 in d and q_sin_p(d) in p(d), see _rope_terms);
+#   k row (g, d): ΔS = scale·(q̃_d ⊗ k_cos_d + q̃_p(d) ⊗ k_sin_p(d))   for every head of group g.
+# So S is computed once per head and query tile, and each removed row costs one rank-2 update
+# (baddbmm), a softmax and P·V, all batched over the removed dimensions of a chunk: about half the
+# FLOPs of a fused attention pass per removed row (QKᵀ is shared), on the CPU's GEMM kernels. Query
+# rows go in tiles, each against the keys it may see (its causal / sliding-window band), which skips
+# most of the masked triangle; memory is O(chunk · tile · L), never [L, L] per removed row. o_proj is
+# folded in through factors F Fᵀ = W_oᵀW_o: for a q row into the values (‖ΔP·V·F_h‖²), for a k row
+# after the group's heads are side by side.
+# ---------------------------------------------------------------------------------------------------
+TILE_BYTES = 16 * 2**20  # a chunk's perturbed logits per query tile: cache-sized (on a 2-core EPYC, 34 MB
+#                          tiles ran 1.8x slower than 8 MB ones at L = 2048; 8–16 MB were within noise)
+
+
+def _tile_rows(length, batch, element_size):
+    """Query rows per tile: a power of two in [16, 128] keeping [batch, rows, length] within TILE_BYTES."""
+    rows = max(1, TILE_BYTES // (batch * length * element_size))
+    return min(length, max(16, min(128, 1 << (rows.bit_length() - 1))))
+
+
+def _tile_mask(i0, i1, k0, sliding_window, device, dtype):
+    """[i1 - i0, i1 - k0] additive mask of query rows [i0, i1) over keys [k0, i1)."""
+    t = torch.arange(i0, i1, device=device)[:, None]
+    s = torch.arange(k0, i1, device=device)[None, :]
+    allowed = s <= t
+    if sliding_window is not None:
+        allowed &= (t - s) < sliding_window
+    return torch.zeros(allowed.shape, device=device, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+
+def _pairs(a, b):
+    """a, b [L, n] -> [1 + n, L, 2]: for each of n removed rows its two factors side by side, after a zero
+    pair (the unablated batch slot, so the base output comes from the same call)."""
+    out = a.new_zeros(1 + a.shape[1], a.shape[0], 2)
+    out[1:, :, 0], out[1:, :, 1] = a.T, b.T
+    return out
+
+
+def _perturbed(logits, rows, cols, values):
+    """softmax(logits - rows·cols)·values, minus its unperturbed first slot.
+
+    logits [t, m], rows [1 + n, t, 2], cols [1 + n, 2, m], values [m, hd] -> ΔO [n, t, hd]."""
+    out = torch.baddbmm(logits, rows, cols, alpha=-1).softmax(dim=-1) @ values
+    return out[1:] - out[:1]
+
+
+def _score_document_shared(q, k, v, cos, sin, f_heads, f_groups, n_rep, scaling, sliding_window, chunk_bytes):
+    """One document on shared logits: q [L, heads, hd], k/v [L, kv_heads, hd] -> q_sq [heads·hd], k_sq [kv_heads·hd]."""
+    L, nh, hd = q.shape
+    nkv, half = k.shape[1], hd // 2
+    q_cos, q_sin = _rope_terms(q, cos, sin)
+    k_cos, k_sin = _rope_terms(k, cos, sin)
+    qr, kr = (q_cos + q_sin) * scaling, k_cos + k_sin  # the scale folded into the rotated queries
+    # live per removed row of a chunk: its [tile, L] perturbed logits and their softmax (tile ≤ 128 rows)
+    n = max(1, min(half, chunk_bytes // (2 * min(L, 128) * L * q.element_size()) - 1))
+    tile = _tile_rows(L, n + 1, q.element_size())
+    chunks = [(d0, min(d0 + n, end)) for start, end in ((0, half), (half, hd)) for d0 in range(start, end, n)]
+    q_sq = torch.zeros(nh, hd, dtype=q.dtype, device=q.device)
+    k_sq = torch.zeros(nkv, hd, dtype=q.dtype, device=q.device)
+    for i0 in range(0, L, tile):
+        i1 = min(L, i0 + tile)
+        k0 = 0 if sliding_window is None else max(0, i0 - sliding_window + 1)
+        mask = _tile_mask(i0, i1, k0, sliding_window, q.device, q.dtype)
+        for g in range(nkv):
+            heads = range(g * n_rep, (g + 1) * n_rep)
+            keys, values = kr[g, k0:i1], v[k0:i1, g]  # [m, hd]
+            logits = [torch.addmm(mask, qr[h, i0:i1], keys.T) for h in heads]  # [t, m] per head
+            # a q row's ‖ΔO F_h‖² is that of softmax(...)·(V F_h): o_proj folded into the values
+            folded_values = [values @ f_heads[h] for h in heads]
+            for d0, d1 in chunks:
+                p0 = (d0 + half) % hd
+                p1 = p0 + d1 - d0
+                q_cols = _pairs(keys[:, d0:d1], keys[:, p0:p1]).transpose(1, 2)
+                k_cols = _pairs(k_cos[g, k0:i1, d0:d1], k_sin[g, k0:i1, p0:p1]).transpose(1, 2)
+                group_d_o = []
+                for r, h in enumerate(heads):
+                    rows = _pairs(q_cos[h, i0:i1, d0:d1] * scaling, q_sin[h, i0:i1, p0:p1] * scaling)
+                    q_sq[h, d0:d1] += _perturbed(logits[r], rows, q_cols, folded_values[r]).square_().sum(dim=(1, 2))
+                    rows = _pairs(qr[h, i0:i1, d0:d1], qr[h, i0:i1, p0:p1])
+                    group_d_o.append(_perturbed(logits[r], rows, k_cols, values))
+                k_sq[g, d0:d1] += _folded(torch.cat(group_d_o, dim=-1), f_groups[g])  # the group's heads side by side
+    return q_sq.reshape(-1), k_sq.reshape(-1)
+
+
+def qk_row_ablation_shared(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
+                           sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """The exact q/k-row ablation on shared logits (the torch backend): same contract as
+    :func:`qk_row_ablation_sdpa`, which it beats on the CPU (``benchmarks/bench_score.py``).
+
+    Computed in float32 (float64 for float64 inputs), one document at a time: a document's scores do
+    not depend on the other documents of the batch, bit for bit.
+    """
+    segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+    return _per_document(_score_document_shared, segments, q, k, v, cos, sin, w_o, n_rep, scaling, sliding_window,
+                         chunk_bytes)
+
+
+qk_row_ablation_torch = qk_row_ablation_shared  # the torch backend's implementation
 
 
 # ---------------------------------------------------------------------------------------------------
