@@ -4,8 +4,9 @@
     python benchmarks/bench_kernels.py [--lengths 512 2048] [--models 8b 70b] [--skip-torch-qk]
                                        [--qk-kv-groups N]
 
-The q/k-row ablation also has an "sdpa" column once ``qk_row_ablation_sdpa`` (the fused-attention
-reformulation) exists in cusprun_kernels/qk_ablation.py. It is timed with CUDA events (one warm-up, then
+The q/k-row ablation's "torch" column is the torch backend (shared logits, a Python loop of batched
+matmuls), its "sdpa" column ``qk_row_ablation_sdpa`` (one fused-attention pass per removed row, what a
+user would pick instead). It is timed with CUDA events (one warm-up, then
 the best of ``--qk-reps`` calls): a whole layer at L = 2048 is ~10¹⁶ FLOPs, so ``--qk-kv-groups N`` scores
 only the first N k/v groups (and their query heads); FLOPs and bytes are counted for what runs, so the
 TFLOP/s are those of the full layer.
@@ -67,7 +68,7 @@ def main():
     )
     from cusprun_kernels.qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton
 
-    sdpa = getattr(qk_ablation, "qk_row_ablation_sdpa", None)  # the fused-attention reformulation, once it exists
+    sdpa = qk_ablation.qk_row_ablation_sdpa
     cuda_built = extension()[0] is not None
     if not cuda_built:
         print(f"CUDA column empty: {extension()[1]}", file=sys.stderr)
@@ -116,7 +117,7 @@ def main():
             nbytes = 2 * L * hd * (heads + 2 * kv) + 4 * 2 * heads * hd * L * hd
             measure(f"q/k-row ablation ({heads} heads)", {
                 "torch": None if args.skip_torch_qk else partial(qk_row_ablation_torch, *qk_args, n_rep=heads // kv),
-                "sdpa": partial(sdpa, *qk_args, n_rep=heads // kv) if sdpa is not None else None,
+                "sdpa": partial(sdpa, *qk_args, n_rep=heads // kv),
                 "triton": partial(qk_row_ablation_triton, *qk_args, n_rep=heads // kv),
                 "cuda": partial(qk_row_ablation_cuda, *qk_args, n_rep=heads // kv) if cuda_built else None,
             }, flops, nbytes, timer=partial(best_of, reps=args.qk_reps))

@@ -14,6 +14,10 @@ Methods at each ratio of projection parameters removed (every expert exported in
                    cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats)
   cusprun-units    whole query heads and MLP channels, the same share from every block
   cusprun-neurons  the paper's per-neuron selection (the same sigma share from every row/column group)
+  cusprun-layers-comp, cusprun-more-layers-comp  the paper's section 4.5: the decoder layers of lowest block
+                   influence on the expert's corpora dropped first (a third, or two thirds, of the ratio as
+                   whole layers), then compensated MLP channels of the other layers (the second only when
+                   named in --methods)
   plnd      PLND importances on the same target corpora, the paper's selection
   wanda-sp, flap, shortgpt   on a general corpus (equal shares of every calibration corpus)
   magnitude, random          no data
@@ -62,6 +66,7 @@ from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.evaluate import parameter_count, perplexity, prefill_tokens_per_s  # noqa: E402
 from cusprun.files import atomic_write  # noqa: E402
 from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
+from cusprun.neurons import influence_name  # noqa: E402
 from cusprun.scoreset import ScoreSet  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -75,7 +80,16 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             # the same channels (local and block channel scores are equal), down_proj refit by ridge least squares
             "cusprun-channels-comp": dict(granularity="unit", neurons="mlp", measure="local", compensate=DEFAULT_RIDGE),
             "cusprun-units": dict(granularity="unit", neurons="all"),
-            "cusprun-neurons": dict(granularity="neuron", neurons="all"), "plnd": {}}
+            "cusprun-neurons": dict(granularity="neuron", neurons="all"), "plnd": {},
+            # the paper's §4.5 combination: the least influential layers dropped first (a third, or two thirds,
+            # of the ratio as whole layers), compensated channels of the other layers for the rest
+            "cusprun-layers-comp": dict(granularity="unit", neurons="mlp", measure="local", compensate=DEFAULT_RIDGE,
+                                        drop_share=1 / 3),
+            "cusprun-more-layers-comp": dict(granularity="unit", neurons="mlp", measure="local",
+                                             compensate=DEFAULT_RIDGE, drop_share=2 / 3)}
+# measured once (benchmarks/results/expert_quality_layers.md) and run only when named in --methods, which
+# keeps the full benchmark under an hour
+BY_NAME_ONLY = ("cusprun-more-layers-comp",)
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
 # one change each from the default (TARGETED[DEFAULT])
@@ -148,7 +162,9 @@ class Bench:
         tag = (measure + ("-stats" if stats else "")) if method == "cusprun" else method
         path = self.cache / f"{tag}-{corpus}-{len(docs)}docs-{digest}.safetensors"
         if path.exists():
-            return ScoreSet.load(path, stats=stats)
+            cached = ScoreSet.load(path, stats=stats)
+            if method != "cusprun" or influence_name(0) in cached.scores:  # older files lack block influence
+                return cached
         start = time.perf_counter()
         if method == "cusprun":
             result = cusprun.score(self.model, docs, measure, corpus=corpus, progress=not self.quiet, stats=stats)
@@ -251,7 +267,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
     rows: list[dict] = []
     jobs = ["dense"]
     first = settings.ratios[0]
-    targeted = [m for m in TARGETED if methods is None or m in methods]
+    targeted = [m for m in TARGETED if (methods is None and m not in BY_NAME_ONLY) or (methods and m in methods)]
     general = [m for m in GENERAL_METHODS if methods is None or m in methods]
     if ablations_only:
         jobs += [("ablation", ratio, DEFAULT, dims, {"variant": v, **kw}) for ratio in settings.ratios
@@ -282,6 +298,8 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         n_docs = kw.pop("docs", settings.docs)
         measure = kw.pop("measure", "block")
         ridge = kw.pop("compensate", None)  # a ridge: refit the output projections (needs the Gram statistics)
+        if "drop_share" in kw:  # that share of the ratio as whole layers, the nearest whole number of them
+            kw["drop_layers"] = math.floor(kw.pop("drop_share") * ratio * bench.model.config.num_hidden_layers + 0.5)
         if dims is None:  # general-corpus and data-free baselines: one model, reported for every expert
             docs = None if method in ("magnitude", "random") else bench.general
             score_set = bench.scores(method, "general", docs) if docs else baseline_scores(bench.model, method)
@@ -441,6 +459,8 @@ def plot(rows: list[dict], settings: Settings, out: Path) -> list[Path]:
             ax = axes[row][col]
             for method in (*TARGETED, *GENERAL_METHODS):
                 pts = sorted((r["ratio"], r[key]) for r in main if r["expert"] == e and r["method"] == method)
+                if not pts:  # left out with --methods
+                    continue
                 style = "-o" if method in TARGETED else "--."
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method,
                         linewidth=2.2 if method == DEFAULT else 1.2)

@@ -65,6 +65,20 @@ def masked_state(model, plan: Plan) -> dict[str, torch.Tensor]:
     return state
 
 
+def _block_state(zeroed: dict, src: str, dst: str, norm: str, rows: dict, out_proj: str, cols) -> dict:
+    """One kept block's tensors, renamed from layer prefix ``src`` to ``dst``: its norm, the kept rows (and
+    biases) of its input projections, and the kept columns of its output projection (whose bias stays whole)."""
+    state = {f"{dst}{norm}.weight": zeroed[f"{src}{norm}.weight"]}
+    for proj, index in rows.items():
+        state[f"{dst}{proj}.weight"] = zeroed[f"{src}{proj}.weight"][index]
+        if f"{src}{proj}.bias" in zeroed:
+            state[f"{dst}{proj}.bias"] = zeroed[f"{src}{proj}.bias"][index]
+    state[f"{dst}{out_proj}.weight"] = zeroed[f"{src}{out_proj}.weight"][:, cols]
+    if f"{src}{out_proj}.bias" in zeroed:
+        state[f"{dst}{out_proj}.bias"] = zeroed[f"{src}{out_proj}.bias"]
+    return state
+
+
 def dense(model, plan: Plan):
     """A dense-format model computing exactly what ``masked(model, plan)`` computes (see module doc)."""
     from transformers.initialization import no_init_weights
@@ -96,24 +110,13 @@ def dense(model, plan: Plan):
         if attention:
             q_index = _head_index([g * geo.rep + r for g, r in units["heads"]], geo.hd)
             kv_index = _head_index(units["groups"], geo.hd)
-            state[dst + "input_layernorm.weight"] = zeroed[src + "input_layernorm.weight"]
-            for proj, index in (("q_proj", q_index), ("k_proj", kv_index), ("v_proj", kv_index)):
-                state[f"{dst}self_attn.{proj}.weight"] = zeroed[f"{src}self_attn.{proj}.weight"][index]
-                if f"{src}self_attn.{proj}.bias" in zeroed:
-                    state[f"{dst}self_attn.{proj}.bias"] = zeroed[f"{src}self_attn.{proj}.bias"][index]
-            state[dst + "self_attn.o_proj.weight"] = zeroed[src + "self_attn.o_proj.weight"][:, q_index]
-            if o_bias is not None:
-                state[dst + "self_attn.o_proj.bias"] = o_bias
+            state.update(_block_state(zeroed, src, dst, "input_layernorm", {
+                "self_attn.q_proj": q_index, "self_attn.k_proj": kv_index, "self_attn.v_proj": kv_index},
+                "self_attn.o_proj", q_index))
         if mlp:
             channels = units["channels"]
-            state[dst + "post_attention_layernorm.weight"] = zeroed[src + "post_attention_layernorm.weight"]
-            for proj in ("gate_proj", "up_proj"):
-                state[f"{dst}mlp.{proj}.weight"] = zeroed[f"{src}mlp.{proj}.weight"][channels]
-                if f"{src}mlp.{proj}.bias" in zeroed:
-                    state[f"{dst}mlp.{proj}.bias"] = zeroed[f"{src}mlp.{proj}.bias"][channels]
-            state[dst + "mlp.down_proj.weight"] = zeroed[src + "mlp.down_proj.weight"][:, channels]
-            if down_bias is not None:
-                state[dst + "mlp.down_proj.bias"] = down_bias
+            state.update(_block_state(zeroed, src, dst, "post_attention_layernorm", {
+                "mlp.gate_proj": channels, "mlp.up_proj": channels}, "mlp.down_proj", channels))
     config_cls, model_cls = DENSE[arch]
     config_dict = model.config.to_dict()
     for key in ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config"):

@@ -27,10 +27,20 @@ from cusprun_kernels.segments import Segments
 
 from .architectures import sliding_window
 from .layers import LayerSource, layer_mask
-from .neurons import PROJECTIONS, tensor_name
+from .neurons import PROJECTIONS, influence_name, tensor_name
 from .stats import STAT_PROJECTIONS, gram_name
 
 MEASURES = ("block", "local")  # checked by the engine before any work
+# What a layer yields, by version: checkpoints record it, so a run never resumes on layers of another kind
+# (2: with each layer's block influence).
+OUTPUTS_VERSION = 2
+
+
+def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """A layer's block influence on one document: h_in, h_out [1, L, hidden] -> float32 scalar, the mean over
+    tokens of 1 - cos(h_in[t], h_out[t]) (0: the layer leaves every token's direction as it was)."""
+    cos = torch.nn.functional.cosine_similarity(h_in[0].float(), h_out[0].float(), dim=-1)
+    return (1 - cos.double()).mean().float()
 
 
 class LayerScores:
@@ -99,11 +109,12 @@ class LayerScores:
 
     def run(self, hidden: list[torch.Tensor], on_document: Callable[[int, int], None] | None = None):
         """hidden: each document's input [1, L_d, hidden] -> (each document's output, scores), where scores
-        maps ``proj.rows`` / ``proj.cols`` to float32 [n_docs, features] on the device, documents in order.
+        maps ``proj.rows`` / ``proj.cols`` to float32 [n_docs, features] on the device, documents in order,
+        and the layer's block influence to [n_docs, 1] (:func:`block_influence`).
 
         ``on_document(j, tokens)`` is called once document j of the batch has passed the layer."""
         lengths = [h.shape[1] for h in hidden]
-        outputs = []
+        outputs, influence = [], []
         try:
             for j, h in enumerate(hidden):
                 self._doc = Segments([0, lengths[j]], h.device)
@@ -112,9 +123,11 @@ class LayerScores:
                     h, attention_mask=layer_mask(self.config, self.layer.self_attn, h, position_ids),
                     position_embeddings=self.source.rotary(h, position_ids), position_ids=position_ids,
                     use_cache=False))
+                influence.append(block_influence(h, outputs[-1]))
                 if on_document is not None:
                     on_document(j, lengths[j])
-            return outputs, self._scores(Segments.of_lengths(lengths, hidden[0].device))
+            scores = self._scores(Segments.of_lengths(lengths, hidden[0].device))
+            return outputs, {**scores, influence_name(self.index): torch.stack(influence)[:, None]}
         finally:
             self._doc = None
             self._energies.clear()

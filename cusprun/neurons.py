@@ -2,7 +2,8 @@
 
 A neuron is one row (output neuron) or one column (input neuron) of a projection ``y = x Wᵀ (+ b)``,
 ``self_attn.{q,k,v,o}_proj`` or ``mlp.{gate,up,down}_proj`` of a decoder layer. Score files, plans and
-reports name the neurons of one projection side ``model.layers.{l}.{P}.rows|cols`` (:func:`tensor_name`);
+reports name the neurons of one projection side ``model.layers.{l}.{P}.rows|cols`` (:func:`tensor_name`) and a
+layer's block influence ``model.layers.{l}.block_influence`` (:func:`influence_name`);
 :class:`Geometry` gives every such tensor's size from a config; :func:`architecture` and
 :func:`config_hash` are the config fields that fix those shapes, as score files record them.
 """
@@ -29,6 +30,18 @@ ARCHITECTURE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidd
 def tensor_name(layer: int, proj: str, side: str) -> str:
     """``model.layers.{layer}.{proj}.{side}``: the name of one projection side's neurons."""
     return f"model.layers.{layer}.{proj}.{side}"
+
+
+def influence_name(layer: int) -> str:
+    """``model.layers.{layer}.block_influence``: the layer's block influence in each document (score files,
+    [n_docs, 1]): the mean over tokens of 1 - cos(h_in, h_out), the layer's input and output residual
+    streams (ShortGPT's measure, on the scored corpus)."""
+    return f"model.layers.{layer}.block_influence"
+
+
+def is_influence_name(name: str) -> bool:
+    """Whether a score-file tensor is a layer's block influence (not a projection side's neurons)."""
+    return name.endswith(".block_influence")
 
 
 def parse_name(name: str) -> tuple[int, str, str]:

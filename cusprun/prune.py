@@ -12,8 +12,9 @@ from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .expert import build_expert, check_against_model, check_ratio, check_stats, load_score_sets
 from .export import check_out_dir
 from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
-from .scoreset import GRANULARITIES, NEURONS
-from .selection import RULES
+from .neurons import Geometry
+from .scoreset import GRANULARITIES, NEURONS, intersect
+from .selection import RULES, check_dropped_share
 from .units import BUDGETS
 
 DESCRIPTION = """\
@@ -29,6 +30,11 @@ selection (the defaults are what measured best, README "Expert quality"):
   --neurons all                          whole query heads too (each head with its q rows and o columns)
   --granularity neuron                   the paper's selection: every row and column ranked within its group
                                          (layer, projection, rows or columns), plus what its removal makes dead
+  --drop-layers N                        first drop the N decoder layers of lowest block influence on the
+                                         corpora (mean over each corpus's documents of 1 - cos(h_in, h_out),
+                                         the largest over the corpora), then select in the other layers up
+                                         to --ratio: the paper's layer + neuron combination for aggressive
+                                         ratios (section 4.5); see the README for what it measured
 
 rules (--rule), how a corpus's documents are combined:
   all-docs   (default, the paper's) irrelevant = in the lowest σ in every document
@@ -75,6 +81,8 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--budget", choices=BUDGETS, default="uniform",
                    help="with --granularity unit: uniform (the same share from every block, default) or relative "
                         "(units compared across layers; measured far worse on SmolLM2, see the README)")
+    p.add_argument("--drop-layers", type=int, default=0, metavar="N",
+                   help="drop the N least influential decoder layers first, then select up to --ratio (default 0)")
     p.add_argument("--compensate", action="store_true",
                    help="refit o_proj and down_proj over the kept columns by ridge least squares on the calibration "
                         "statistics (score with --stats); see the README for when it helps")
@@ -92,16 +100,26 @@ def main(argv: list[str] | None = None) -> int:
     out = check_out_dir(args.out, args.overwrite)
     if not (math.isfinite(args.ridge) and args.ridge > 0):
         raise CusprunError(f"--ridge {args.ridge}: must be a positive number")
+    if args.drop_layers < 0:
+        raise CusprunError(f"--drop-layers {args.drop_layers}: must be 0 or more")
     sets = load_score_sets(args.scores, stats=args.compensate)
     if args.compensate:
         check_stats(sets, args.scores)
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
+    if args.drop_layers:  # the layers' influence is in the score files: check the drop before the weights load
+        geo = Geometry(config)
+        try:
+            check_dropped_share(geo, intersect(*sets).layers_to_drop(args.drop_layers, geo, args.format == "stock"),
+                                args.ratio)
+        except ValueError as exc:
+            raise CusprunError(str(exc)) from None
     model = load_weights(source, args.dtype, quiet=args.quiet)
     try:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
                               rule=args.rule, neurons=args.neurons, granularity=args.granularity,
-                              budget=args.budget, compensate=args.compensate, ridge=args.ridge)
+                              budget=args.budget, compensate=args.compensate, ridge=args.ridge,
+                              drop_layers=args.drop_layers)
     except ValueError as exc:  # a ratio the candidate neurons cannot reach, a stock plan from layer scores
         raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")
@@ -110,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"removed        {report['ratio_achieved_projection']:.4f} of projection parameters (asked {args.ratio}), "
           f"{report['ratio_achieved_all']:.4f} of all parameters")
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
+    if report["dropped_layers"]:
+        print(f"layers dropped {', '.join(map(str, report['dropped_layers']))}")
     if args.format == "stock":
         print(f"uniform plan   {report['stock']['intermediate_size']} MLP channels, "
               f"{report['stock']['num_key_value_heads']} k/v groups per layer: "

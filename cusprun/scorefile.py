@@ -2,6 +2,8 @@
 
 A safetensors file with, for every decoder layer l and projection P, ``model.layers.{l}.{P}.rows``
 (float32 [n_docs, out_features]) and ``model.layers.{l}.{P}.cols`` (float32 [n_docs, in_features]),
+for every layer ``model.layers.{l}.block_influence`` (float32 [n_docs, 1], see
+:func:`cusprun.neurons.influence_name`; files written before it lack it, and only dropping layers needs it),
 and string metadata (``__metadata__``): format, measure, model, config_hash, corpus, corpus_sha256,
 n_docs, token_counts (JSON list), skipped (JSON list), architecture (JSON object: the config fields
 that fix every tensor's shape), cusprun_version and the scoring options. An intersection of several

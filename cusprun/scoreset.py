@@ -1,7 +1,8 @@
 """``ScoreSet``: the scores of one corpus (or of several intersected), in memory.
 
 A ScoreSet holds, for every decoder layer l and projection P, ``model.layers.{l}.{P}.rows`` and
-``.cols`` as float32 [n_docs, features] tensors, plus the metadata of a ``cusprun-scores/1`` file.
+``.cols`` as float32 [n_docs, features] tensors and each layer's ``block_influence`` [n_docs, 1] (files
+written before it was recorded lack it), plus the metadata of a ``cusprun-scores/1`` file.
 It is what :func:`cusprun.score` returns and what ``save``/``load`` write and read; ``relevance``,
 ``intersect`` and ``select`` are the paper's thresholding and intersection (see :mod:`.selection`).
 Scored with ``stats``, a set also holds the Gram matrices compensation needs (``stats``, saved beside the
@@ -17,12 +18,11 @@ from types import SimpleNamespace
 
 import torch
 
-from .errors import CusprunError
 from .methods import method_of
-from .neurons import Geometry, group_of
+from .neurons import Geometry, group_of, is_influence_name
 from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
-from .selection import Selection, relevance, select, select_layers
-from .stats import STAT_PROJECTIONS, gram_name, load_stats, save_stats, split_stats, stats_path
+from .selection import Selection, layer_influence, least_influential, relevance, select, select_layers
+from .stats import load_stats, save_stats, split_stats, stats_path
 
 # Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
 GRANULARITIES = ("unit", "neuron")
@@ -73,19 +73,8 @@ class ScoreSet:
         tensors, meta = load_scores(path)
         grams = None
         if stats and stats_path(path).is_file():
-            grams, stats_meta = load_stats(stats_path(path))
             loaded = cls(tensors, meta)
-            if stats_meta.get("scores") != loaded.fingerprint():
-                raise CusprunError(f"{stats_path(path)} does not belong to {path} (another model, corpus or "
-                                   "documents): score again with --stats")
-            geo = loaded.geometry()
-            for layer in range(geo.layers):
-                for proj in STAT_PROJECTIONS:
-                    n = geo.shape[proj][1]
-                    g = grams.get(gram_name(layer, proj))
-                    if g is None or g.shape != (n, n) or not torch.isfinite(g).all():
-                        raise CusprunError(f"{stats_path(path)}: {gram_name(layer, proj)} missing, not [{n}, {n}] "
-                                           "or not finite")
+            grams = load_stats(stats_path(path), loaded.fingerprint(), loaded.geometry())
         return cls(tensors, meta, grams)
 
     def fingerprint(self) -> str:
@@ -101,7 +90,8 @@ class ScoreSet:
         maximum within-group rank fraction of each neuron over all documents; a neuron is irrelevant at
         threshold σ when R(n) < σ. Other rules (``mean-rank``, ``pooled``) aggregate each corpus of the
         set alone, then take the maximum over corpora (see :mod:`cusprun.selection`)."""
-        return relevance(self._per_corpus(), rule)
+        neurons = [{n: t for n, t in part.items() if not is_influence_name(n)} for part in self._per_corpus()]
+        return relevance(neurons, rule)
 
     def _per_corpus(self) -> list[dict[str, torch.Tensor]]:
         sizes = [int(p.get("n_docs", 0)) for p in self._parts()]
@@ -121,7 +111,7 @@ class ScoreSet:
                 raise ValueError("score sets come from different models (config hashes differ)")
             if other.metadata.get("measure") != self.metadata.get("measure"):
                 raise ValueError("score sets use different measures; score all corpora with the same measure")
-            if other.scores.keys() != self.scores.keys():
+            if _neuron_names(other.scores) != _neuron_names(self.scores):
                 raise ValueError("score sets hold different tensors")
         parts = [p for s in sets for p in s._parts()]
         common = {k: v for k, v in self.metadata.items()
@@ -131,7 +121,9 @@ class ScoreSet:
                 "parts": parts}
         # statistics add up over corpora; a set without them leaves the intersection without them
         stats = None if any(s.stats is None for s in sets) else {n: sum(s.stats[n] for s in sets) for n in self.stats}
-        return ScoreSet({name: torch.cat([s.scores[name] for s in sets]) for name in self.scores}, meta, stats)
+        # block influence only where every set has it (files written before it was recorded lack it)
+        names = [n for n in self.scores if all(n in s.scores for s in sets)]
+        return ScoreSet({name: torch.cat([s.scores[name] for s in sets]) for name in names}, meta, stats)
 
     __and__ = intersect
 
@@ -151,6 +143,22 @@ class ScoreSet:
             config = SimpleNamespace(**arch)
         return Geometry(config)
 
+    def layers_to_drop(self, count: int, geo: Geometry, uniform: bool = False) -> list[int]:
+        """The ``count`` layers of lowest block influence on this set's corpora (:meth:`select`'s
+        ``drop_layers``), in layer order; ValueError where dropping layers does not apply."""
+        if count < 0:
+            raise ValueError(f"drop_layers must be 0 or more, got {count}")
+        if not count:
+            return []
+        method = method_of(self.metadata)
+        if uniform or method.granularity == "layer":
+            raise ValueError("dropping layers combines them with units or neurons: not with a uniform (stock) "
+                             "plan nor with whole-layer scores")
+        if method.name != "cusprun":
+            raise ValueError(f"dropping layers needs the block influence of Cus-Prun's score files; {method.name} "
+                             "score files do not record it")
+        return least_influential(layer_influence(self._per_corpus(), geo), count)
+
     def selection_settings(self, neurons: str | None = None, granularity: str | None = None,
                            uniform: bool = False) -> tuple[str, str]:
         """(neurons, granularity) that :meth:`select` uses: the given ones, else the scoring method's defaults."""
@@ -163,7 +171,8 @@ class ScoreSet:
                 chosen["granularity"] if granularity is None else granularity)
 
     def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
-               neurons: str | None = None, granularity: str | None = None, budget: str = "uniform") -> Selection:
+               neurons: str | None = None, granularity: str | None = None, budget: str = "uniform",
+               drop_layers: int = 0) -> Selection:
         """The plan removing the least relevant units or neurons (and all they make dead) until ``ratio`` of
         the projection parameters is gone; ``cusprun.apply`` it to the model.
 
@@ -179,12 +188,16 @@ class ScoreSet:
         Cus-Prun's scores whole MLP channels (``unit``, ``mlp``), the best expert in the README's "Expert
         quality"; the paper's selection is ``granularity="neuron", neurons="all"``. What may be removed is
         the method's too: layer-granularity methods (ShortGPT) remove whole layers; methods that declare
-        ``prunable`` groups (FLAP) choose only among those."""
+        ``prunable`` groups (FLAP) choose only among those.
+        drop_layers: first remove this many whole decoder layers, those of lowest block influence on the
+            set's corpora (:func:`~cusprun.selection.layer_influence`), then units or neurons of the other
+            layers up to ``ratio`` (the paper's §4.5 combination for aggressive ratios)."""
         geo = self.geometry(config)
         method = method_of(self.metadata)
         neurons, granularity = self.selection_settings(neurons, granularity, uniform)
         if neurons not in NEURONS:
             raise ValueError(f"neurons must be one of {tuple(NEURONS)}, got {neurons!r}")
+        dropped = self.layers_to_drop(drop_layers, geo, uniform)
         if method.granularity == "layer":
             if uniform:
                 raise ValueError(f"whole-layer scores ({method.name}) cannot make a uniform (stock) plan")
@@ -205,9 +218,13 @@ class ScoreSet:
             from .units import select_units, unit_values
 
             kinds = ("channels",) if neurons == "mlp" else ("heads", "channels")
-            return select_units(unit_values(self._per_corpus(), geo, rule, budget), geo, ratio, budget, kinds)
+            return select_units(unit_values(self._per_corpus(), geo, rule, budget), geo, ratio, budget, kinds, dropped)
         candidates = None if groups is None else {n for n in geo.names() if group_of(n) in groups}
-        return select(self.relevance(rule), geo, ratio, candidates)
+        return select(self.relevance(rule), geo, ratio, candidates, dropped)
+
+
+def _neuron_names(scores: dict) -> set[str]:
+    return {n for n in scores if not is_influence_name(n)}
 
 
 def intersect(*sets: ScoreSet) -> ScoreSet:

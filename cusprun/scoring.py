@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint, fingerprint
 from .corpus import Document, corpus_sha256, read_corpus, tokenize
 from .engine import Scorer
 from .errors import CusprunError
+from .layer_scores import OUTPUTS_VERSION
 from .models import DTYPES, load_weights, local_folder, open_model
 from .parallel import Parallel
 from .progress import advance, progress_bar
@@ -147,7 +148,8 @@ def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path,
                               n_docs=len(kept), token_counts=[len(t) for t in kept], skipped=skipped,
                               corpus_sha256=corpus_sha256(spec.path), **options)
     tokens_hash = hashlib.sha256(repr(kept).encode()).hexdigest()
-    checkpoint = Checkpoint(out / CHECKPOINTS / spec.name, fingerprint(metadata=metadata, tokens=tokens_hash),
+    checkpoint = Checkpoint(out / CHECKPOINTS / spec.name, fingerprint(metadata=metadata, tokens=tokens_hash,
+                                                                        outputs=OUTPUTS_VERSION),
                             parallel.rank, parallel.world)
     start = time.perf_counter()
     with progress_bar(n_tokens, spec.name, disable=quiet or not parallel.is_main) as bar:

@@ -24,6 +24,7 @@ from functools import cache
 
 import torch
 
+from .neurons import influence_name, parse_name
 from .plan import Geometry, Plan, kept_params, propagate
 
 
@@ -66,22 +67,64 @@ class Selection:
     removed_fraction: float  # of projection parameters
     kept_projection_params: int
     total_projection_params: int
+    dropped_layers: tuple[int, ...] = ()  # whole layers removed before the selection (``drop_layers``)
 
     def removed(self) -> dict[str, torch.Tensor]:
         """Indices of the neurons to remove, per tensor name (``model.layers.{l}.{P}.rows|cols``)."""
         return {name: (~keep).nonzero().flatten() for name, keep in self.plan.items()}
 
 
+def layer_influence(score_sets: list[dict[str, torch.Tensor]], geo: Geometry) -> torch.Tensor:
+    """[layers] float64: each layer's block influence (score files' ``model.layers.{l}.block_influence``), the
+    mean over each corpus's documents (each document weighs the same; the ``shortgpt`` baseline pools tokens
+    instead), then the maximum over corpora — a layer is as influential as it is for the dimension that needs
+    it most."""
+    missing = [influence_name(layer) for layer in range(geo.layers) if influence_name(layer) not in score_sets[0]]
+    if missing:
+        raise ValueError(f"the score files hold no block influence ({missing[0]}): score them again with this "
+                         "version of cusprun to drop layers")
+    return torch.stack([torch.stack([s[influence_name(layer)].double().mean() for layer in range(geo.layers)])
+                        for s in score_sets]).max(dim=0).values
+
+
+def least_influential(influence: torch.Tensor, count: int) -> list[int]:
+    """The ``count`` layers of lowest influence (ties: the earlier layer), in layer order."""
+    if not 0 <= count < len(influence):
+        raise ValueError(f"cannot drop {count} of {len(influence)} layers: at least one must stay")
+    return sorted(sorted(range(len(influence)), key=lambda layer: (float(influence[layer]), layer))[:count])
+
+
+def without_layers(plan: Plan, layers: list[int]) -> Plan:
+    """``plan`` with every row and column of ``layers`` removed (the layers become the identity; the dense
+    format drops them)."""
+    plan = {name: keep.clone() for name, keep in plan.items()}
+    for name, keep in plan.items():
+        if parse_name(name)[0] in layers:
+            keep[:] = False
+    return plan
+
+
+def check_dropped_share(geo: Geometry, layers: list[int], ratio: float) -> None:
+    """Dropping ``layers`` must leave something for the selection to remove on the way to ``ratio``."""
+    share = 1 - kept_params(without_layers(geo.full_plan(), layers), geo) / geo.projection_params()
+    if layers and share >= ratio:
+        raise ValueError(f"dropping {len(layers)} of {geo.layers} layers already removes {share:.4f} of the "
+                         f"projection parameters, not less than the ratio {ratio}: drop fewer layers")
+
+
 def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: float,
-           candidates: set[str] | None = None) -> Selection:
+           candidates: set[str] | None = None, dropped_layers: list[int] = ()) -> Selection:
     """Remove the least relevant neurons until ``ratio`` of the projection parameters is gone.
 
     ``candidates``: the tensor names whose neurons may be chosen (default: all); the others go only
-    where a chosen removal makes them dead."""
+    where a chosen removal makes them dead. ``dropped_layers``: whole layers removed first (the paper's
+    §4.5 combination of layer and neuron pruning); the neurons reach the rest of the ratio."""
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    check_dropped_share(geo, dropped_layers, ratio)
     names = geo.names()
-    values = torch.cat([relevance_by_name[n] if candidates is None or n in candidates
+    values = torch.cat([relevance_by_name[n] if (candidates is None or n in candidates)
+                        and parse_name(n)[0] not in dropped_layers
                         else torch.full_like(relevance_by_name[n], float("inf")) for n in names])
     group = torch.cat([torch.full((relevance_by_name[n].numel(),), i) for i, n in enumerate(names)])
     index = torch.cat([torch.arange(relevance_by_name[n].numel()) for n in names])
@@ -95,7 +138,7 @@ def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: flo
         removed = torch.zeros(values.numel(), dtype=torch.bool)
         removed[order[:k]] = True
         keep = dict(zip(names, (~removed).split(sizes)))
-        return propagate(keep, geo)
+        return propagate(without_layers(keep, dropped_layers), geo)
 
     @cache  # the search and the final pick revisit the same prefix lengths
     def kept(k: int) -> int:
@@ -114,7 +157,8 @@ def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: flo
         else:
             lo = mid
     k = hi if lo == 0 or abs(fraction(hi) - ratio) <= abs(fraction(lo) - ratio) else lo
-    return Selection(plan_for(k), float(values[order[k - 1]]) if k else 0.0, fraction(k), kept(k), total)
+    return Selection(plan_for(k), float(values[order[k - 1]]) if k else 0.0, fraction(k), kept(k), total,
+                     tuple(dropped_layers))
 
 
 def select_layers(influence: list[float], geo: Geometry, ratio: float) -> Selection:
@@ -126,11 +170,9 @@ def select_layers(influence: list[float], geo: Geometry, ratio: float) -> Select
     if len(influence) != geo.layers:
         raise ValueError(f"{len(influence)} layer influences for {geo.layers} layers")
     count = min(geo.layers - 1, max(1, round(ratio * geo.layers)))
-    order = sorted(range(geo.layers), key=lambda layer: (influence[layer], layer))[:count]
-    plan = geo.full_plan()
-    for name in plan:
-        if int(name.split(".")[2]) in order:
-            plan[name][:] = False
+    dropped = least_influential(torch.tensor(influence, dtype=torch.float64), count)
+    plan = without_layers(geo.full_plan(), dropped)
     total = geo.projection_params()
     kept = kept_params(plan, geo)
-    return Selection(plan, float(influence[order[-1]]), 1 - kept / total, kept, total)
+    return Selection(plan, max(float(influence[layer]) for layer in dropped), 1 - kept / total, kept, total,
+                     tuple(dropped))

@@ -26,7 +26,7 @@ from safetensors import safe_open
 
 from .errors import CusprunError
 from .files import atomic_write
-from .neurons import tensor_name
+from .neurons import Geometry, tensor_name
 from .scorefile import write_safetensors
 
 FORMAT = "cusprun-stats/1"
@@ -60,8 +60,9 @@ def save_stats(path: str | Path, grams: dict[str, torch.Tensor], metadata: dict)
     atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, meta))
 
 
-def load_stats(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(Gram matrices, metadata) of a statistics file; a broken file is a one-line :class:`CusprunError`."""
+def load_stats(path: str | Path, fingerprint: str, geo: Geometry) -> dict[str, torch.Tensor]:
+    """The Gram matrices of a statistics file that belongs to the score file of ``fingerprint`` and model
+    geometry ``geo``; a broken, foreign or stale file is a one-line :class:`CusprunError`."""
     try:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
@@ -70,4 +71,13 @@ def load_stats(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CusprunError(f"{path}: not a readable statistics file ({type(exc).__name__})") from None
     if meta.get("format") != FORMAT:
         raise CusprunError(f"{path}: not a {FORMAT} file")
-    return grams, meta
+    if meta.get("scores") != fingerprint:
+        raise CusprunError(f"{path} does not belong to its score file (another model, corpus or documents): "
+                           "score again with --stats")
+    for layer in range(geo.layers):
+        for proj in STAT_PROJECTIONS:
+            n = geo.shape[proj][1]
+            g = grams.get(gram_name(layer, proj))
+            if g is None or g.shape != (n, n) or not torch.isfinite(g).all():
+                raise CusprunError(f"{path}: {gram_name(layer, proj)} missing, not [{n}, {n}] or not finite")
+    return grams

@@ -39,7 +39,7 @@ import torch
 
 from .neurons import Geometry
 from .plan import Plan, kept_params, propagate
-from .selection import Selection, aggregate
+from .selection import Selection, aggregate, check_dropped_share, without_layers
 
 BUDGETS = ("relative", "uniform")
 KINDS = ("heads", "channels")  # the unit kinds, in the order used for tie-breaking
@@ -114,12 +114,16 @@ def reachable(geo: Geometry, kinds: tuple[str, ...]) -> float:
 
 
 def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget: str = "uniform",
-                 kinds: tuple[str, ...] = KINDS) -> Selection:
+                 kinds: tuple[str, ...] = KINDS, dropped_layers: list[int] = ()) -> Selection:
     """Remove the lowest-valued units of ``kinds`` until ``ratio`` of the projection parameters is gone.
 
-    Order: ascending value (per parameter under the relative budget), then kind, layer and index."""
+    Order: ascending value (per parameter under the relative budget), then kind, layer and index.
+    ``dropped_layers``: whole layers removed first (every head and channel); the units of the other
+    layers reach the rest of the ratio."""
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    check_dropped_share(geo, dropped_layers, ratio)
+    kept_layers = torch.tensor([layer not in dropped_layers for layer in range(geo.layers)])
     total = geo.projection_params()
     cost = unit_cost(geo)
     flat, tags = [], []
@@ -127,11 +131,12 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
         if kind not in kinds:
             continue
         v = values[kind]
-        flat.append((v / cost[kind] if budget == "relative" else v).flatten())
         layers, units = v.shape
+        live = kept_layers.repeat_interleave(units)  # a dropped layer's units are gone already
+        flat.append((v / cost[kind] if budget == "relative" else v).flatten()[live])
         tags.append(torch.stack([torch.full((layers * units,), kind_index),
                                  torch.arange(layers).repeat_interleave(units),
-                                 torch.arange(units).repeat(layers)], dim=1))
+                                 torch.arange(units).repeat(layers)], dim=1)[live])
     keys, tags = torch.cat(flat), torch.cat(tags)
     minor = (tags[:, 0] * (geo.layers + 1) + tags[:, 1]) * (max(geo.heads, geo.inter) + 1) + tags[:, 2]
     order = torch.argsort(minor, stable=True)
@@ -143,7 +148,7 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
         for kind_index, kind in enumerate(KINDS):
             mine = chosen[chosen[:, 0] == kind_index]
             removed[kind][mine[:, 1], mine[:, 2]] = True
-        return remove_units(geo, removed)
+        return without_layers(remove_units(geo, removed), dropped_layers)
 
     @cache
     def fraction(k: int) -> float:
@@ -161,4 +166,5 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
     k = hi if lo == 0 or abs(fraction(hi) - ratio) <= abs(fraction(lo) - ratio) else lo
     plan = plan_for(k)
     kept = kept_params(plan, geo)
-    return Selection(plan, float(keys[order[k - 1]]) if k else 0.0, 1 - kept / total, kept, total)
+    return Selection(plan, float(keys[order[k - 1]]) if k else 0.0, 1 - kept / total, kept, total,
+                     tuple(dropped_layers))

@@ -93,15 +93,22 @@ def _folded(d_o, factor):
     return (d_o @ factor).square_().sum(dim=(-1, -2))
 
 
-def _factors(w_o, nh, nkv, work):
-    """o_proj's Gram matrices W_oᵀW_o as factors F Fᵀ, per head and per k/v group: w_o [hidden, heads·hd] ->
-    [heads, hd, r], [kv_heads, rep·hd, r'] (F = Rᵀ of W_o's QR, in float64: rank-deficient W_o are fine)."""
-    hidden = w_o.shape[0]
+def _factors(w_o, nh, nkv):
+    """o_proj's Gram matrices G = W_oᵀW_o as factors F Fᵀ = G, per head and per k/v group: w_o [hidden,
+    heads·hd] (working dtype) -> [heads, hd, hd], [kv_heads, rep·hd, rep·hd]. G is formed in the working
+    dtype, as a Gram fold would use it; F = Q·sqrt(Λ) from its eigendecomposition in float64 (exact for
+    the semidefinite G of a rank-deficient W_o, where Cholesky fails)."""
+    w = w_o.reshape(w_o.shape[0], nkv, -1)
+    groups = torch.einsum("kgi,kgj->gij", w, w)  # [kv_heads, rep·hd, rep·hd]
+    hd = w_o.shape[1] // nh
+    rep = nh // nkv
+    heads = torch.stack([groups[h // rep, (h % rep) * hd:(h % rep + 1) * hd, (h % rep) * hd:(h % rep + 1) * hd]
+                         for h in range(nh)])
 
-    def factor(w):  # [n, hidden, cols] -> [n, cols, min(hidden, cols)]
-        return torch.linalg.qr(w, mode="r").R.transpose(-1, -2).to(work)
-    w = w_o.double()
-    return factor(w.reshape(hidden, nh, -1).transpose(0, 1)), factor(w.reshape(hidden, nkv, -1).transpose(0, 1))
+    def factor(gram):
+        values, vectors = torch.linalg.eigh(gram.double())
+        return (vectors * values.clamp_min(0).sqrt()[..., None, :]).to(gram.dtype)
+    return factor(heads), factor(groups)
 
 
 def _score_document(q, k, v, cos, sin, f_heads, f_groups, n_rep, scaling, sliding_window, chunk_bytes):
@@ -175,12 +182,14 @@ def _per_document(score_document, segments, q, k, v, cos, sin, w_o, n_rep, scali
     scaling = hd ** -0.5 if scaling is None else scaling
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, cos, sin, w_o = (t.to(work) for t in (q, k, v, cos, sin, w_o))
-    f_heads, f_groups = _factors(w_o, nh, nkv, work)
+    f_heads, f_groups = _factors(w_o, nh, nkv)
     q_sq = torch.empty(segments.n_docs, nh * hd, dtype=torch.float32, device=q.device)
     k_sq = torch.empty(segments.n_docs, nkv * hd, dtype=torch.float32, device=q.device)
     for i, (s, e) in enumerate(segments.spans()):
-        q_sq[i], k_sq[i] = score_document(q[s:e], k[s:e], v[s:e], cos[s:e], sin[s:e], f_heads, f_groups,
-                                          n_rep, scaling, sliding_window, chunk_bytes)
+        # fresh copies: each document's data starts at the allocator's alignment wherever it lies in the
+        # batch, so vectorized kernels round it the same way (scores independent of the batch, bit for bit)
+        doc = [t[s:e].clone() for t in (q, k, v, cos, sin)]
+        q_sq[i], k_sq[i] = score_document(*doc, f_heads, f_groups, n_rep, scaling, sliding_window, chunk_bytes)
     return q_sq, k_sq
 
 
@@ -202,7 +211,8 @@ TILE_BYTES = 16 * 2**20  # a chunk's perturbed logits per query tile: cache-size
 
 
 def _tile_rows(length, batch, element_size):
-    """Query rows per tile: a power of two in [16, 128] keeping [batch, rows, length] within TILE_BYTES."""
+    """Query rows per tile: the largest power of two in [16, 128] keeping [batch, rows, length] within
+    TILE_BYTES, 16 when none does (long documents)."""
     rows = max(1, TILE_BYTES // (batch * length * element_size))
     return min(length, max(16, min(128, 1 << (rows.bit_length() - 1))))
 
@@ -239,10 +249,12 @@ def _score_document_shared(q, k, v, cos, sin, f_heads, f_groups, n_rep, scaling,
     nkv, half = k.shape[1], hd // 2
     q_cos, q_sin = _rope_terms(q, cos, sin)
     k_cos, k_sin = _rope_terms(k, cos, sin)
-    qr, kr = (q_cos + q_sin) * scaling, k_cos + k_sin  # the scale folded into the rotated queries
-    # live per removed row of a chunk: its [tile, L] perturbed logits and their softmax (tile ≤ 128 rows)
-    n = max(1, min(half, chunk_bytes // (2 * min(L, 128) * L * q.element_size()) - 1))
-    tile = _tile_rows(L, n + 1, q.element_size())
+    qr, kr = (q_cos + q_sin) * scaling, k_cos + k_sin  # the scale folded into the queries' terms
+    q_cos, q_sin = q_cos * scaling, q_sin * scaling
+    # the tile for a chunk of a whole half-head, then as many removed rows per chunk as keep their
+    # [tile, L] perturbed logits and softmax (two per row) under chunk_bytes
+    tile = _tile_rows(L, half + 1, q.element_size())
+    n = max(1, min(half, chunk_bytes // (2 * tile * L * q.element_size()) - 1))
     chunks = [(d0, min(d0 + n, end)) for start, end in ((0, half), (half, hd)) for d0 in range(start, end, n)]
     q_sq = torch.zeros(nh, hd, dtype=q.dtype, device=q.device)
     k_sq = torch.zeros(nkv, hd, dtype=q.dtype, device=q.device)
@@ -263,7 +275,7 @@ def _score_document_shared(q, k, v, cos, sin, f_heads, f_groups, n_rep, scaling,
                 k_cols = _pairs(k_cos[g, k0:i1, d0:d1], k_sin[g, k0:i1, p0:p1]).transpose(1, 2)
                 group_d_o = []
                 for r, h in enumerate(heads):
-                    rows = _pairs(q_cos[h, i0:i1, d0:d1] * scaling, q_sin[h, i0:i1, p0:p1] * scaling)
+                    rows = _pairs(q_cos[h, i0:i1, d0:d1], q_sin[h, i0:i1, p0:p1])
                     q_sq[h, d0:d1] += _perturbed(logits[r], rows, q_cols, folded_values[r]).square_().sum(dim=(1, 2))
                     rows = _pairs(qr[h, i0:i1, d0:d1], qr[h, i0:i1, p0:p1])
                     group_d_o.append(_perturbed(logits[r], rows, k_cols, values))

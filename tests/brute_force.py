@@ -84,3 +84,20 @@ def brute_force_scores(model, ids, measure):
                         undo()
                     out[f"model.layers.{li}.{proj}.{side}"] = scores
     return out
+
+
+def assert_gpu_engine_matches_brute_force(arch: str, backend: str, monkeypatch) -> None:
+    """The engine on a GPU with ``backend`` forced scores two packed documents of a tiny ``arch`` model as
+    brute force does on the CPU (the same weights), to 1e-4 of each tensor's largest score."""
+    import cusprun
+    from tests.tiny import random_ids, tiny_model
+
+    monkeypatch.setenv("CUSPRUN_BACKEND", backend)
+    docs = [random_ids(9, seed=4), random_ids(3, seed=5)]
+    result = cusprun.score(tiny_model(arch, seed=1).cuda(), docs, progress=False)
+    assert result.metadata["backend"] == backend
+    reference = tiny_model(arch, seed=1)  # the same weights, on the CPU
+    for i, ids in enumerate(docs):
+        for name, expected in brute_force_scores(reference, ids, "block").items():
+            got = result.scores[name][i].double()
+            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-6, name

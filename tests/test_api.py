@@ -21,6 +21,8 @@ def independent_relevance(*score_dicts):
     """max over documents of rank / n, ranks by a stable argsort (ties: lower index first)."""
     out = {}
     for name in score_dicts[0]:
+        if name.endswith(".block_influence"):  # a layer's, not a neuron's
+            continue
         rows = torch.cat([s[name] for s in score_dicts])
         n = rows.shape[1]
         fractions = torch.stack([torch.argsort(torch.argsort(r, stable=True), stable=True).double() / n for r in rows])

@@ -21,9 +21,8 @@ from cusprun_kernels.projection_energy import (
     projection_energies_torch,
 )
 from cusprun_kernels.qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch
-from tests.brute_force import brute_force_scores
+from tests.brute_force import assert_gpu_engine_matches_brute_force
 from tests.test_triton_ops import TOL, offsets_of, qk_inputs, rel_err
-from tests.tiny import random_ids, tiny_model
 
 GPU = torch.cuda.is_available()
 EXPECT_BUILT = shutil.which("nvcc") is not None and os.environ.get("CUSPRUN_BUILD_CUDA") != "0"
@@ -183,14 +182,4 @@ def test_qk_row_ablation(lengths, heads, kv, hd, window):
 @needs_gpu
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_engine_matches_brute_force(arch, monkeypatch):
-    import cusprun
-
-    monkeypatch.setenv("CUSPRUN_BACKEND", "cuda")
-    docs = [random_ids(9, seed=4), random_ids(3, seed=5)]
-    result = cusprun.score(tiny_model(arch, seed=1).cuda(), docs, progress=False)
-    assert result.metadata["backend"] == "cuda"
-    reference = tiny_model(arch, seed=1)  # the same weights, on the CPU
-    for i, ids in enumerate(docs):
-        for name, expected in brute_force_scores(reference, ids, "block").items():
-            got = result.scores[name][i].double()
-            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-6, name
+    assert_gpu_engine_matches_brute_force(arch, "cuda", monkeypatch)

@@ -19,6 +19,7 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality.csv")))
     methods = {r["method"] for r in rows}
     assert methods == {"dense", "cusprun-channels", "cusprun-channels-comp", "cusprun-units", "cusprun-neurons", "plnd",
+                       "cusprun-layers-comp",
                        "wanda-sp", "flap", "shortgpt", "magnitude", "random"}
     assert {r["variant"] for r in rows if r["experiment"] == "ablation"} == {
         "local measure", "relative budget", "mean-rank rule", "pooled rule"}

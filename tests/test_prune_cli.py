@@ -57,6 +57,27 @@ def test_prune_round_trip_generate(scored, tmp_path):
         assert (expert(ids).logits - dense(ids).logits).abs().max() > 0
 
 
+def test_prune_drops_the_least_influential_layer(scored, tmp_path):
+    """--drop-layers 1 on a 2-layer model: the layer of lower block influence on the corpora goes whole,
+    MLP channels of the other reach the ratio; the dense export has one layer."""
+    from cusprun.scoreset import ScoreSet
+    from cusprun.selection import layer_influence
+
+    out = tmp_path / "expert"
+    paths = [scored / "block/a.safetensors", scored / "block/b.safetensors"]
+    res = cli("prune", "--model", scored / "model", *[a for p in paths for a in ("--scores", p)], "--ratio", "0.6",
+              "--drop-layers", "1", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "pruning.json").read_text())
+    sets = [ScoreSet.load(p) for p in paths]
+    influence = layer_influence([s.scores for s in sets], sets[0].geometry())
+    assert report["dropped_layers"] == [int(influence.argmin())] and report["drop_layers"] == 1
+    assert abs(report["ratio_achieved_projection"] - 0.6) < 0.01
+    expert = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert expert.config.num_hidden_layers == 1
+    assert f"layers dropped {report['dropped_layers'][0]}" in res.stdout
+
+
 def test_masked_format_loads_as_the_original_architecture(scored, tmp_path):
     out = tmp_path / "masked"
     res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.2",
@@ -87,6 +108,9 @@ def test_sliced_equals_masked_from_the_same_plan():
     ("missing", "score file not found"),
     ("unreachable", "cannot be reached by removing MLP channels: the largest reachable ratio is 0."),
     ("granularity", "argument --granularity: invalid choice: 'layer'"),
+    ("drop_negative", "--drop-layers -1: must be 0 or more"),
+    ("drop_all", "cannot drop 2 of 2 layers: at least one must stay"),
+    ("drop_too_many", "dropping 1 of 2 layers already removes 0.5000 of the projection parameters"),
 ])
 def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     other = tmp_path / "other"
@@ -105,6 +129,8 @@ def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     args = ["--model", model, "--ratio", ratio, "--out", out, "--quiet"] + [a for s in scores for a in ("--scores", s)]
     if case == "granularity":
         args += ["--granularity", "layer"]
+    args += {"drop_negative": ["--drop-layers", "-1"], "drop_all": ["--drop-layers", "2"],
+             "drop_too_many": ["--drop-layers", "1"]}.get(case, [])
     res = cli("prune", *args)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()

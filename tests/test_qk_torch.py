@@ -49,13 +49,13 @@ def test_scores_do_not_depend_on_the_batch(ablation, chunk_bytes):
     together = ablation(q, k, v, cos, sin, w_o, Segments(bounds), n_rep=4, chunk_bytes=chunk_bytes)
     for d, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
         alone = ablation(q[s:e], k[s:e], v[s:e], cos[s:e], sin[s:e], w_o, Segments([0, e - s]),
-                                     n_rep=4, chunk_bytes=chunk_bytes)
+                         n_rep=4, chunk_bytes=chunk_bytes)
         for got, ref in zip(together, alone):
             assert torch.equal(got[d], ref[0])
     order = [2, 0, 3, 1]
     rows = torch.cat([torch.arange(bounds[d], bounds[d + 1]) for d in order])
     shuffled = ablation(q[rows], k[rows], v[rows], cos[rows], sin[rows], w_o,
-                                    Segments.of_lengths([lengths[d] for d in order]), n_rep=4, chunk_bytes=chunk_bytes)
+                        Segments.of_lengths([lengths[d] for d in order]), n_rep=4, chunk_bytes=chunk_bytes)
     for got, ref in zip(shuffled, together):
         assert torch.equal(got, ref[order])
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cusprun.engine import Scorer
-from cusprun.neurons import Geometry
+from cusprun.neurons import Geometry, influence_name
 from cusprun.scorefile import load_scores
 from tests.conftest import write_ids_corpus
 
@@ -29,7 +29,7 @@ def test_scores_two_corpora_in_one_run(tiny_dir, tmp_path):
     tensors, meta = load_scores(tmp_path / "out/a.safetensors")
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(tiny_dir)
-    shapes = Geometry(model.config).sizes()
+    shapes = Geometry(model.config).sizes() | {influence_name(i): 1 for i in range(model.config.num_hidden_layers)}
     assert sorted(tensors) == sorted(shapes)
     for name, t in tensors.items():
         assert t.dtype == torch.float32 and t.shape == (3, shapes[name])

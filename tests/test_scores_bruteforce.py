@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cusprun.engine import Scorer
-from cusprun.neurons import Geometry
+from cusprun.neurons import Geometry, influence_name
 from tests.brute_force import brute_force_scores
 from tests.tiny import random_ids, tiny_model
 
@@ -21,7 +21,8 @@ def test_engine_matches_brute_force(arch, measure, backend, monkeypatch):
     model = tiny_model(arch, seed=1)
     docs = [random_ids(n, seed=n) for n in (1, 7, 13)]
     engine = Scorer(model, measure).score_documents(docs)
-    assert sorted(engine) == sorted(Geometry(model.config).names())
+    layers = model.config.num_hidden_layers  # every neuron's tensor and every layer's block influence
+    assert sorted(engine) == sorted(Geometry(model.config).names() + [influence_name(i) for i in range(layers)])
     for d, ids in enumerate(docs):
         reference = brute_force_scores(model, ids, measure)
         for name, ref in reference.items():

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from cusprun.engine import Scorer
 from cusprun.layers import StreamedLayers
 from cusprun.scorefile import load_scores
-from cusprun.stats import load_stats
+from cusprun.scoreset import ScoreSet
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 
@@ -103,8 +103,8 @@ def test_two_ranks_equal_one_process(saved, tmp_path):
     tensors, meta = load_scores(tmp_path / "two/c.safetensors")
     assert meta["n_docs"] == "5" and all(t.shape[0] == 5 for t in tensors.values())
     # the ranks' Gram sums add up to the single process's (float64 partial sums, so equal to rounding)
-    one_stats, _ = load_stats(tmp_path / "one/c.stats.safetensors")
-    two_stats, _ = load_stats(tmp_path / "two/c.stats.safetensors")
+    one_stats = ScoreSet.load(tmp_path / "one/c.safetensors", stats=True).stats
+    two_stats = ScoreSet.load(tmp_path / "two/c.safetensors", stats=True).stats
     assert one_stats.keys() == two_stats.keys() and len(one_stats) == 2 * 4
     assert all(torch.allclose(one_stats[n], two_stats[n], rtol=1e-6, atol=1e-6) for n in one_stats)
 

@@ -111,16 +111,6 @@ def test_projection_energies_at_the_launcher_configuration(dtype):
 @pytest.mark.skipif(DEVICE != "cuda", reason="the Triton backend end to end on a GPU (the CPU run: brute-force suite)")
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 def test_engine_matches_brute_force_on_gpu(arch, monkeypatch):
-    import cusprun
-    from tests.brute_force import brute_force_scores
-    from tests.tiny import random_ids, tiny_model
+    from tests.brute_force import assert_gpu_engine_matches_brute_force
 
-    monkeypatch.setenv("CUSPRUN_BACKEND", "triton")
-    docs = [random_ids(9, seed=4), random_ids(3, seed=5)]
-    result = cusprun.score(tiny_model(arch, seed=1).cuda(), docs, progress=False)
-    assert result.metadata["backend"] == "triton"
-    reference = tiny_model(arch, seed=1)  # the same weights, on the CPU
-    for i, ids in enumerate(docs):
-        for name, expected in brute_force_scores(reference, ids, "block").items():
-            got = result.scores[name][i].double()
-            assert (got - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-6, name
+    assert_gpu_engine_matches_brute_force(arch, "triton", monkeypatch)
