@@ -97,11 +97,7 @@ def least_influential(influence: torch.Tensor, count: int) -> list[int]:
 def without_layers(plan: Plan, layers: list[int]) -> Plan:
     """``plan`` with every row and column of ``layers`` removed (the layers become the identity; the dense
     format drops them)."""
-    plan = {name: keep.clone() for name, keep in plan.items()}
-    for name, keep in plan.items():
-        if parse_name(name)[0] in layers:
-            keep[:] = False
-    return plan
+    return {name: torch.zeros_like(keep) if parse_name(name)[0] in layers else keep for name, keep in plan.items()}
 
 
 def check_dropped_share(geo: Geometry, layers: list[int], ratio: float) -> None:

@@ -93,22 +93,24 @@ def _folded(d_o, factor):
     return (d_o @ factor).square_().sum(dim=(-1, -2))
 
 
-def _factors(w_o, nh, nkv):
-    """o_proj's Gram matrices G = W_oᵀW_o as factors F Fᵀ = G, per head and per k/v group: w_o [hidden,
-    heads·hd] (working dtype) -> [heads, hd, hd], [kv_heads, rep·hd, rep·hd]. G is formed in the working
-    dtype, as a Gram fold would use it; F = Q·sqrt(Λ) from its eigendecomposition in float64 (exact for
-    the semidefinite G of a rank-deficient W_o, where Cholesky fails)."""
+def _o_grams(w_o, nh, nkv):
+    """o_proj's Gram matrices W_oᵀW_o per head and per k/v group, in w_o's dtype: w_o [hidden, heads·hd] ->
+    [heads, hd, hd], [kv_heads, rep·hd, rep·hd] (a group's heads side by side)."""
     w = w_o.reshape(w_o.shape[0], nkv, -1)
-    groups = torch.einsum("kgi,kgj->gij", w, w)  # [kv_heads, rep·hd, rep·hd]
-    hd = w_o.shape[1] // nh
-    rep = nh // nkv
+    groups = torch.einsum("kgi,kgj->gij", w, w)
+    hd, rep = w_o.shape[1] // nh, nh // nkv
     heads = torch.stack([groups[h // rep, (h % rep) * hd:(h % rep + 1) * hd, (h % rep) * hd:(h % rep + 1) * hd]
                          for h in range(nh)])
+    return heads, groups
 
+
+def _factors(w_o, nh, nkv):
+    """The Gram matrices G of :func:`_o_grams` as factors F Fᵀ = G, F = Q·sqrt(Λ) from G's eigendecomposition
+    in float64 (exact for the semidefinite G of a rank-deficient W_o, where Cholesky fails), cast back."""
     def factor(gram):
         values, vectors = torch.linalg.eigh(gram.double())
         return (vectors * values.clamp_min(0).sqrt()[..., None, :]).to(gram.dtype)
-    return factor(heads), factor(groups)
+    return tuple(factor(g) for g in _o_grams(w_o, nh, nkv))
 
 
 def _score_document(q, k, v, cos, sin, f_heads, f_groups, n_rep, scaling, sliding_window, chunk_bytes):
@@ -480,10 +482,7 @@ def _flash_ablation(q, k, v, cos, sin, w_o, segments: Segments, n_rep, scaling, 
 
     # [nh, T, hd]; coefficient arguments unused (contiguous float32 stand-ins for the pointer checks)
     base = launch(qr, qr, kr, kr, qr, 1, False)[0].contiguous()
-    w = w_o.float().reshape(w_o.shape[0], nkv, n_rep * hd)
-    gram = torch.einsum("kgi,kgj->gij", w, w)  # [nkv, rep·hd, rep·hd]
-    gram_heads = torch.stack([gram[h // n_rep, (h % n_rep) * hd:(h % n_rep + 1) * hd,
-                                   (h % n_rep) * hd:(h % n_rep + 1) * hd] for h in range(nh)])
+    gram_heads, gram = _o_grams(w_o.float(), nh, nkv)  # [nh, hd, hd], [nkv, rep·hd, rep·hd]
     q_sq = torch.empty(segments.n_docs, nh, hd, dtype=torch.float32, device=dev)
     k_sq = torch.empty(segments.n_docs, nkv, hd, dtype=torch.float32, device=dev)
     chunk = max(1, min(hd, chunk_bytes // (nh * T * hd * 4)))
