@@ -87,7 +87,8 @@ def build_parser() -> OneLineArgumentParser:
                    help="refit o_proj and down_proj over the kept columns by ridge least squares on the calibration "
                         "statistics (score with --stats); see the README for when it helps")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
-                   help=f"with --compensate: ridge, relative to the mean kept Gram diagonal (default {DEFAULT_RIDGE})")
+                   help=f"with --compensate: how strongly the kept columns stay near their original weights, "
+                        f"relative to the mean kept Gram diagonal (default {DEFAULT_RIDGE})")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

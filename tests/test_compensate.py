@@ -69,14 +69,27 @@ def test_refit_is_the_ridge_least_squares_solution():
     keep = torch.tensor([True, False, True, True, False, True, True, True, False])
     ridge = 0.05
     got = refit(w, x.T @ x, keep, ridge)
-    # independently: lstsq on the augmented system [X_K; sqrt(λ) I] W'ᵀ = [X Wᵀ; 0]
+    # independently: lstsq on the augmented system [X_K; sqrt(λ) I] W'ᵀ = [X Wᵀ; sqrt(λ) W_Kᵀ]
     xk = x[:, keep]
     lam = ridge * (xk * xk).sum(0).mean()
     a = torch.cat([xk, lam.sqrt() * torch.eye(int(keep.sum()), dtype=torch.float64)])
-    b = torch.cat([x @ w.T, torch.zeros(int(keep.sum()), 6, dtype=torch.float64)])
+    b = torch.cat([x @ w.T, lam.sqrt() * w[:, keep].T])
     want = torch.linalg.lstsq(a, b).solution.T
     assert torch.allclose(got[:, keep], want, atol=1e-10)
     assert torch.equal(got[:, ~keep], w[:, ~keep])
+
+
+def test_refit_moves_from_least_squares_to_the_original_weights_as_the_ridge_grows():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([True, True, False, True, False, True, True])
+    plain = torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T  # no ridge
+    assert torch.allclose(refit(w, x.T @ x, keep, 1e-12)[:, keep], plain, atol=1e-8)
+    assert torch.allclose(refit(w, x.T @ x, keep, 1e12)[:, keep], w[:, keep], atol=1e-8)
+    # the block error grows monotonically with the ridge between the two ends
+    errors = [((x[:, keep] @ refit(w, x.T @ x, keep, r)[:, keep].T - x @ w.T) ** 2).sum() for r in (1e-3, 1e-1, 1e1)]
+    assert errors[0] < errors[1] < errors[2]
 
 
 def test_compensation_reduces_the_block_error_and_keeps_every_format_exact():
@@ -121,7 +134,7 @@ def test_prune_compensate_cli(tmp_path):
     res = cli(*common, "--scores", tmp_path / "stats" / "a.safetensors", "--out", tmp_path / "e2")
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "e2" / "pruning.json").read_text())
-    assert report["compensate"] is True and report["ridge"] == pytest.approx(1e-2)
+    assert report["compensate"] is True and report["ridge"] == pytest.approx(0.1)
 
 
 def test_statistics_of_other_documents_are_refused_and_stale_ones_removed(tmp_path):
