@@ -2,7 +2,8 @@
 resumes at the first unfinished layer and writes a bit-identical score file.
 
 ``OUT/.cusprun-checkpoint/NAME/``: ``fingerprint.json`` (what the run depends on), one
-``layer-{l}.safetensors`` of scores per finished layer (rank 0), and each rank's hidden states after
+``layer-{l}.safetensors`` of scores (and, with statistics, Gram matrices) per finished layer (rank 0), and
+each rank's hidden states after
 its last finished layer. Every file is written atomically; a checkpoint made from different inputs
 is refused, never mixed.
 """
@@ -15,10 +16,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CusprunError
 from .files import atomic_write
+from .stats import GramFiles, is_gram_name
 
 
 def fingerprint(**inputs) -> str:
@@ -74,10 +77,20 @@ class Checkpoint:
         return {int(k): v for k, v in load_file(str(self._hidden(layer))).items()}
 
     def load_scores(self, layers: int) -> dict[str, torch.Tensor]:
+        """The scores of the first ``layers`` layers, without their Gram matrices (see :meth:`grams`)."""
         out = {}
         for layer in range(layers):
-            out.update(load_file(str(self._scores(layer))))
+            with safe_open(str(self._scores(layer)), "pt") as fh:
+                out.update({n: fh.get_tensor(n) for n in fh.keys() if not is_gram_name(n)})
         return out
+
+    def grams(self, layers: int) -> GramFiles:
+        """The Gram matrices of the first ``layers`` layers (a run with statistics), read one at a time."""
+        files = {}
+        for layer in range(layers):
+            with safe_open(str(self._scores(layer)), "pt") as fh:
+                files.update({n: self._scores(layer) for n in fh.keys() if is_gram_name(n)})
+        return GramFiles(files)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

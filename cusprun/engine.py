@@ -21,6 +21,7 @@ from .hidden_store import HiddenStore
 from .layer_scores import MEASURES, LayerScores
 from .layers import InMemoryLayers, LayerSource
 from .parallel import Parallel
+from .stats import split_stats
 
 # Tokens per batch. On a CPU batching saves little (each document's attention runs alone anyway); on a
 # GPU a batch fills the device with one launch per op instead of one per document.
@@ -34,8 +35,10 @@ class Scorer:
     ``batch_tokens``: the token budget of a batch (default per device, :data:`DEFAULT_BATCH_TOKENS`);
     scores do not depend on it, bit for bit. ``stats``: also sum the Gram matrices of o_proj's and
     down_proj's inputs over all documents (``model.layers.{l}.{proj}.gram``, float32 [n, n], among the
-    results of :meth:`score_documents`; see :mod:`cusprun.stats`). They stay in host memory until the run
-    ends: intermediate² + (heads·head_dim)² floats per layer (SmolLM2-135M 320 MB, Llama-3-8B 28 GB).
+    results of :meth:`score_documents`; see :mod:`cusprun.stats`): intermediate² + (heads·head_dim)²
+    floats per layer (SmolLM2-135M 320 MB, Llama-3-8B 28 GB). With a checkpoint they are spilled to its
+    per-layer files and left out of the results (:meth:`Checkpoint.grams` reads them back one at a time);
+    without one they stay in host memory until the run ends.
     """
 
     def __init__(self, model=None, measure: str = "block", chunk_bytes: int = ops.qk_ablation.DEFAULT_CHUNK_BYTES,
@@ -133,7 +136,8 @@ class Scorer:
                     # ranks' float64 sums added in a fixed order, then kept (and stored) as float32
                     per_rank = [gathered[k] for k in sorted(gathered, reverse=True) if k < 0]
                     layer_scores.update({name: sum(g[name] for g in per_rank if name in g).float() for name in grams})
-                    scores.update(layer_scores)
+                    # with a checkpoint the Gram matrices live in its layer files only (one layer in memory)
+                    scores.update(layer_scores if checkpoint is None else split_stats(layer_scores)[0])
                 if checkpoint is not None:
                     # hidden states of every rank first, then the scores: a layer's score file exists only
                     # once every rank can resume after it

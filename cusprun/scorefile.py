@@ -17,6 +17,8 @@ the groups, e.g. ``mlp.down_proj.cols``, a selection may choose) or ``granularit
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -32,22 +34,30 @@ FORMAT = "cusprun-scores/1"
 JSON_FIELDS = ("token_counts", "skipped", "architecture", "parts", "prunable", "block_influence")
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str],
+                      shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
     """A float32 safetensors file with its header in sorted order, so that equal contents give equal
-    bytes (the safetensors library writes metadata in hash-map order, which varies run to run)."""
-    header, offset, names = {"__metadata__": dict(sorted(metadata.items()))}, 0, sorted(tensors)
+    bytes (the safetensors library writes metadata in hash-map order, which varies run to run).
+
+    With ``shapes`` (name -> shape) the header is laid out from them and each tensor is read from
+    ``tensors`` only when its bytes are written, so a lazy mapping is never held in memory whole."""
+    names = sorted(tensors)
+    shapes = {n: tuple(tensors[n].shape) for n in names} if shapes is None else shapes
+    header, offset = {"__metadata__": dict(sorted(metadata.items()))}, 0
     for name in names:
-        t = tensors[name]
-        if t.dtype != torch.float32:
-            raise ValueError(f"{name}: score tensors are float32")
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + t.numel() * 4]}
-        offset += t.numel() * 4
+        size = math.prod(shapes[name]) * 4
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + size]}
+        offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     with open(path, "wb") as fh:
         fh.write(len(blob).to_bytes(8, "little") + blob)
         for name in names:
-            fh.write(tensors[name].detach().cpu().contiguous().numpy().tobytes())
+            t = tensors[name]
+            if t.dtype != torch.float32 or tuple(t.shape) != tuple(shapes[name]):
+                raise ValueError(f"{name}: expected float32 {list(shapes[name])}, got {t.dtype} {list(t.shape)}")
+            fh.write(t.detach().cpu().contiguous().numpy().tobytes())
+            del t
 
 
 def score_metadata(config, *, measure: str, model: str, corpus: str, n_docs: int, token_counts, skipped=(),

@@ -12,6 +12,7 @@ score file, see :mod:`.stats`).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +23,7 @@ from .methods import method_of
 from .neurons import Geometry, group_of, is_influence_name
 from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
 from .selection import Selection, layer_influence, least_influential, relevance, select, select_layers
-from .stats import load_stats, save_stats, split_stats, stats_path
+from .stats import GramSum, load_stats, save_stats, split_stats, stats_path
 
 # Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
 GRANULARITIES = ("unit", "neuron")
@@ -35,7 +36,8 @@ class ScoreSet:
 
     scores: dict[str, torch.Tensor]
     metadata: dict = field(default_factory=dict)
-    stats: dict[str, torch.Tensor] | None = None  # ``model.layers.{l}.{proj}.gram`` [n, n], see .stats
+    # ``model.layers.{l}.{proj}.gram`` [n, n], see .stats: a dict, or read on access (GramFiles, GramSum)
+    stats: Mapping[str, torch.Tensor] | None = None
 
     def __post_init__(self):
         scores, grams = split_stats(self.scores)  # an engine result scored with stats holds both
@@ -120,7 +122,7 @@ class ScoreSet:
                 "token_counts": [n for s in sets for n in s.metadata.get("token_counts", [])],
                 "parts": parts}
         # statistics add up over corpora; a set without them leaves the intersection without them
-        stats = None if any(s.stats is None for s in sets) else {n: sum(s.stats[n] for s in sets) for n in self.stats}
+        stats = None if any(s.stats is None for s in sets) else GramSum([s.stats for s in sets])
         # block influence only where every set has it (files written before it was recorded lack it)
         names = [n for n in self.scores if all(n in s.scores for s in sets)]
         return ScoreSet({name: torch.cat([s.scores[name] for s in sets]) for name in names}, meta, stats)

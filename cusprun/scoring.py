@@ -157,8 +157,9 @@ def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path,
                                         parallel, device_budget=budget / 4)
     seconds = time.perf_counter() - start
     target = out / f"{spec.name}.safetensors"
-    if parallel.is_main:
-        ScoreSet(scores, metadata).save(target)
+    if parallel.is_main:  # Gram matrices streamed from the checkpoint's layer files, one at a time
+        grams = checkpoint.grams(config.num_hidden_layers) if scorer.stats else None
+        ScoreSet(scores, metadata, grams).save(target)
     parallel.barrier()
     if parallel.is_main:
         checkpoint.remove()

@@ -11,14 +11,18 @@
   they belong to (:meth:`cusprun.scoreset.ScoreSet.fingerprint`: sha256 of the config hash and of every
   score), checked when they are loaded, so statistics of other documents are never used.
 
-Memory and disk: intermediate² + (heads·head_dim)² floats per layer (SmolLM2-135M: 320 MB per corpus;
-Llama-3-8B: 28 GB; Llama-3-70B: 3.3 GB per layer for down_proj). The scoring run holds them in host memory
-until it writes them, so today they are practical up to 8B-class models. Statistics of several corpora add
-up (an intersection's are the sum).
+Disk: intermediate² + (heads·head_dim)² floats per layer (SmolLM2-135M: 320 MB per corpus; Llama-3-8B:
+28 GB; Llama-3-70B: 3.3 GB per layer for down_proj, 262 GB per corpus). Host memory stays at one layer's
+matrices wherever a run can spill: ``python -m cusprun.score`` writes each layer's into its per-layer
+checkpoint and streams the statistics file from there; a loaded file (:class:`GramFiles`) and the sum of
+several corpora's (:class:`GramSum`, an intersection's statistics) read one matrix per access;
+compensation asks for one layer's at a time. (The in-memory API, ``cusprun.score(model, docs,
+stats=True)``, keeps them in memory: it holds the model too.)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -46,27 +50,88 @@ def stats_path(score_path: str | Path) -> Path:
     return path.with_name(path.name.removesuffix(".safetensors") + ".stats.safetensors")
 
 
+def is_gram_name(name: str) -> bool:
+    return name.endswith(SUFFIX)
+
+
 def split_stats(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(scores, Gram matrices) of an engine result that may hold both."""
-    scores = {n: t for n, t in tensors.items() if not n.endswith(SUFFIX)}
-    grams = {n: t for n, t in tensors.items() if n.endswith(SUFFIX)}
+    scores = {n: t for n, t in tensors.items() if not is_gram_name(n)}
+    grams = {n: t for n, t in tensors.items() if is_gram_name(n)}
     return scores, grams
 
 
-def save_stats(path: str | Path, grams: dict[str, torch.Tensor], metadata: dict) -> None:
-    """Write a statistics file atomically (float32, header in sorted order: equal sums give equal bytes)."""
+class GramFiles(Mapping):
+    """name -> Gram matrix (float32 [n, n]), read from safetensors files on access, one matrix at a time:
+    what a statistics file or a run's per-layer checkpoints hold, without holding it in memory.
+
+    ``files``: name -> the file that holds it. Shapes come from the files' headers (``shapes``), so a
+    writer can lay out a whole file before reading any matrix. A matrix that is not finite is a one-line
+    :class:`CusprunError` when it is read."""
+
+    def __init__(self, files: Mapping[str, Path]):
+        self.files = dict(files)
+        self.shapes = {}
+        for path in sorted(set(self.files.values())):
+            with safe_open(str(path), "pt") as fh:
+                self.shapes.update({n: tuple(fh.get_slice(n).get_shape()) for n in fh.keys() if n in self.files})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        path = self.files[name]
+        with safe_open(str(path), "pt") as fh:
+            gram = fh.get_tensor(name)
+        if not torch.isfinite(gram).all():
+            raise CusprunError(f"{path}: {name} is not finite")
+        return gram
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+class GramSum(Mapping):
+    """The element-wise sum of several corpora's statistics (the statistics of their documents together),
+    added when a matrix is asked for: the parts stay where they are (in memory or in files)."""
+
+    def __init__(self, parts: list[Mapping]):
+        self.parts = parts
+        self.shapes = {n: _shape(parts[0], n) for n in parts[0]}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return sum(part[name] for part in self.parts)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.parts[0])
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+
+def _shape(grams: Mapping, name: str) -> tuple[int, ...]:
+    """A matrix's shape without reading it where the mapping knows it (GramFiles, GramSum)."""
+    shapes = getattr(grams, "shapes", None)
+    return shapes[name] if shapes is not None else tuple(grams[name].shape)
+
+
+def save_stats(path: str | Path, grams: Mapping[str, torch.Tensor], metadata: dict) -> None:
+    """Write a statistics file atomically (float32 matrices, header in sorted order: equal sums give equal
+    bytes), reading the matrices one at a time where ``grams`` is lazy (:class:`GramFiles`, :class:`GramSum`)."""
     meta = {**{k: str(v) for k, v in metadata.items()}, "format": FORMAT}
-    tensors = {n: g.to(torch.float32) for n, g in grams.items()}
-    atomic_write(path, lambda tmp: write_safetensors(tmp, tensors, meta))
+    shapes = {n: _shape(grams, n) for n in grams}
+    atomic_write(path, lambda tmp: write_safetensors(tmp, grams, meta, shapes))
 
 
-def load_stats(path: str | Path, fingerprint: str, geo: Geometry) -> dict[str, torch.Tensor]:
+def load_stats(path: str | Path, fingerprint: str, geo: Geometry) -> GramFiles:
     """The Gram matrices of a statistics file that belongs to the score file of ``fingerprint`` and model
-    geometry ``geo``; a broken, foreign or stale file is a one-line :class:`CusprunError`."""
+    geometry ``geo``, read lazily (:class:`GramFiles`); a broken, foreign or stale file is a one-line
+    :class:`CusprunError` here, before any matrix is read (a matrix that is not finite: when it is read)."""
     try:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
-            grams = {n: fh.get_tensor(n) for n in fh.keys()}
+            names = list(fh.keys())
+        grams = GramFiles({n: Path(path) for n in names})
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one line
         raise CusprunError(f"{path}: not a readable statistics file ({type(exc).__name__})") from None
     if meta.get("format") != FORMAT:
@@ -76,8 +141,7 @@ def load_stats(path: str | Path, fingerprint: str, geo: Geometry) -> dict[str, t
                            "score again with --stats")
     for layer in range(geo.layers):
         for proj in STAT_PROJECTIONS:
-            n = geo.shape[proj][1]
-            g = grams.get(gram_name(layer, proj))
-            if g is None or g.shape != (n, n) or not torch.isfinite(g).all():
-                raise CusprunError(f"{path}: {gram_name(layer, proj)} missing, not [{n}, {n}] or not finite")
+            n, name = geo.shape[proj][1], gram_name(layer, proj)
+            if grams.shapes.get(name) != (n, n):
+                raise CusprunError(f"{path}: {name} missing or not [{n}, {n}]")
     return grams

@@ -1,15 +1,18 @@
 """Closed-form compensation: the Gram statistics of the scoring pass, the ridge refit, the CLI path."""
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
 
 import cusprun
+from cusprun import stats as stats_module
 from cusprun.compensate import compensate, refit
-from cusprun.stats import gram_name, stats_path
+from cusprun.stats import gram_name, save_stats, stats_path
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 
@@ -60,6 +63,37 @@ def test_stats_files_round_trip_and_add_up_over_corpora(tmp_path):
     both = a & b
     assert all(torch.allclose(both.stats[n].double(), a.stats[n].double() + b.stats[n].double()) for n in a.stats)
     assert (a & cusprun.score(model, documents(5), progress=False)).stats is None  # one set without: none
+
+
+def test_statistics_are_read_and_written_one_matrix_at_a_time(tmp_path, monkeypatch):
+    """Loaded statistics, and the sum of two corpora's, are read on access: loading and intersecting read
+    nothing, saving the sum holds at most one matrix per corpus, and writes the in-memory matrices' sum."""
+    model = tiny_model("llama", seed=3, layers=3)
+    sets = [cusprun.score(model, documents(seed), progress=False, stats=True, corpus=corpus)
+            for seed, corpus in ((0, "a"), (5, "b"))]
+    for s in sets:
+        s.save(tmp_path / f"{s.corpora[0]}.safetensors")
+    alive, reads, peak = weakref.WeakSet(), [], [0]
+    read = stats_module.GramFiles.__getitem__
+
+    def tracked(self, name):
+        gc.collect()
+        gram = read(self, name)
+        alive.add(gram)
+        reads.append(name)
+        peak[0] = max(peak[0], len(alive))
+        return gram
+
+    monkeypatch.setattr(stats_module.GramFiles, "__getitem__", tracked)
+    loaded = [cusprun.ScoreSet.load(tmp_path / f"{c}.safetensors", stats=True) for c in "ab"]
+    both = loaded[0] & loaded[1]
+    assert reads == []
+    both.save(tmp_path / "both.safetensors")
+    assert len(reads) == 2 * 6 and peak[0] <= 2  # 6 matrices per corpus, at most one of each corpus at a time
+    monkeypatch.undo()
+    written = cusprun.ScoreSet.load(tmp_path / "both.safetensors", stats=True).stats
+    assert sorted(written) == sorted(sets[0].stats)
+    assert all(torch.equal(written[n], sets[0].stats[n] + sets[1].stats[n]) for n in sets[0].stats)
 
 
 def test_refit_is_the_ridge_least_squares_solution():
@@ -159,3 +193,24 @@ def test_prune_refuses_a_bad_ridge(ridge, tmp_path):
               "--compensate", "--ridge", ridge)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [f"error: --ridge {float(ridge)}: must be a positive number"]
+
+
+@pytest.mark.parametrize("damage", ["shape", "nan"])
+def test_prune_refuses_damaged_statistics_in_one_line(damage, tmp_path):
+    """A wrong shape is found from the header when the file is opened; a matrix that is not finite when
+    compensation reads it. Either way one line, exit 2."""
+    tiny_model("llama", seed=6, layers=2).save_pretrained(tmp_path / "model")
+    scores = cusprun.score(tiny_model("llama", seed=6, layers=2), documents(0), progress=False, stats=True,
+                           measure="local", corpus="a")
+    scores.save(tmp_path / "a.safetensors")
+    grams = {n: g.clone() for n, g in scores.stats.items()}
+    name = gram_name(1, "mlp.down_proj")
+    grams[name] = grams[name][:-1, :-1].contiguous() if damage == "shape" else grams[name].fill_(float("nan"))
+    save_stats(stats_path(tmp_path / "a.safetensors"), grams, {"n_docs": scores.n_docs, "scores": scores.fingerprint()})
+    res = cli("cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet", "--compensate",
+              "--scores", tmp_path / "a.safetensors", "--out", tmp_path / "e")
+    assert res.returncode == 2
+    problem = "missing or not [" if damage == "shape" else "is not finite"
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and name in lines[0] and problem in lines[0], res.stderr
+    assert not (tmp_path / "e" / "pruning.json").exists()
