@@ -472,22 +472,24 @@ def plot(rows: list[dict], settings: Settings, out: Path) -> list[Path]:
                 ax.set_xlabel("projection parameters removed")
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    paths = [out / "expert_quality.png", out / "expert_quality_sweep.png"]
+    paths = [out / "expert_quality.png"]
     _save(fig, paths[0])
     first = settings.ratios[0]
     sweep = _sweep_rows(rows, first)
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for key, label in (("target_ppl", "German (target)"), ("general_ppl", "general")):
-        ax.plot([r["docs"] for r in sweep], [r[key] for r in sweep], "-o", label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xticks([r["docs"] for r in sweep], [str(r["docs"]) for r in sweep])
-    ax.set_xlabel("calibration documents")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"German expert at {first:.0%}: corpus size", fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save(fig, paths[1])
+    if len(sweep) > 1:  # without the sweep (--no-extras) there is no curve to draw
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for key, label in (("target_ppl", "German (target)"), ("general_ppl", "general")):
+            ax.plot([r["docs"] for r in sweep], [r[key] for r in sweep], "-o", label=label)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks([r["docs"] for r in sweep], [str(r["docs"]) for r in sweep])
+        ax.set_xlabel("calibration documents")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"German expert at {first:.0%}: corpus size", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / "expert_quality_sweep.png")
+        _save(fig, paths[1])
     plt.close("all")
     return paths
 

@@ -3,9 +3,8 @@ resumes at the first unfinished layer and writes a bit-identical score file.
 
 ``OUT/.cusprun-checkpoint/NAME/``: ``fingerprint.json`` (what the run depends on), one
 ``layer-{l}.safetensors`` of scores (and, with statistics, Gram matrices) per finished layer (rank 0), and
-each rank's hidden states after
-its last finished layer. Every file is written atomically; a checkpoint made from different inputs
-is refused, never mixed.
+each rank's hidden states after its last finished layer. Every file is written atomically; a checkpoint
+made from different inputs is refused, never mixed.
 """
 
 from __future__ import annotations
@@ -86,11 +85,7 @@ class Checkpoint:
 
     def grams(self, layers: int) -> GramFiles:
         """The Gram matrices of the first ``layers`` layers (a run with statistics), read one at a time."""
-        files = {}
-        for layer in range(layers):
-            with safe_open(str(self._scores(layer)), "pt") as fh:
-                files.update({n: self._scores(layer) for n in fh.keys() if is_gram_name(n)})
-        return GramFiles(files)
+        return GramFiles([self._scores(layer) for layer in range(layers)], is_gram_name, check_finite=False)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

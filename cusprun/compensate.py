@@ -21,6 +21,7 @@ mean correction would need one).
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 import torch
 
@@ -33,18 +34,21 @@ DEFAULT_RIDGE = 0.1
 def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
     """weight [out, n], gram [n, n], keep bool [n] -> the refit weight [out, n] (float64): kept columns solved
     for, removed columns as they were (the plan zeroes them)."""
-    w, g = weight.double(), gram.to(weight.device, torch.float64)
+    w = weight.double()
     kept = keep.to(weight.device).nonzero().flatten()
-    g_kk = g[kept][:, kept]
+    g_k = gram.to(weight.device)[kept].double()  # [K, n]: rows sliced before widening, one float64 copy
+    g_kk = g_k[:, kept]
     lam = ridge * g_kk.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
-    rhs = g[kept] @ w.T + lam * w[:, kept].T  # [K, out] = G[K, :] Wᵀ + λ W_Kᵀ
-    solved = torch.linalg.solve(g_kk + lam * torch.eye(len(kept), dtype=torch.float64, device=w.device), rhs)
+    rhs = g_k @ w.T + lam * w[:, kept].T  # [K, out] = G[K, :] Wᵀ + λ W_Kᵀ
+    del g_k
+    g_kk.diagonal().add_(lam)
+    solved = torch.linalg.solve(g_kk, rhs)
     out = w.clone()
     out[:, kept] = solved.T
     return out
 
 
-def compensate(model, plan, grams: dict[str, torch.Tensor], ridge: float = DEFAULT_RIDGE):
+def compensate(model, plan, grams: Mapping[str, torch.Tensor], ridge: float = DEFAULT_RIDGE):
     """A copy of ``model`` whose o_proj and down_proj are refit over the columns ``plan`` (a
     :class:`~cusprun.selection.Selection` or keep masks) keeps; layers and projections that lose no column,
     or every column, are left as they are."""

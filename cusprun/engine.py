@@ -146,6 +146,7 @@ class Scorer:
                     if layer_scores is not None:
                         checkpoint.save_scores(index, layer_scores)
                     checkpoint.drop_hidden(index - 1)
+                del gathered, layer_scores, rows, grams  # this layer's Gram sums go before the next layer's
                 self.source.release(index)
         finally:
             hidden.close()

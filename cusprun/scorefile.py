@@ -36,7 +36,7 @@ JSON_FIELDS = ("token_counts", "skipped", "architecture", "parts", "prunable", "
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str],
                       shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
-    """A float32 safetensors file with its header in sorted order, so that equal contents give equal
+    """A float32 safetensors file (tensors converted) with its header in sorted order, so that equal contents give equal
     bytes (the safetensors library writes metadata in hash-map order, which varies run to run).
 
     With ``shapes`` (name -> shape) the header is laid out from them and each tensor is read from
@@ -53,11 +53,11 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, torch.Tensor], met
     with open(path, "wb") as fh:
         fh.write(len(blob).to_bytes(8, "little") + blob)
         for name in names:
-            t = tensors[name]
-            if t.dtype != torch.float32 or tuple(t.shape) != tuple(shapes[name]):
-                raise ValueError(f"{name}: expected float32 {list(shapes[name])}, got {t.dtype} {list(t.shape)}")
-            fh.write(t.detach().cpu().contiguous().numpy().tobytes())
-            del t
+            t = tensors[name].detach().to("cpu", torch.float32).contiguous()
+            if tuple(t.shape) != tuple(shapes[name]):
+                raise ValueError(f"{name}: expected shape {list(shapes[name])}, got {list(t.shape)}")
+            fh.write(t.numpy().data)  # the buffer itself, not a copy of it
+            del t  # freed before the next tensor is read, so two are never held at once
 
 
 def score_metadata(config, *, measure: str, model: str, corpus: str, n_docs: int, token_counts, skipped=(),

@@ -12,12 +12,14 @@
   score), checked when they are loaded, so statistics of other documents are never used.
 
 Disk: intermediate² + (heads·head_dim)² floats per layer (SmolLM2-135M: 320 MB per corpus; Llama-3-8B:
-28 GB; Llama-3-70B: 3.3 GB per layer for down_proj, 262 GB per corpus). Host memory stays at one layer's
-matrices wherever a run can spill: ``python -m cusprun.score`` writes each layer's into its per-layer
-checkpoint and streams the statistics file from there; a loaded file (:class:`GramFiles`) and the sum of
-several corpora's (:class:`GramSum`, an intersection's statistics) read one matrix per access;
-compensation asks for one layer's at a time. (The in-memory API, ``cusprun.score(model, docs,
-stats=True)``, keeps them in memory: it holds the model too.)
+28 GB; Llama-3-70B: 3.6 GB per layer, 285 GB per corpus, twice that while the statistics file is written
+beside the checkpoint it comes from). Host memory stays at one layer's matrices wherever a run can spill
+(rank 0 of a torchrun job also receives every rank's sums of that layer): ``python -m cusprun.score``
+writes each layer's into its per-layer checkpoint and streams the statistics file from there; a loaded
+file (:class:`GramFiles`) and the sum of several corpora's (:class:`GramSum`, an intersection's
+statistics) read one matrix per access; compensation asks for one layer's at a time (and refits a copy of
+the model, so it needs twice the model's memory). The in-memory API, ``cusprun.score(model, docs,
+stats=True)``, keeps them in memory: it holds the model too.
 """
 
 from __future__ import annotations
@@ -65,30 +67,50 @@ class GramFiles(Mapping):
     """name -> Gram matrix (float32 [n, n]), read from safetensors files on access, one matrix at a time:
     what a statistics file or a run's per-layer checkpoints hold, without holding it in memory.
 
-    ``files``: name -> the file that holds it. Shapes come from the files' headers (``shapes``), so a
-    writer can lay out a whole file before reading any matrix. A matrix that is not finite is a one-line
-    :class:`CusprunError` when it is read."""
+    ``paths``: the files; ``wanted`` picks the names taken from them. Names and shapes come from the files'
+    headers (``shapes``), so a writer can lay out a whole file before reading any matrix. Each file's
+    identity (inode, size, modification time) is recorded here: a file replaced or removed since, or a
+    matrix that is not float32 or not finite, is a one-line :class:`CusprunError` when it is read.
+    ``check_finite`` False: the run that just summed them reads them back (its own checkpoints)."""
 
-    def __init__(self, files: Mapping[str, Path]):
-        self.files = dict(files)
-        self.shapes = {}
-        for path in sorted(set(self.files.values())):
+    def __init__(self, paths: list[Path], wanted=lambda name: True, check_finite: bool = True):
+        self.files, self.shapes, self._stamps, self.check_finite = {}, {}, {}, check_finite
+        for path in paths:
+            path = Path(path).resolve()
             with safe_open(str(path), "pt") as fh:
-                self.shapes.update({n: tuple(fh.get_slice(n).get_shape()) for n in fh.keys() if n in self.files})
+                for name in filter(wanted, fh.keys()):
+                    info = fh.get_slice(name)
+                    if info.get_dtype() != "F32":
+                        raise CusprunError(f"{path}: {name} is {info.get_dtype()}, not F32")
+                    self.files[name], self.shapes[name] = path, tuple(info.get_shape())
+            self._stamps[path] = _stamp(path)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         path = self.files[name]
-        with safe_open(str(path), "pt") as fh:
-            gram = fh.get_tensor(name)
-        if not torch.isfinite(gram).all():
+        try:
+            if _stamp(path) != self._stamps[path]:
+                raise OSError
+            with safe_open(str(path), "pt") as fh:
+                gram = fh.get_tensor(name)
+        except Exception:  # noqa: BLE001 - replaced, removed or unreadable: the same one line
+            raise CusprunError(f"{path} changed or vanished since it was opened: load the statistics again") from None
+        if self.check_finite and not torch.isfinite(gram).all():
             raise CusprunError(f"{path}: {name} is not finite")
         return gram
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the matrix
+        return name in self.files
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.files)
 
     def __len__(self) -> int:
         return len(self.files)
+
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    st = path.stat()
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class GramSum(Mapping):
@@ -101,6 +123,9 @@ class GramSum(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return sum(part[name] for part in self.parts)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read and add the matrices
+        return name in self.parts[0]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.parts[0])
@@ -130,8 +155,9 @@ def load_stats(path: str | Path, fingerprint: str, geo: Geometry) -> GramFiles:
     try:
         with safe_open(str(path), "pt") as fh:
             meta = fh.metadata() or {}
-            names = list(fh.keys())
-        grams = GramFiles({n: Path(path) for n in names})
+        grams = GramFiles([Path(path)])
+    except CusprunError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one line
         raise CusprunError(f"{path}: not a readable statistics file ({type(exc).__name__})") from None
     if meta.get("format") != FORMAT:

@@ -67,7 +67,8 @@ def test_stats_files_round_trip_and_add_up_over_corpora(tmp_path):
 
 def test_statistics_are_read_and_written_one_matrix_at_a_time(tmp_path, monkeypatch):
     """Loaded statistics, and the sum of two corpora's, are read on access: loading and intersecting read
-    nothing, saving the sum holds at most one matrix per corpus, and writes the in-memory matrices' sum."""
+    nothing; saving the sum and compensating hold at most one matrix per corpus; the file written holds
+    the in-memory matrices' sum."""
     model = tiny_model("llama", seed=3, layers=3)
     sets = [cusprun.score(model, documents(seed), progress=False, stats=True, corpus=corpus)
             for seed, corpus in ((0, "a"), (5, "b"))]
@@ -90,6 +91,10 @@ def test_statistics_are_read_and_written_one_matrix_at_a_time(tmp_path, monkeypa
     assert reads == []
     both.save(tmp_path / "both.safetensors")
     assert len(reads) == 2 * 6 and peak[0] <= 2  # 6 matrices per corpus, at most one of each corpus at a time
+    reads.clear()
+    peak[0] = 0
+    compensate(model, both.select(0.3).plan, both.stats)  # one layer's matrices at a time here too
+    assert 0 < len(reads) <= 2 * 6 and peak[0] <= 2
     monkeypatch.undo()
     written = cusprun.ScoreSet.load(tmp_path / "both.safetensors", stats=True).stats
     assert sorted(written) == sorted(sets[0].stats)
@@ -185,6 +190,11 @@ def test_statistics_of_other_documents_are_refused_and_stale_ones_removed(tmp_pa
         cusprun.ScoreSet.load(tmp_path / "a.safetensors", stats=True)
     cusprun.score(model, documents(0), progress=False, corpus="a").save(tmp_path / "a.safetensors")
     assert not stats_path(tmp_path / "a.safetensors").exists()  # re-scored without stats: the old file is gone
+    b.save(tmp_path / "b.safetensors")
+    loaded = cusprun.ScoreSet.load(tmp_path / "b.safetensors", stats=True)
+    b.save(tmp_path / "b.safetensors")  # the same statistics written again: another file in its place
+    with pytest.raises(CusprunError, match="changed or vanished since it was opened"):
+        loaded.stats[gram_name(0, "mlp.down_proj")]  # read lazily: never from a file other than the one checked
 
 
 @pytest.mark.parametrize("ridge", ["nan", "0", "-1"])
