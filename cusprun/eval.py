@@ -15,7 +15,8 @@ from .scoring import check_device
 DESCRIPTION = """\
 Evaluate a dense or pruned model: for each --text file (read like a scoring corpus: .jsonl, .txt or a
 folder of .txt), the token-weighted perplexity of its documents, each truncated to --max-tokens; the
-model's parameter count; prefill and greedy-decode tokens per second.
+model's parameter count; prefill tokens per second (the median of three passes over up to 8 documents, after
+a warm-up) and greedy-decode tokens per second.
 """
 
 
