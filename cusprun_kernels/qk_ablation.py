@@ -208,8 +208,10 @@ def _per_document(score_document, segments, q, k, v, cos, sin, w_o, n_rep, scali
 # folded in through factors F Fᵀ = W_oᵀW_o: for a q row into the values (‖ΔP·V·F_h‖²), for a k row
 # after the group's heads are side by side.
 # ---------------------------------------------------------------------------------------------------
-TILE_BYTES = 16 * 2**20  # a chunk's perturbed logits per query tile: cache-sized (on a 2-core EPYC, 34 MB
-#                          tiles ran 1.8x slower than 8 MB ones at L = 2048; 8–16 MB were within noise)
+TILE_BYTES = 4 * 2**20  # a chunk's perturbed logits per query tile, sized for the CPU's caches: on a 2-core EPYC,
+#                         L = 512: 4 MB (32-row tiles) and 8 MB ran 0.29 s per SmolLM2 layer, 16 MB (128 rows, a
+#                         quarter of them masked keys) 0.35 s, 2 MB (16 rows) 0.32 s; L = 2048: 34 MB tiles ran
+#                         1.8x slower than 8 MB ones
 
 
 def _tile_rows(length, batch, element_size):
