@@ -14,6 +14,10 @@ Methods at each ratio of projection parameters removed (every expert exported in
                    cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats)
   cusprun-units    whole query heads and MLP channels, the same share from every block
   cusprun-neurons  the paper's per-neuron selection (the same sigma share from every row/column group)
+  cusprun-pairs, cusprun-pairs-comp, cusprun-pairs-local, cusprun-pairs-local-comp  MLP channels and RoPE
+                   pairs of q and k (every k/v head of a layer drops its weakest pairs, the same number in
+                   each; neurons="mlp+pairs"), block or local measure, with or without compensation; only
+                   when named in --methods
   cusprun-layers-comp, cusprun-more-layers-comp  the paper's section 4.5: the decoder layers of lowest block
                    influence on the expert's corpora dropped first (a third, or two thirds, of the ratio as
                    whole layers), then compensated MLP channels of the other layers (the second only when
@@ -86,10 +90,18 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             "cusprun-layers-comp": dict(granularity="unit", neurons="mlp", measure="local", compensate=DEFAULT_RIDGE,
                                         drop_share=1 / 3),
             "cusprun-more-layers-comp": dict(granularity="unit", neurons="mlp", measure="local",
-                                             compensate=DEFAULT_RIDGE, drop_share=2 / 3)}
-# measured once (benchmarks/results/expert_quality_layers.md) and run only when named in --methods, which
-# keeps the full benchmark under an hour
-BY_NAME_ONLY = ("cusprun-more-layers-comp",)
+                                             compensate=DEFAULT_RIDGE, drop_share=2 / 3),
+            # channels and RoPE pair slots of q and k, the same share from every block: pair scores from the
+            # block measure's exact q/k-row ablations or from the local measure's key norms, and compensated
+            "cusprun-pairs": dict(granularity="unit", neurons="mlp+pairs"),
+            "cusprun-pairs-local": dict(granularity="unit", neurons="mlp+pairs", measure="local"),
+            "cusprun-pairs-comp": dict(granularity="unit", neurons="mlp+pairs", compensate=DEFAULT_RIDGE),
+            "cusprun-pairs-local-comp": dict(granularity="unit", neurons="mlp+pairs", measure="local",
+                                             compensate=DEFAULT_RIDGE)}
+# measured once (benchmarks/results/expert_quality_layers.md, expert_quality_pairs.md) and run only when named
+# in --methods, which keeps the full benchmark under an hour
+BY_NAME_ONLY = ("cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local", "cusprun-pairs-comp",
+                "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
 # one change each from the default (TARGETED[DEFAULT])
@@ -182,6 +194,12 @@ class Bench:
         A document's scores do not depend on the others, so every dimension is scored once over all
         its calibration documents and the corpus-size sweep takes leading rows."""
         n = n_docs or self.s.docs
+        if stats and measure == "block":
+            # The statistics are XᵀX of o_proj's and down_proj's inputs in the unpruned forward pass, the same
+            # under both measures (`cusprun.score --stats` collects them in either pass): block scores with the
+            # local pass's statistics, instead of a second block pass with --stats
+            block = self.expert_scores(method, dims, n, "block")
+            return replace(block, stats=self.expert_scores(method, dims, n, "local", True).stats)
         if stats:  # Gram matrices are sums over the documents: score exactly the first n
             return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure, True) for d in dims))
         return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d], measure), n) for d in dims))
@@ -229,8 +247,9 @@ def decode_tokens_per_s(model, prompt: list[int], new_tokens: int) -> float:
 
 def prefill_flops(model, tokens: int) -> int:
     """Multiply-add FLOPs (2 per nonzero weight per token) of a ``tokens``-token causal prefill: every linear
-    layer (projections and lm_head) plus attention scores and values, 4 · heads · head_dim per (query, key)
-    pair, keys limited to the sliding window where there is one. Norms, activations and RoPE are left out.
+    layer (projections and lm_head) plus attention scores and values, 2 · heads · (qk_dim + head_dim) per
+    (query, key) pair (qk_dim: q and k's head dimension, narrower where RoPE pairs went), keys limited to the
+    sliding window where there is one. Norms, activations and RoPE are left out.
     Weights that are exactly zero (neurons removed inside a kept unit) do not count: the ideal is what the
     plan removes, whether or not the export can skip it."""
     linear = sum(int(m.weight.count_nonzero()) for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -240,10 +259,10 @@ def prefill_flops(model, tokens: int) -> int:
         attn = layer.self_attn
         if attn is None:
             continue
-        heads = attn.q_proj.out_features // attn.head_dim
+        heads = attn.o_proj.in_features // attn.head_dim
         layer_window = getattr(attn, "sliding_window", window) or tokens
         pairs = sum(min(t, layer_window) for t in range(1, tokens + 1))
-        total += 4 * heads * attn.head_dim * pairs
+        total += 2 * heads * (getattr(attn, "qk_dim", attn.head_dim) + attn.head_dim) * pairs
     return total
 
 

@@ -11,6 +11,12 @@ hidden-size columns or rows) are zero in its dense matrices, so the dense model 
 * a k/v head stays while a kept query head reads it;
 * an MLP channel stays while its gate row, up row and down column are all live (act(0) · up = 0 and
   gate · 0 = 0);
+* a RoPE pair (d, d + head_dim/2) of a k/v head stays while either of its k rows is live (RoPE rotates the
+  pair as one; removing both k rows makes the pair add nothing to any logit, and propagation then removes its
+  q rows too). Every kept k/v head of a layer keeps the same number of pairs, the largest any of them keeps
+  (the others pad with pairs they removed, all zero), so q and k stay dense with a narrower head dimension,
+  and each group applies RoPE at its own pairs' frequencies. v and o keep the full head dimension, and the
+  logits keep the original scale head_dim^-1/2;
 * a block with no unit left is skipped, unless its output projection keeps a bias (then it is kept with
   zero units and adds that constant); a layer with both blocks skipped is dropped.
 """
@@ -29,7 +35,9 @@ def layer_units(plan: Plan, geo: Geometry, layer: int) -> dict:
 
     heads: [(k/v head, query head)] kept, grouped by k/v head; groups: kept k/v heads; channels: kept MLP
     channel indices; kv_map: per kept query head, the position of its k/v head among the kept ones, or None
-    when every kept group keeps the same number of query heads."""
+    when every kept group keeps the same number of query heads; pairs: per kept group, the RoPE pairs
+    (indices d < head_dim/2) it keeps, padded with removed ones to the layer's common count, or None when
+    every kept group keeps all of them."""
     o_cols = plan[tensor_name(layer, "self_attn.o_proj", "cols")].view(geo.kv, geo.rep, geo.hd)
     live = o_cols.any(dim=-1)  # [kv, rep]
     heads = [(g, r) for g in range(geo.kv) for r in range(geo.rep) if live[g, r]]
@@ -38,12 +46,33 @@ def layer_units(plan: Plan, geo: Geometry, layer: int) -> dict:
     kv_map = None if len(counts) <= 1 else [groups.index(g) for g, _ in heads]
     channel = (plan[tensor_name(layer, "mlp.gate_proj", "rows")] & plan[tensor_name(layer, "mlp.up_proj", "rows")]
                & plan[tensor_name(layer, "mlp.down_proj", "cols")])
-    return {"heads": heads, "groups": groups, "kv_map": kv_map, "channels": channel.nonzero().flatten()}
+    return {"heads": heads, "groups": groups, "kv_map": kv_map, "channels": channel.nonzero().flatten(),
+            "pairs": _kept_pairs(plan, geo, layer, groups)}
 
 
-def _head_index(units: list[int], width: int) -> torch.Tensor:
-    """Row (or column) indices of whole units of ``width`` neurons, in the given order."""
-    return torch.tensor([u * width + d for u in units for d in range(width)], dtype=torch.long)
+def _kept_pairs(plan: Plan, geo: Geometry, layer: int, groups: list[int]) -> list[list[int]] | None:
+    """Per kept group, its live RoPE pairs, then removed ones up to the layer's largest live count (at least
+    one, so a group whose pairs are all gone still has a head dimension: zero logits, uniform attention)."""
+    half = geo.hd // 2
+    k_rows = plan[tensor_name(layer, "self_attn.k_proj", "rows")].view(geo.kv, geo.hd)
+    live = k_rows[:, :half] | k_rows[:, half:]  # [kv, half]
+    if not groups or all(bool(live[g].all()) for g in groups):
+        return None
+    width = max(1, max(int(live[g].sum()) for g in groups))
+    return [(live[g].nonzero().flatten().tolist() + (~live[g]).nonzero().flatten().tolist())[:width] for g in groups]
+
+
+def _head_index(units: list[int], width: int, dims: list[list[int]] | None = None) -> torch.Tensor:
+    """Row (or column) indices of units of ``width`` neurons, in the given order: every dimension of each, or
+    ``dims[i]`` of the i-th."""
+    return torch.tensor([u * width + d for i, u in enumerate(units) for d in (range(width) if dims is None
+                                                                              else dims[i])], dtype=torch.long)
+
+
+def _pair_dims(pairs: list[int], hd: int) -> list[int]:
+    """Head dimensions of RoPE pairs: first the pairs' d, then their partners d + hd/2, so the narrower head's
+    rotate-half pairs them again."""
+    return list(pairs) + [p + hd // 2 for p in pairs]
 
 
 def masked_state(model, plan: Plan) -> dict[str, torch.Tensor]:
@@ -105,14 +134,21 @@ def dense(model, plan: Plan):
                      "intermediate_size": len(units["channels"])}
         if units["kv_map"] is not None:
             overrides["cusprun_kv_map"] = units["kv_map"]
+        if units["pairs"] is not None:
+            overrides["cusprun_rope_pairs"] = units["pairs"]
         overrides["skip"] = [b for b, on in (("self_attn", attention), ("mlp", mlp)) if not on]
         per_layer[len(kept_layers) - 1] = overrides
         if attention:
-            q_index = _head_index([g * geo.rep + r for g, r in units["heads"]], geo.hd)
-            kv_index = _head_index(units["groups"], geo.hd)
+            heads = [g * geo.rep + r for g, r in units["heads"]]
+            o_index, v_index = _head_index(heads, geo.hd), _head_index(units["groups"], geo.hd)
+            q_index, k_index = o_index, v_index
+            if units["pairs"] is not None:
+                dims = {g: _pair_dims(p, geo.hd) for g, p in zip(units["groups"], units["pairs"])}
+                q_index = _head_index(heads, geo.hd, [dims[g] for g, _ in units["heads"]])
+                k_index = _head_index(units["groups"], geo.hd, [dims[g] for g in units["groups"]])
             state.update(_block_state(zeroed, src, dst, "input_layernorm", {
-                "self_attn.q_proj": q_index, "self_attn.k_proj": kv_index, "self_attn.v_proj": kv_index},
-                "self_attn.o_proj", q_index))
+                "self_attn.q_proj": q_index, "self_attn.k_proj": k_index, "self_attn.v_proj": v_index},
+                "self_attn.o_proj", o_index))
         if mlp:
             channels = units["channels"]
             state.update(_block_state(zeroed, src, dst, "post_attention_layernorm", {

@@ -16,8 +16,12 @@ given as transformers' ``per_layer_config`` overrides (``num_attention_heads``, 
 ``intermediate_size``, and ``skip`` naming a removed ``self_attn`` or ``mlp`` block); removed layers are gone
 (``cusprun_source_layers`` lists the original index of each kept layer). Query heads are stored grouped by the
 k/v head they read; where the kept groups keep different numbers of query heads, ``cusprun_kv_map`` (per
-layer) names each query head's k/v head. The KV cache holds each layer's own k/v heads; a layer without
-attention caches zero heads, so the cache still counts the positions seen.
+layer) names each query head's k/v head. Where RoPE pairs were removed, ``cusprun_rope_pairs`` (per layer)
+lists, per k/v head, the pairs (d, d + head_dim/2) of the original head its queries and keys keep, d < head_dim/2,
+the same number for every k/v head: q and k are narrower (2 per pair) and rotate at those pairs' frequencies,
+v and o keep ``head_dim``, and the logits keep the scale head_dim^-1/2. The KV cache holds each layer's own k/v
+heads (keys as narrow as the layer's queries); a layer without attention caches zero heads, so the cache still
+counts the positions seen.
 """
 
 from __future__ import annotations
@@ -118,7 +122,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class DenseAttention(nn.Module):
     """Grouped-query attention with this layer's own head counts; q/k/v/o are dense ``nn.Linear``.
 
-    q_proj [heads * head_dim, hidden], k_proj/v_proj [kv_heads * head_dim, hidden], o_proj [hidden, heads * head_dim].
+    q_proj [heads * qk_dim, hidden], k_proj [kv_heads * qk_dim, hidden], v_proj [kv_heads * head_dim, hidden],
+    o_proj [hidden, heads * head_dim]; qk_dim = head_dim, or 2 per kept RoPE pair.
     Query head i reads k/v head ``kv_index[i]`` (or i // (heads / kv_heads) when the groups are even)."""
 
     def __init__(self, config, layer_config, layer_idx: int, qkv_bias: bool, o_bias: bool, sliding_window):
@@ -130,17 +135,35 @@ class DenseAttention(nn.Module):
         kv_map = getattr(layer_config, "cusprun_kv_map", None)
         # uneven groups: k/v heads are expanded to the query heads before the attention call, so no regrouping
         self.num_key_value_groups = 1 if kv_map is not None else self.num_heads // max(self.num_kv_heads, 1)
-        self.register_buffer("kv_index", None if kv_map is None else torch.tensor(kv_map, dtype=torch.long),
-                             persistent=False)
-        self.scaling = self.head_dim ** -0.5
+        pairs = getattr(layer_config, "cusprun_rope_pairs", None)
+        self.qk_dim = self.head_dim if pairs is None else 2 * len(pairs[0])
+        # Index lists, made tensors per device on first use (``_index``): buffers would not survive
+        # from_pretrained, which builds the model without running this constructor's tensor code on real memory.
+        # kv_index: each query head's k/v head; rope_dims [kv_heads, qk_dim] and rope_dims_q [heads, qk_dim]:
+        # the rotary dimensions of each k/v head's kept pairs and of each query head's (its k/v head's), where
+        # the rotary tables are gathered so every head rotates its pairs at their own frequencies.
+        self._lists = {"kv_index": kv_map}
+        if pairs is not None:
+            dims = [list(p) + [d + self.head_dim // 2 for d in p] for p in pairs]
+            group = kv_map or [i // max(self.num_heads // max(self.num_kv_heads, 1), 1) for i in range(self.num_heads)]
+            self._lists.update(rope_dims=dims, rope_dims_q=[dims[g] for g in group])
+        self._tensors = {}
+        self.scaling = self.head_dim ** -0.5  # the original head's scale, also where q and k are narrower
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         self.sliding_window = sliding_window
-        hidden, q, kv = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(hidden, q, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden, kv, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden, kv, bias=qkv_bias)
-        self.o_proj = nn.Linear(q, hidden, bias=o_bias)
+        hidden, heads, kv = config.hidden_size, self.num_heads, self.num_kv_heads
+        self.q_proj = nn.Linear(hidden, heads * self.qk_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, kv * self.qk_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * self.head_dim, hidden, bias=o_bias)
+
+    def _index(self, name: str, device) -> torch.Tensor | None:
+        if self._lists.get(name) is None:
+            return None
+        if (name, device) not in self._tensors:
+            self._tensors[name, device] = torch.tensor(self._lists[name], dtype=torch.long, device=device)
+        return self._tensors[name, device]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         shape = hidden_states.shape[:-1]
@@ -148,17 +171,30 @@ class DenseAttention(nn.Module):
             if cache is not None:
                 track_positions(cache, hidden_states, self.layer_idx)
             return self.o_proj(hidden_states.new_zeros(*shape, 0)), None
-        heads = (*shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(heads).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(heads).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(heads).transpose(1, 2)
-        cos, sin = position_embeddings
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q = self.q_proj(hidden_states).view(*shape, -1, self.qk_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(*shape, -1, self.qk_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(*shape, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings  # [batch, tokens, head_dim]
+        dims_k, dims_q = self._index("rope_dims", cos.device), self._index("rope_dims_q", cos.device)
+        if dims_k is None:
+            cos_q = cos_k = cos.unsqueeze(1)
+            sin_q = sin_k = sin.unsqueeze(1)
+        else:  # [batch, heads, tokens, qk_dim]: each head's kept pairs
+            cos_q, sin_q = cos[..., dims_q].transpose(1, 2), sin[..., dims_q].transpose(1, 2)
+            cos_k, sin_k = cos[..., dims_k].transpose(1, 2), sin[..., dims_k].transpose(1, 2)
+        q, k = q * cos_q + _rotate_half(q) * sin_q, k * cos_k + _rotate_half(k) * sin_k
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        if self.kv_index is not None:
-            k, v = k.index_select(1, self.kv_index), v.index_select(1, self.kv_index)
+        kv_index = self._index("kv_index", k.device)
+        if kv_index is not None:
+            k, v = k.index_select(1, kv_index), v.index_select(1, kv_index)
+        if self.qk_dim < self.head_dim and q.shape[2] > 1 and self.config._attn_implementation == "sdpa":
+            # PyTorch's fused attention kernels need one head dimension for q, k and v; with narrower q and k
+            # it falls back to its unfused path (3.4x slower on a 2-core CPU at 512 tokens, 9 heads, 48 vs 64).
+            # Zeros added to q and k change no logit, so a prefill pads them to v's width (the cache stays
+            # narrow; a single decoded query gains nothing from the fused kernels).
+            pad = (0, self.head_dim - self.qk_dim)
+            q, k = nn.functional.pad(q, pad), nn.functional.pad(k, pad)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           modeling_llama.eager_attention_forward)
         out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
@@ -236,7 +272,8 @@ def _dense_family(base_config, base_model, base_causal, name):
         model_type = f"cusprun_dense_{name}"
 
         def __init__(self, per_layer_config=None, cusprun_source_layers=None, **kwargs):
-            kwargs.setdefault("cusprun_kv_map", None)  # global default of the per-layer override
+            kwargs.setdefault("cusprun_kv_map", None)  # global defaults of the per-layer overrides
+            kwargs.setdefault("cusprun_rope_pairs", None)
             # The base config's validation reads one global head count; the per-layer shapes are set after it
             # and validated per layer by ``validate``.
             super().__init__(**kwargs)
@@ -252,6 +289,11 @@ def _dense_family(base_config, base_model, base_causal, name):
                         kv_map is not None and (len(kv_map) != heads or not all(0 <= g < kv for g in kv_map))):
                     raise ValueError(f"layer {i}: inconsistent head counts ({heads} heads, {kv} k/v heads, "
                                      f"kv map {kv_map})")
+                pairs, half = getattr(layer, "cusprun_rope_pairs", None), self.head_dim // 2
+                if pairs is not None and (len(pairs) != kv or not pairs or len({len(p) for p in pairs}) != 1 or any(
+                        not p or len(set(p)) != len(p) or not all(0 <= d < half for d in p) for p in pairs)):
+                    raise ValueError(f"layer {i}: cusprun_rope_pairs must list, for each of its {kv} k/v heads, "
+                                     f"the same number of distinct pairs d < {half}, got {pairs}")
 
     class Model(base_model):
         config_class = Config

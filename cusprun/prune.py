@@ -28,6 +28,9 @@ selection (the defaults are what measured best, README "Expert quality"):
             irrelevant to every given corpus (the intersection), sigma searched so that --ratio of the
             decoder layers' projection parameters is removed.
   --neurons all                          whole query heads too (each head with its q rows and o columns)
+  --neurons mlp+pairs                    RoPE pairs of q and k too: every k/v head of a layer drops the
+                                         same number of its weakest pairs (d, d + head_dim/2), so q and k
+                                         get a narrower head dimension; v, o and the heads stay
   --granularity neuron                   the paper's selection: every row and column ranked within its group
                                          (layer, projection, rows or columns), plus what its removal makes dead
   --drop-layers N                        first drop the N decoder layers of lowest block influence on the

@@ -27,7 +27,10 @@ from .stats import GramSum, load_stats, save_stats, split_stats, stats_path
 
 # Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
 GRANULARITIES = ("unit", "neuron")
-NEURONS = {"all": None, "mlp": ["mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols"]}
+NEURONS = {"all": None, "mlp": ["mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols"],
+           "mlp+pairs": ["mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols", "self_attn.q_proj.rows",
+                         "self_attn.k_proj.rows"]}
+UNIT_KINDS = {"all": ("heads", "channels"), "mlp": ("channels",), "mlp+pairs": ("channels", "pairs")}
 
 
 @dataclass
@@ -181,8 +184,9 @@ class ScoreSet:
         uniform: the plan the ``stock`` format needs: whole MLP channels and k/v groups, the same count
             in every layer.
         rule: aggregation over documents, ``all-docs`` (the paper's, default), ``mean-rank`` or ``pooled``.
-        neurons: ``mlp`` (only MLP channels are chosen; attention stays whole) or ``all``.
-        granularity: ``unit`` (whole query heads and MLP channels, see :mod:`cusprun.units`) or ``neuron``
+        neurons: ``mlp`` (only MLP channels are chosen; attention stays whole), ``mlp+pairs`` (MLP channels and
+            RoPE pairs of q and k: attention keeps its heads, v and o) or ``all``.
+        granularity: ``unit`` (whole query heads, MLP channels, RoPE pair slots, see :mod:`cusprun.units`) or ``neuron``
             (the paper's per-row/column selection); with units, ``budget`` ``uniform`` (default: the same
             share from every block) or ``relative`` (compared across layers; measured far worse, see the
             README).
@@ -219,8 +223,8 @@ class ScoreSet:
         if granularity == "unit" and method.prunable is None:
             from .units import select_units, unit_values
 
-            kinds = ("channels",) if neurons == "mlp" else ("heads", "channels")
-            return select_units(unit_values(self._per_corpus(), geo, rule, budget), geo, ratio, budget, kinds, dropped)
+            return select_units(unit_values(self._per_corpus(), geo, rule, budget), geo, ratio, budget,
+                                UNIT_KINDS[neurons], dropped)
         candidates = None if groups is None else {n for n in geo.names() if group_of(n) in groups}
         return select(self.relevance(rule), geo, ratio, candidates, dropped)
 

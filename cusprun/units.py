@@ -10,6 +10,13 @@ Unit scores, per document, derived from the per-neuron scores in the score files
   of the channel's whole contribution to the MLP output, under the local and the block measure alike (under
   the block measure the gate and up rows carry the same number; under the local measure they are
   pre-activation norms the activation may silence, so they are not used);
+* a RoPE pair (d, d + head_dim/2) of k/v head g: sqrt(``k_proj.rows[g, d]``² + ``k_proj.rows[g, d + hd/2]``²).
+  Under the local measure that is the norm of the pair's keys over the document, which RoPE only rotates
+  (the same before and after it); under the block measure the root of the two single rows' exact ablation
+  energies (removing both at once is not scored, so this is a proxy for the pair's). A selection removes
+  *slots*: slot j of a layer is every kept k/v head's j-th weakest pair (by its value over the corpora), so
+  every group keeps the same number of pairs and the dense model stays dense (:mod:`.dense`); its value is
+  the largest of those pairs' values and its cost their q rows (every query head of the group) and k rows;
 * a query head h: sqrt(Σ_{j ∈ h} ``o_proj.cols[j]``²), the head's contribution to the attention output
   ‖O_h W_o,hᵀ‖ when its columns' contributions are orthogonal (in general Σ_j cols[j] bounds it from above);
   a k/v head goes with the last query head that reads it;
@@ -22,7 +29,9 @@ Budgets (``budget``):
   the same document — the relative change of the block's output its removal causes at most — and units
   are removed in ascending order of value per projection parameter they hold, over all layers at once;
 * ``uniform``: a unit's value is its within-block rank fraction per document, as the neuron selection does,
-  so every block loses about the same share.
+  so every block loses about the same share; where several kinds compete (heads and channels, channels and
+  pair slots), each kind's values are replaced by their rank fraction among that kind's units, so every kind
+  loses the same share too.
 
 Documents are combined by the rule (``all-docs``: the maximum over documents, so a unit goes only when it
 is small in every document; ``mean-rank``: the mean; ``pooled``: the corpus as one document, squares summed
@@ -42,7 +51,7 @@ from .plan import Plan, kept_params, propagate
 from .selection import Selection, aggregate, check_dropped_share, without_layers
 
 BUDGETS = ("relative", "uniform")
-KINDS = ("heads", "channels")  # the unit kinds, in the order used for tie-breaking
+KINDS = ("heads", "channels", "pairs")  # the unit kinds, in the order used for tie-breaking
 
 
 def _k(layer: int, proj: str, side: str) -> str:
@@ -56,7 +65,9 @@ def unit_scores(scores: dict[str, torch.Tensor], geo: Geometry, layer: int) -> d
     attention = scores[_k(layer, "self_attn.o_proj", "rows")].double().square().sum(-1).sqrt()
     channels = scores[_k(layer, "mlp.down_proj", "cols")].double()
     mlp = scores[_k(layer, "mlp.down_proj", "rows")].double().square().sum(-1).sqrt()
-    return {"heads": (heads, attention), "channels": (channels, mlp)}
+    k_rows = scores[_k(layer, "self_attn.k_proj", "rows")].double().view(o_cols.shape[0], geo.kv, 2, geo.hd // 2)
+    pairs = k_rows.square().sum(2).sqrt().flatten(1)  # [n_docs, kv * half], (g, d) of pair (d, d + half)
+    return {"heads": (heads, attention), "channels": (channels, mlp), "pairs": (pairs, attention)}
 
 
 def _aggregate(units: torch.Tensor, norm: torch.Tensor, rule: str, budget: str) -> torch.Tensor:
@@ -76,7 +87,8 @@ def _aggregate(units: torch.Tensor, norm: torch.Tensor, rule: str, budget: str) 
 
 def unit_values(score_sets: list[dict[str, torch.Tensor]], geo: Geometry, rule: str = "all-docs",
                 budget: str = "uniform") -> dict[str, torch.Tensor]:
-    """{kind: [layers, units]} float64 values (lower: removed first), the maximum over corpora."""
+    """{kind: [layers, units]} float64 values (lower: removed first), the maximum over corpora; for
+    ``pairs`` the values of single pairs, [layers, kv_heads · hd/2] (:func:`pair_slots` makes them slots)."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
     out = {}
@@ -89,28 +101,61 @@ def unit_values(score_sets: list[dict[str, torch.Tensor]], geo: Geometry, rule: 
     return out
 
 
+def pair_slots(pair_values: torch.Tensor, geo: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pair values [layers, kv · half] -> (slot values [layers, half], order [layers, kv, half]): ``order[l, g, j]``
+    is k/v head g's j-th weakest pair in layer l, and slot j's value the largest of the kv heads' j-th values
+    (non-decreasing in j, so a layer's slots go in order and each group loses its weakest pairs)."""
+    values, order = pair_values.view(geo.layers, geo.kv, geo.hd // 2).sort(dim=-1, stable=True)
+    return values.max(dim=1).values, order
+
+
 def unit_cost(geo: Geometry) -> dict[str, int]:
     """Projection parameters one unit holds: a query head's q rows (with bias) and o columns; a channel's gate
-    and up rows (with biases) and down column. (A k/v head's rows go with its last query head.)"""
+    and up rows (with biases) and down column; a pair slot's two q rows in every query head and two k rows in
+    every k/v head (with biases). (A k/v head's rows go with its last query head.)"""
     head = 2 * geo.hd * geo.hidden + (geo.hd if geo.bias["self_attn.q_proj"] else 0)
     channel = 3 * geo.hidden + (2 if geo.bias["mlp.gate_proj"] else 0)
-    return {"heads": head, "channels": channel}
+    pair = 2 * (geo.heads + geo.kv) * (geo.hidden + (1 if geo.bias["self_attn.q_proj"] else 0))
+    return {"heads": head, "channels": channel, "pairs": pair}
 
 
-def remove_units(geo: Geometry, removed: dict[str, torch.Tensor]) -> Plan:
-    """The propagated plan removing ``removed[kind]`` (bool [layers, units]) heads and channels."""
+def unit_counts(geo: Geometry) -> dict[str, int]:
+    """Units of each kind per layer (pairs: slots)."""
+    return {"heads": geo.heads, "channels": geo.inter, "pairs": geo.hd // 2}
+
+
+def remove_units(geo: Geometry, removed: dict[str, torch.Tensor], pair_order: torch.Tensor | None = None) -> Plan:
+    """The propagated plan removing ``removed[kind]`` (bool [layers, units]) heads, channels and pair slots
+    (slot j of layer l: pair ``pair_order[l, g, j]`` of every k/v head g; identity order when None)."""
     plan = geo.full_plan()
+    half = geo.hd // 2
+    if pair_order is None:
+        pair_order = torch.arange(half).expand(geo.layers, geo.kv, half)
     for layer in range(geo.layers):
         heads = removed["heads"][layer]
         plan[_k(layer, "self_attn.o_proj", "cols")] = ~heads.repeat_interleave(geo.hd)
         plan[_k(layer, "mlp.down_proj", "cols")] = ~removed["channels"][layer]
+        gone = torch.zeros(geo.kv, half, dtype=torch.bool)
+        gone.scatter_(1, pair_order[layer], removed["pairs"][layer].expand(geo.kv, half))
+        plan[_k(layer, "self_attn.k_proj", "rows")] = ~gone.repeat(1, 2).flatten()  # q rows follow (propagate)
     return propagate(plan, geo)
 
 
 def reachable(geo: Geometry, kinds: tuple[str, ...]) -> float:
     """The largest fraction of projection parameters removing every unit of ``kinds`` reaches."""
-    removed = {k: torch.full((geo.layers, geo.heads if k == "heads" else geo.inter), k in kinds) for k in KINDS}
+    removed = {k: torch.full((geo.layers, n), k in kinds) for k, n in unit_counts(geo).items()}
     return 1 - kept_params(remove_units(geo, removed), geo) / geo.projection_params()
+
+
+def _share(values: torch.Tensor) -> torch.Tensor:
+    """Each value's rank fraction among ``values`` (one kind's units; ties in index order): under the uniform
+    budget the kinds are interleaved by these, so each loses the same share of its units. Their own values are
+    not comparable across kinds: a max over documents of rank fractions runs higher for units whose ranking
+    moves from document to document (MLP channels) than for units ranked alike in every document (RoPE pairs),
+    and more so the more documents an intersection has (measured: README, "Selection units")."""
+    rank = torch.empty(len(values), dtype=torch.float64)
+    rank[torch.sort(values, stable=True).indices] = torch.arange(len(values), dtype=torch.float64)
+    return (rank + 1) / len(values)
 
 
 def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget: str = "uniform",
@@ -126,6 +171,8 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
     kept_layers = torch.tensor([layer not in dropped_layers for layer in range(geo.layers)])
     total = geo.projection_params()
     cost = unit_cost(geo)
+    values = dict(values)
+    values["pairs"], pair_order = pair_slots(values["pairs"], geo)
     flat, tags = [], []
     for kind_index, kind in enumerate(KINDS):
         if kind not in kinds:
@@ -133,12 +180,15 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
         v = values[kind]
         layers, units = v.shape
         live = kept_layers.repeat_interleave(units)  # a dropped layer's units are gone already
-        flat.append((v / cost[kind] if budget == "relative" else v).flatten()[live])
+        key = (v / cost[kind] if budget == "relative" else v).flatten()[live]
+        if budget == "uniform" and len(kinds) > 1:
+            key = _share(key)
+        flat.append(key)
         tags.append(torch.stack([torch.full((layers * units,), kind_index),
                                  torch.arange(layers).repeat_interleave(units),
                                  torch.arange(units).repeat(layers)], dim=1)[live])
     keys, tags = torch.cat(flat), torch.cat(tags)
-    minor = (tags[:, 0] * (geo.layers + 1) + tags[:, 1]) * (max(geo.heads, geo.inter) + 1) + tags[:, 2]
+    minor = (tags[:, 0] * (geo.layers + 1) + tags[:, 1]) * (max(unit_counts(geo).values()) + 1) + tags[:, 2]
     order = torch.argsort(minor, stable=True)
     order = order[torch.sort(keys[order], stable=True).indices]
 
@@ -148,7 +198,7 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
         for kind_index, kind in enumerate(KINDS):
             mine = chosen[chosen[:, 0] == kind_index]
             removed[kind][mine[:, 1], mine[:, 2]] = True
-        return without_layers(remove_units(geo, removed), dropped_layers)
+        return without_layers(remove_units(geo, removed, pair_order), dropped_layers)
 
     @cache
     def fraction(k: int) -> float:
@@ -156,7 +206,7 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
 
     lo, hi = 0, len(order)
     if fraction(hi) < ratio:
-        names = {"heads": "query heads", "channels": "MLP channels"}
+        names = {"heads": "query heads", "channels": "MLP channels", "pairs": "RoPE pairs"}
         hint = "" if "heads" in kinds else "; with neurons='all' (--neurons all) query heads go too"
         raise ValueError(f"ratio {ratio} cannot be reached by removing {' and '.join(names[k] for k in kinds)}: "
                          f"the largest reachable ratio is {fraction(hi):.4f}{hint}")

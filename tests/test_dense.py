@@ -20,7 +20,8 @@ def batch(vocab, seed=0, length=17):
 
 def unit_plan(geo: Geometry, seed: int):
     """Layer 0 loses every head, layer 1 every channel, layer 2 everything; the others lose random units
-    (query heads, whole k/v groups, channels) and random single neurons, so kept groups are uneven."""
+    (query heads, whole k/v groups, channels, RoPE pairs: a different number per group, every pair of one
+    group in the last layer) and random single neurons, so kept groups are uneven."""
     gen = torch.Generator().manual_seed(seed)
     plan = geo.full_plan()
 
@@ -38,6 +39,11 @@ def unit_plan(geo: Geometry, seed: int):
             channels[:] = False
         plan[k(layer, "self_attn.o_proj", "cols")] = heads[..., None].expand(-1, -1, geo.hd).flatten().clone()
         plan[k(layer, "mlp.down_proj", "cols")] = channels
+        if layer >= 3:  # RoPE pairs: both k rows of (d, d + hd/2) in a k/v head
+            pairs = torch.rand(geo.kv, geo.hd // 2, generator=gen) > 0.4
+            if layer == geo.layers - 1:
+                pairs[0] = False
+            plan[k(layer, "self_attn.k_proj", "rows")] = pairs.repeat(1, 2).flatten()
         if layer >= 3:  # single neurons inside kept units: zeros in the dense matrices
             for proj, side in (("self_attn.q_proj", "rows"), ("self_attn.k_proj", "rows"),
                                ("self_attn.q_proj", "cols"), ("mlp.up_proj", "cols"), ("self_attn.o_proj", "rows")):
@@ -58,16 +64,24 @@ def test_dense_computes_exactly_what_masked_computes(arch, seed):
     # layer 2 lost everything: dropped; layer 0 has no attention, layer 1 no MLP; no projection gathers
     assert dense.config.cusprun_source_layers == [0, 1, 3, 4]
     layers = dense.model.layers
+    narrowed = []
     assert layers[0].self_attn is None and layers[0].mlp is not None
     assert layers[1].mlp is None and layers[1].self_attn is not None
     for i, layer in enumerate(layers):
         cfg = dense.config.per_layer_config[i]
-        if layer.self_attn is not None:
-            assert layer.self_attn.q_proj.weight.shape == (cfg.num_attention_heads * geo.hd, geo.hidden)
-            assert layer.self_attn.k_proj.weight.shape == (cfg.num_key_value_heads * geo.hd, geo.hidden)
+        if layer.self_attn is not None:  # q and k narrower where RoPE pairs went, v and o whole
+            pairs = getattr(cfg, "cusprun_rope_pairs", None)
+            qk_dim = geo.hd if pairs is None else 2 * len(pairs[0])
+            if pairs is not None:
+                narrowed.append(i)
+            assert layer.self_attn.q_proj.weight.shape == (cfg.num_attention_heads * qk_dim, geo.hidden)
+            assert layer.self_attn.k_proj.weight.shape == (cfg.num_key_value_heads * qk_dim, geo.hidden)
+            assert layer.self_attn.v_proj.weight.shape == (cfg.num_key_value_heads * geo.hd, geo.hidden)
+            assert layer.self_attn.o_proj.weight.shape == (geo.hidden, cfg.num_attention_heads * geo.hd)
         if layer.mlp is not None:
             assert layer.mlp.down_proj.weight.shape == (geo.hidden, cfg.intermediate_size)
     assert all(type(m) in (torch.nn.Linear,) for n, m in dense.named_modules() if n.endswith("_proj"))
+    assert narrowed and min(narrowed) >= 2  # only source layers 3 and 4 lost RoPE pairs
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

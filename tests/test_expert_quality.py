@@ -60,3 +60,13 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     # the variants the first run evaluated came from the cache: only the new combination was evaluated
     assert len(list((tmp_path / "cache").glob("ppl-*.json"))) <= evaluated + 2
     assert "local measure + mean-rank" in (tmp_path / "out" / "expert_quality_ablations.md").read_text()
+
+    # by name only: channels and RoPE pairs on block scores, compensated with the local pass's statistics
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "expert_quality.py"), "--quick", "--quiet",
+                          "--methods", "cusprun-pairs-comp", "--no-extras", "--out", str(tmp_path / "pairs"),
+                          "--cache", str(tmp_path / "cache")], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r for r in csv.DictReader(open(tmp_path / "pairs" / "expert_quality.csv"))
+            if r["method"] == "cusprun-pairs-comp"]
+    assert rows and all(abs(float(r["achieved"]) - float(r["ratio"])) < 0.01 for r in rows)
+    assert all(float(r["target_ppl"]) > dense[r["expert"]] for r in rows)

@@ -68,6 +68,11 @@ def exported(tmp_path_factory):
                               root / "scores/a.safetensors", "--ratio", "0.3", "--format", fmt, "--out", root / fmt,
                               "--quiet", *paper], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
+    # MLP channels and RoPE pairs: narrower q and k with per-k/v-head rotary dimensions
+    res = subprocess.run([sys.executable, "-m", "cusprun.prune", "--model", root / "model", "--scores",
+                          root / "scores/a.safetensors", "--ratio", "0.3", "--format", "dense", "--out",
+                          root / "dense-pairs", "--quiet", "--neurons", "mlp+pairs"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
     return root
 
 
@@ -93,7 +98,9 @@ with torch.no_grad():
 def test_exports_load_where_cusprun_is_not_installed(exported, tmp_path):
     python = fresh_venv(tmp_path)
     ids = random_ids(11, seed=2)
-    for fmt, mode in (("sliced", "remote"), ("stock", "plain"), ("dense", "remote")):
+    layers = json.loads((exported / "dense-pairs" / "config.json").read_text())["per_layer_config"].values()
+    assert any(layer.get("cusprun_rope_pairs") for layer in layers)
+    for fmt, mode in (("sliced", "remote"), ("stock", "plain"), ("dense", "remote"), ("dense-pairs", "remote")):
         res = run_isolated(python, SCRIPT, tmp_path, str(exported / fmt), mode, json.dumps(ids))
         assert res.returncode == 0, res.stderr[-2000:]
         got = json.loads(res.stdout.strip().splitlines()[-1])

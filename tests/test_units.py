@@ -132,3 +132,82 @@ def test_default_selection_is_whole_mlp_channels_and_the_same_under_both_measure
     assert values[removed].max() <= values[~removed].min()
     paper = block.select(0.2, granularity="neuron", neurons="all")
     assert any(not paper.plan[n].all() for n in paper.plan if "self_attn" in n)
+
+
+def key_outputs(model, layer: int, ids: list[int]):
+    """k_proj's output [T, kv·hd] of one document and the rotated keys [kv, T, hd] RoPE makes of it, float64,
+    from hooks on the model's own modules."""
+    seen = {}
+    attn = model.model.layers[layer].self_attn
+    hook = attn.k_proj.register_forward_hook(lambda m, i, o: seen.update(k=o[0].double()))
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    hook.remove()
+    geo = Geometry(model.config)
+    k = seen["k"].view(-1, geo.kv, geo.hd).transpose(0, 1)[None]  # [1, kv, T, hd]
+    cos, sin = model.model.rotary_emb(k, torch.arange(k.shape[2])[None])
+    half = geo.hd // 2
+    rotated = k * cos.double() + torch.cat((-k[..., half:], k[..., :half]), -1) * sin.double()
+    return seen["k"], rotated[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_pair_scores_are_the_pairs_key_norms_before_and_after_rope(arch):
+    """Under the local measure a RoPE pair's score is the norm of its keys over the document, which RoPE only
+    rotates: the same as the rotated keys' norm over the pair's two dimensions (float64, the model's own RoPE)."""
+    model = tiny_model(arch, seed=3, layers=2)
+    scores = cusprun.score(model, documents(), "local", progress=False).scores
+    geo = Geometry(model.config)
+    half = geo.hd // 2
+    for layer in range(geo.layers):
+        pairs = unit_scores(scores, geo, layer)["pairs"][0].view(len(DOCS), geo.kv, half)
+        for d, n in enumerate(DOCS):
+            keys, rotated = key_outputs(model, layer, random_ids(n, seed=n))
+            keys = keys.view(-1, geo.kv, geo.hd).transpose(0, 1)
+            for g in range(geo.kv):
+                for p in (0, half - 1):
+                    want = keys[g][:, [p, p + half]].norm()
+                    assert abs(float(pairs[d, g, p]) - float(want)) <= 1e-5 * float(keys.norm())
+                    # cos² + sin² = 1 to the rotary tables' float32 rounding
+                    assert abs(float(rotated[g][:, [p, p + half]].norm()) - float(want)) <= 1e-6 * float(keys.norm())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("measure", ["local", "block"])
+def test_pair_selection_drops_each_groups_weakest_pairs_and_stays_dense(arch, measure):
+    """neurons="mlp+pairs": every k/v head of a layer loses the same number of pairs, its weakest by the values
+    over the corpora, with their q rows in every query head of the group; heads, v, o and the hidden size stay;
+    the dense model has narrower q and k and computes what the masked model computes."""
+    model = tiny_model(arch, seed=8, layers=3)
+    geo = Geometry(model.config)
+    half = geo.hd // 2
+    score_set = cusprun.score(model, documents(4), measure, progress=False)
+    values = unit_values([score_set.scores], geo)["pairs"].view(geo.layers, geo.kv, half)
+    narrowed = 0
+    slot = 2 * (geo.heads + geo.kv) * (geo.hidden + 1) / geo.projection_params()  # the coarsest step
+    for ratio in (0.1, 0.3):
+        sel = score_set.select(ratio, granularity="unit", neurons="mlp+pairs")
+        assert abs(sel.removed_fraction - ratio) <= slot
+        for name, keep in sel.plan.items():
+            if not name.endswith(("q_proj.rows", "k_proj.rows", "gate_proj.rows", "up_proj.rows", "down_proj.cols")):
+                assert keep.all(), name
+        for layer in range(geo.layers):
+            k_rows = sel.plan[f"model.layers.{layer}.self_attn.k_proj.rows"].view(geo.kv, 2, half)
+            q_rows = sel.plan[f"model.layers.{layer}.self_attn.q_proj.rows"].view(geo.kv, geo.rep, 2, half)
+            kept = k_rows[:, 0]
+            assert torch.equal(k_rows[:, 1], kept) and torch.equal(q_rows, kept[:, None, None].expand_as(q_rows))
+            counts = kept.sum(-1)
+            assert len(set(counts.tolist())) == 1  # the same number of pairs in every group
+            for g in range(geo.kv):  # its weakest ones
+                if 0 < counts[g] < half:
+                    assert values[layer, g][~kept[g]].max() <= values[layer, g][kept[g]].min()
+            narrowed += int(counts[0] < half)
+        dense = cusprun.apply(model, sel, "dense")
+        ids = torch.tensor([random_ids(15, seed=2)])
+        with torch.no_grad():
+            gap = dense(ids).logits - cusprun.apply(model, sel, "masked")(ids).logits
+        assert gap.abs().max() <= 1e-4
+    assert narrowed > 0
+    with pytest.raises(ValueError, match=r"cannot be reached by removing MLP channels and RoPE pairs: the largest "
+                                         r"reachable ratio is 0\.\d{4}"):
+        score_set.select(0.95, granularity="unit", neurons="mlp+pairs")
