@@ -162,7 +162,10 @@ class DenseAttention(nn.Module):
         if self._lists.get(name) is None:
             return None
         if (name, device) not in self._tensors:
-            self._tensors[name, device] = torch.tensor(self._lists[name], dtype=torch.long, device=device)
+            # made outside inference mode even when first used inside it: an inference tensor, kept in this
+            # cache, could not be saved for backward by a later training forward (index_select saves it)
+            with torch.inference_mode(False):
+                self._tensors[name, device] = torch.tensor(self._lists[name], dtype=torch.long, device=device)
         return self._tensors[name, device]
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
@@ -188,11 +191,12 @@ class DenseAttention(nn.Module):
         kv_index = self._index("kv_index", k.device)
         if kv_index is not None:
             k, v = k.index_select(1, kv_index), v.index_select(1, kv_index)
-        if self.qk_dim < self.head_dim and q.shape[2] > 1 and self.config._attn_implementation == "sdpa":
-            # PyTorch's fused attention kernels need one head dimension for q, k and v; with narrower q and k
-            # it falls back to its unfused path (3.4x slower on a 2-core CPU at 512 tokens, 9 heads, 48 vs 64).
-            # Zeros added to q and k change no logit, so a prefill pads them to v's width (the cache stays
-            # narrow; a single decoded query gains nothing from the fused kernels).
+        implementation = self.config._attn_implementation
+        if self.qk_dim < self.head_dim and implementation != "eager" and (implementation != "sdpa" or q.shape[2] > 1):
+            # Fused attention kernels need one head dimension for q, k and v: FlashAttention refuses narrower q
+            # and k, PyTorch's sdpa falls back to its unfused path (3.4x slower on a 2-core CPU at 512 tokens,
+            # 9 heads, 48 vs 64). Zeros added to q and k change no logit, so they are padded to v's width after
+            # the cache (which stays narrow); sdpa only in a prefill, where its fused kernels pay.
             pad = (0, self.head_dim - self.qk_dim)
             q, k = nn.functional.pad(q, pad), nn.functional.pad(k, pad)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,

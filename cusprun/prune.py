@@ -76,11 +76,12 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="dense", help="see formats above (default: dense)")
     p.add_argument("--rule", choices=RULES, default="all-docs", help="aggregation over documents (default: all-docs)")
     p.add_argument("--neurons", choices=tuple(NEURONS),
-                   help="mlp (Cus-Prun's default): choose only MLP channels, keep attention whole; all: every "
-                        "projection (baselines' scores: their own default)")
+                   help="mlp (Cus-Prun's default): choose only MLP channels, keep attention whole; mlp+pairs: MLP "
+                        "channels and RoPE pairs of q and k (with --granularity unit); all: every projection "
+                        "(baselines' scores: their own default)")
     p.add_argument("--granularity", choices=GRANULARITIES,
-                   help="unit (Cus-Prun's default): whole query heads and MLP channels; neuron: the paper's "
-                        "per-row/column selection of every projection")
+                   help="unit (Cus-Prun's default): whole MLP channels, query heads, RoPE pair slots; neuron: the "
+                        "paper's per-row/column selection of every projection")
     p.add_argument("--budget", choices=BUDGETS, default="uniform",
                    help="with --granularity unit: uniform (the same share from every block, default) or relative "
                         "(units compared across layers; measured far worse on SmolLM2, see the README)")

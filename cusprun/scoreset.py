@@ -220,6 +220,9 @@ class ScoreSet:
             return select_uniform(self.relevance(rule), geo, ratio)
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if neurons == "mlp+pairs" and (granularity != "unit" or method.prunable is not None):
+            raise ValueError("neurons='mlp+pairs' (--neurons mlp+pairs) chooses whole RoPE pair slots: it needs "
+                             "granularity='unit' and scores without a prunable list")
         if granularity == "unit" and method.prunable is None:
             from .units import select_units, unit_values
 

@@ -1,4 +1,4 @@
-"""Selection by units: whole query heads and MLP channels, with budgets compared across layers.
+"""Selection by units: whole query heads, MLP channels and RoPE pair slots, with budgets compared across layers.
 
 The paper's selection (:mod:`.selection`, ``granularity="neuron"``) ranks single rows and columns inside each
 (layer, projection, side) group and takes the same share σ from every group. This module chooses whole units,
@@ -159,12 +159,13 @@ def _share(values: torch.Tensor) -> torch.Tensor:
 
 
 def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget: str = "uniform",
-                 kinds: tuple[str, ...] = KINDS, dropped_layers: list[int] = ()) -> Selection:
+                 kinds: tuple[str, ...] = ("heads", "channels"), dropped_layers: list[int] = ()) -> Selection:
     """Remove the lowest-valued units of ``kinds`` until ``ratio`` of the projection parameters is gone.
 
-    Order: ascending value (per parameter under the relative budget), then kind, layer and index.
-    ``dropped_layers``: whole layers removed first (every head and channel); the units of the other
-    layers reach the rest of the ratio."""
+    Order: ascending value (per parameter under the relative budget; under the uniform budget with several
+    kinds, the value's rank fraction within its kind, :func:`_share`), then kind, layer and index. The
+    Selection's ``sigma`` is the last removed unit's key in that order. ``dropped_layers``: whole layers
+    removed first (every head and channel); the units of the other layers reach the rest of the ratio."""
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     check_dropped_share(geo, dropped_layers, ratio)
@@ -207,7 +208,7 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
     lo, hi = 0, len(order)
     if fraction(hi) < ratio:
         names = {"heads": "query heads", "channels": "MLP channels", "pairs": "RoPE pairs"}
-        hint = "" if "heads" in kinds else "; with neurons='all' (--neurons all) query heads go too"
+        hint = "" if "heads" in kinds or "pairs" in kinds else "; with neurons='all' (--neurons all) query heads go too"
         raise ValueError(f"ratio {ratio} cannot be reached by removing {' and '.join(names[k] for k in kinds)}: "
                          f"the largest reachable ratio is {fraction(hi):.4f}{hint}")
     while hi - lo > 1:

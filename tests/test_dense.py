@@ -131,3 +131,31 @@ def test_dense_config_uses_per_layer_config(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids = batch(61)
     assert torch.equal(logits(loaded, ids), logits(dense, ids))
+
+
+def test_dense_evaluated_in_inference_mode_then_trained():
+    """Index tables first made under inference mode (an evaluation) still serve a training forward and
+    backward: uneven query heads per k/v head and RoPE pairs removed."""
+    model = tiny_model("llama", seed=2, layers=2)  # 2 k/v heads of 3 query heads, head_dim 10
+    geo = Geometry(model.config)
+    plan = geo.full_plan()
+    o_cols = plan["model.layers.0.self_attn.o_proj.cols"].view(geo.kv, geo.rep, geo.hd)
+    o_cols[0, 1] = False  # k/v head 0 keeps 2 query heads, k/v head 1 keeps 3
+    k_rows = plan["model.layers.0.self_attn.k_proj.rows"].view(geo.kv, 2, geo.hd // 2)
+    k_rows[0, :, 1:3] = k_rows[1, :, 4] = False  # different pairs per k/v head
+    dense = apply(model, propagate(plan, geo), "dense")
+    assert any(getattr(c, "cusprun_kv_map", None) for c in dense.config.per_layer_config)
+    assert any(getattr(c, "cusprun_rope_pairs", None) for c in dense.config.per_layer_config)
+    ids = torch.tensor(batch(model.config.vocab_size))
+    with torch.inference_mode():
+        dense(ids)
+    dense.train()
+    dense(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in dense.named_parameters() if n.endswith("q_proj.weight"))
+
+
+def test_pairs_need_unit_granularity():
+    model = tiny_model("qwen2", seed=1, layers=2)
+    score_set = cusprun.score(model, batch(model.config.vocab_size), progress=False)
+    with pytest.raises(ValueError, match="needs granularity='unit'"):
+        score_set.select(0.2, granularity="neuron", neurons="mlp+pairs")
