@@ -134,8 +134,9 @@ def test_dense_config_uses_per_layer_config(tmp_path):
 
 
 def test_dense_evaluated_in_inference_mode_then_trained():
-    """Index tables first made under inference mode (an evaluation) still serve a training forward and
-    backward: uneven query heads per k/v head and RoPE pairs removed."""
+    """Uneven query heads per k/v head, each k/v head with its own RoPE pairs: the dense model computes what the
+    masked one computes, and index tables first made under inference mode (an evaluation) still serve a
+    training forward and backward."""
     model = tiny_model("llama", seed=2, layers=2)  # 2 k/v heads of 3 query heads, head_dim 10
     geo = Geometry(model.config)
     plan = geo.full_plan()
@@ -147,8 +148,9 @@ def test_dense_evaluated_in_inference_mode_then_trained():
     assert any(getattr(c, "cusprun_kv_map", None) for c in dense.config.per_layer_config)
     assert any(getattr(c, "cusprun_rope_pairs", None) for c in dense.config.per_layer_config)
     ids = torch.tensor(batch(model.config.vocab_size))
-    with torch.inference_mode():
-        dense(ids)
+    with torch.inference_mode():  # uneven groups with their own pairs: still the masked model
+        gap = dense(ids).logits - apply(model, propagate(plan, geo), "masked")(ids).logits
+        assert gap.abs().max() <= 1e-4
     dense.train()
     dense(ids, labels=ids).loss.backward()
     assert all(p.grad is not None for n, p in dense.named_parameters() if n.endswith("q_proj.weight"))
