@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from .modeling_cusprun import DENSE
+from .modeling_cusprun import DENSE, rope_pair_dims
 from .neurons import Geometry, tensor_name
 from .plan import Plan, propagate
 
@@ -67,12 +67,6 @@ def _head_index(units: list[int], width: int, dims: list[list[int]] | None = Non
     ``dims[i]`` of the i-th."""
     return torch.tensor([u * width + d for i, u in enumerate(units) for d in (range(width) if dims is None
                                                                               else dims[i])], dtype=torch.long)
-
-
-def _pair_dims(pairs: list[int], hd: int) -> list[int]:
-    """Head dimensions of RoPE pairs: first the pairs' d, then their partners d + hd/2, so the narrower head's
-    rotate-half pairs them again."""
-    return list(pairs) + [p + hd // 2 for p in pairs]
 
 
 def masked_state(model, plan: Plan) -> dict[str, torch.Tensor]:
@@ -143,7 +137,7 @@ def dense(model, plan: Plan):
             o_index, v_index = _head_index(heads, geo.hd), _head_index(units["groups"], geo.hd)
             q_index, k_index = o_index, v_index
             if units["pairs"] is not None:
-                dims = {g: _pair_dims(p, geo.hd) for g, p in zip(units["groups"], units["pairs"])}
+                dims = {g: rope_pair_dims(p, geo.hd) for g, p in zip(units["groups"], units["pairs"])}
                 q_index = _head_index(heads, geo.hd, [dims[g] for g, _ in units["heads"]])
                 k_index = _head_index(units["groups"], geo.hd, [dims[g] for g in units["groups"]])
             state.update(_block_state(zeroed, src, dst, "input_layernorm", {

@@ -119,6 +119,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rope_pair_dims(pairs: list[int], head_dim: int) -> list[int]:
+    """Head dimensions of RoPE pairs d < head_dim/2: first the pairs' d, then their partners d + head_dim/2, so a
+    narrower head's rotate-half pairs them again."""
+    return list(pairs) + [d + head_dim // 2 for d in pairs]
+
+
 class DenseAttention(nn.Module):
     """Grouped-query attention with this layer's own head counts; q/k/v/o are dense ``nn.Linear``.
 
@@ -144,7 +150,7 @@ class DenseAttention(nn.Module):
         # the rotary tables are gathered so every head rotates its pairs at their own frequencies.
         self._lists = {"kv_index": kv_map}
         if pairs is not None:
-            dims = [list(p) + [d + self.head_dim // 2 for d in p] for p in pairs]
+            dims = [rope_pair_dims(p, self.head_dim) for p in pairs]
             group = kv_map or [i // max(self.num_heads // max(self.num_kv_heads, 1), 1) for i in range(self.num_heads)]
             self._lists.update(rope_dims=dims, rope_dims_q=[dims[g] for g in group])
         self._tensors = {}
@@ -199,8 +205,7 @@ class DenseAttention(nn.Module):
             # the cache (which stays narrow); sdpa only in a prefill, where its fused kernels pay.
             pad = (0, self.head_dim - self.qk_dim)
             q, k = nn.functional.pad(q, pad), nn.functional.pad(k, pad)
-        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
-                                                          modeling_llama.eager_attention_forward)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, modeling_llama.eager_attention_forward)
         out, weights = attention(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
                                  self.attention_dropout, scaling=self.scaling, sliding_window=self.sliding_window,
                                  **kwargs)
