@@ -8,11 +8,14 @@ Experts, each built from the calibration corpora (data/corpora) of its dimension
   de+medical           German x medical (MEDLINE abstracts)
   de+medical+qa        German x medical x question answering (SQuAD-shifts new_wiki)
 Methods at each ratio of projection parameters removed (every expert exported in the same dense format):
-  cusprun-channels the library's default: whole MLP channels (attention and hidden size kept whole), the same
-                   share from every layer, block measure, all-docs rule (cusprun.units)
+  cusprun-channels the library's default: whole MLP channels (attention and hidden size kept whole), rank
+                   budget (layers lose what each corpus's rank threshold takes from them), block measure,
+                   all-docs rule (cusprun.units)
   cusprun-channels-comp  the same channels, down_proj refit over the kept channels (--compensate,
                    cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats)
-  cusprun-units    whole query heads and MLP channels, the same share from every block
+  cusprun-units    whole query heads and MLP channels, rank budget
+  cusprun-channels-equal-comp  compensated channels, every layer losing the same number (--budget equal);
+                   only when named in --methods
   cusprun-neurons  the paper's per-neuron selection (the same sigma share from every row/column group)
   cusprun-pairs, cusprun-pairs-comp, cusprun-pairs-local, cusprun-pairs-local-comp  MLP channels and RoPE
                    pairs of q and k (every k/v head of a layer drops its weakest pairs, the same number in
@@ -85,27 +88,32 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             "cusprun-channels-comp": dict(granularity="unit", neurons="mlp", measure="local", compensate=DEFAULT_RIDGE),
             "cusprun-units": dict(granularity="unit", neurons="all"),
             "cusprun-neurons": dict(granularity="neuron", neurons="all"), "plnd": {},
+            # every layer loses the same number of channels (the strictly uniform budget the default's
+            # cross-layer rank threshold is measured against), compensated
+            "cusprun-channels-equal-comp": dict(granularity="unit", neurons="mlp", measure="local",
+                                                compensate=DEFAULT_RIDGE, budget="equal"),
             # the paper's §4.5 combination: the least influential layers dropped first (a third, or two thirds,
             # of the ratio as whole layers), compensated channels of the other layers for the rest
             "cusprun-layers-comp": dict(granularity="unit", neurons="mlp", measure="local", compensate=DEFAULT_RIDGE,
                                         drop_share=1 / 3),
             "cusprun-more-layers-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                              compensate=DEFAULT_RIDGE, drop_share=2 / 3),
-            # channels and RoPE pair slots of q and k, the same share from every block: pair scores from the
+            # channels and RoPE pair slots of q and k, each kind losing the same share: pair scores from the
             # block measure's exact q/k-row ablations or from the local measure's key norms, and compensated
             "cusprun-pairs": dict(granularity="unit", neurons="mlp+pairs"),
             "cusprun-pairs-local": dict(granularity="unit", neurons="mlp+pairs", measure="local"),
             "cusprun-pairs-comp": dict(granularity="unit", neurons="mlp+pairs", compensate=DEFAULT_RIDGE),
             "cusprun-pairs-local-comp": dict(granularity="unit", neurons="mlp+pairs", measure="local",
                                              compensate=DEFAULT_RIDGE)}
-# measured once (benchmarks/results/expert_quality_layers.md, expert_quality_pairs.md) and run only when named
+# measured once (benchmarks/results/expert_quality_{layers,pairs}.md) and run only when named
 # in --methods, which keeps the full benchmark under an hour
-BY_NAME_ONLY = ("cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local", "cusprun-pairs-comp",
-                "cusprun-pairs-local-comp")
+BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local",
+                "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
 # one change each from the default (TARGETED[DEFAULT])
-ABLATIONS = {"local measure": dict(measure="local"), "relative budget": dict(budget="relative"),
+ABLATIONS = {"local measure": dict(measure="local"), "equal budget": dict(budget="equal"),
+             "relative budget": dict(budget="relative"),
              "mean-rank rule": dict(rule="mean-rank"), "pooled rule": dict(rule="pooled")}
 SCORED_AS = {m: "cusprun" for m in TARGETED if m.startswith("cusprun")}  # one score file, several selections
 # --ablations: every variant at every ratio, and two changes together
@@ -410,7 +418,7 @@ def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
     first = settings.ratios[0]
     lines += speed_table(main, settings)
     lines += ["", f"Ablations at {first:.0%} (one change each from the default, {DEFAULT}: whole MLP channels, the "
-              "same share from every layer, block measure, all-docs rule):", "",
+              "rank budget, block measure, all-docs rule):", "",
               "| variant | " + " | ".join(f"{e} target / general" for e in experts) + " |",
               "|---|" + "---|" * len(experts)]
     variants = {"default": [r for r in main if r["method"] == DEFAULT and r["ratio"] == first]}

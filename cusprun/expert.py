@@ -68,7 +68,7 @@ def _layer_norm_params(model) -> int:
 
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
                  out: Path, rule: str = "all-docs", neurons: str | None = None, granularity: str | None = None,
-                 budget: str = "uniform", compensate: bool = False, ridge: float = DEFAULT_RIDGE,
+                 budget: str = "rank", compensate: bool = False, ridge: float = DEFAULT_RIDGE,
                  drop_layers: int = 0) -> dict:
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report.
     ``neurons``/``granularity`` None: the scoring method's defaults (:meth:`ScoreSet.select`). ``compensate``:

@@ -66,13 +66,20 @@ def irrelevant_sets(sets: list[ScoreSet], sigma: float) -> list[dict[str, torch.
     return [{name: r < sigma for name, r in s.relevance().items()} for s in sets]
 
 
-def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: Path, channels_only: bool) -> None:
-    """The irrelevant sets at σ: of MLP channels (their down_proj column's R) when the plan chooses only those,
-    else of every neuron."""
+def own_irrelevant_sets(sets: list[ScoreSet], ratio: float, **settings) -> list[dict[str, torch.Tensor]]:
+    """Per dimension, per tensor: bool [features], removed by that dimension's own selection at ``ratio`` (the
+    irrelevant sets where no single σ exists: under layer shares, see cusprun.units)."""
+    return [{name: ~keep for name, keep in s.select(ratio, **settings).plan.items()} for s in sets]
+
+
+def plot_overlap(plt, sets: list[ScoreSet], irrelevant: list[dict[str, torch.Tensor]], caption: str, geo: Geometry,
+                 path: Path, channels_only: bool) -> None:
+    """The dimensions' irrelevant sets (``caption`` says which): of MLP channels when the plan chooses only
+    those, else of every neuron."""
     names = [label(s) for s in sets]
     chosen = ["mlp.down_proj.cols"] if channels_only else None
     masks = [{n: m for n, m in mask.items() if chosen is None or any(n.endswith(c) for c in chosen)}
-             for mask in irrelevant_sets(sets, sigma)]
+             for mask in irrelevant]
     flat = torch.stack([torch.cat(list(m.values())) for m in masks])  # [dims, candidate neurons]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.4]})
     labels, counts = [], []
@@ -85,7 +92,7 @@ def plot_overlap(plt, sets: list[ScoreSet], sigma: float, geo: Geometry, path: P
             counts.append(int(exact.sum()))
     bars = left.barh(labels[::-1], counts[::-1], color="tab:blue")
     left.bar_label(bars, fmt="{:,.0f}", fontsize=7)
-    left.set_xlabel(f"{'MLP channels' if channels_only else 'neurons'} irrelevant at σ = {sigma:.3f}")
+    left.set_xlabel(f"{'MLP channels' if channels_only else 'neurons'} irrelevant {caption}")
     left.set_title("exact overlap of the irrelevant sets", fontsize=9)
     layers = range(geo.layers)
     for name, mask in zip(names, masks):
@@ -155,6 +162,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
         report = json.loads(report_path.read_text())
         kept, sigma, ratio = report["kept"], report["sigma"], report["ratio_achieved_projection"]
         settings = (report.get("neurons"), report.get("granularity"))
+        budget, drop_layers = report.get("budget", "rank"), report.get("drop_layers", 0)
         title = f"{Path(expert).name}: {ratio:.1%} of projection parameters removed"
     else:
         try:
@@ -163,6 +171,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
             raise CusprunError(str(exc)) from None
         kept, sigma = kept_counts(selection.plan, geo), selection.sigma
         settings = combined.selection_settings()
+        budget, drop_layers = "rank", 0
         title = f"{label(combined)}: {selection.removed_fraction:.1%} of projection parameters removed"
     layer = geo.layers // 2 if layer is None else layer
     if not 0 <= layer < geo.layers:
@@ -170,6 +179,12 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "kept.png", out / "overlap.png", out / "distributions.png"]
     plot_kept(plt, kept_fractions(kept, geo), title, paths[0])
-    plot_overlap(plt, sets, sigma, geo, paths[1], channels_only=settings == ("mlp", "unit"))
+    if sigma is None:  # layer shares, no single threshold: each dimension's own selection at the ratio
+        irrelevant = own_irrelevant_sets(sets, ratio, neurons=settings[0], granularity=settings[1], budget=budget,
+                                         drop_layers=drop_layers)
+        caption = f"(each dimension's own selection at {ratio:.1%})"
+    else:
+        irrelevant, caption = irrelevant_sets(sets, sigma), f"at σ = {sigma:.3f}"
+    plot_overlap(plt, sets, irrelevant, caption, geo, paths[1], channels_only=settings == ("mlp", "unit"))
     plot_distributions(plt, sets, layer, paths[2])
     return paths

@@ -44,7 +44,7 @@ class Method:
             raise ValueError(f"method {self.name}: data must be one of {DATA}, granularity neuron or layer")
 
 
-# Cus-Prun's default expert: whole MLP channels, the same share from every layer (the README's "Expert
+# Cus-Prun's default expert: whole MLP channels under the rank budget (the README's "Expert
 # quality" numbers chose it; the paper's per-neuron selection is granularity="neuron", neurons="all").
 CUSPRUN = Method("cusprun", "Cus-Prun's relevance scores with --measure block|local (default)", data="target",
                  selection=(("granularity", "unit"), ("neurons", "mlp")))

@@ -24,9 +24,10 @@ selection (the defaults are what measured best, README "Expert quality"):
   default   whole MLP channels; attention and the hidden size stay whole. A channel's score in a
             document is the norm of its whole contribution to the MLP output, ||W_down[:, k]|| * ||A[:, k]||
             (the same under both measures). A channel is irrelevant to a corpus when it ranks in the
-            lowest sigma of its layer's channels in every document; the expert removes the channels
-            irrelevant to every given corpus (the intersection), sigma searched so that --ratio of the
-            decoder layers' projection parameters is removed.
+            lowest sigma of its layer's channels in every document, sigma searched so that --ratio of the
+            decoder layers' projection parameters is removed (one threshold over all layers, so layers
+            lose different shares). With several corpora, each corpus's own selection sets how much
+            each layer loses (averaged), and the channels weakest in every corpus go (the intersection).
   --neurons all                          whole query heads too (each head with its q rows and o columns)
   --neurons mlp+pairs                    RoPE pairs of q and k too: every k/v head of a layer drops the
                                          same number of its weakest pairs (d, d + head_dim/2), so q and k
@@ -82,9 +83,12 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--granularity", choices=GRANULARITIES,
                    help="unit (Cus-Prun's default): whole MLP channels, query heads, RoPE pair slots; neuron: the "
                         "paper's per-row/column selection of every projection")
-    p.add_argument("--budget", choices=BUDGETS, default="uniform",
-                   help="with --granularity unit: uniform (the same share from every block, default) or relative "
-                        "(units compared across layers; measured far worse on SmolLM2, see the README)")
+    p.add_argument("--budget", choices=BUDGETS, default="rank",
+                   help="with --granularity unit, how layers share the ratio: rank (default: within-block rank "
+                        "fractions combined over documents, one threshold over all layers, so a layer loses more "
+                        "where its weak units are weak in every document), equal (every layer loses the same "
+                        "number of units) or relative (score over block output norm; measured far worse); see "
+                        "the README")
     p.add_argument("--drop-layers", type=int, default=0, metavar="N",
                    help="drop the N least influential decoder layers first, then select up to --ratio (default 0)")
     p.add_argument("--compensate", action="store_true",
@@ -129,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")
     print(f"corpora        {', '.join(str(c['corpus']) for c in report['corpora'])}")
-    print(f"sigma          {report['sigma']:.4f}")
+    sigma = report["sigma"]
+    shown = "- (no single threshold: layer shares, see --budget)" if sigma is None else f"{sigma:.4f}"
+    print(f"sigma          {shown}")
     print(f"removed        {report['ratio_achieved_projection']:.4f} of projection parameters (asked {args.ratio}), "
           f"{report['ratio_achieved_all']:.4f} of all parameters")
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")

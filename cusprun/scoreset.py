@@ -176,7 +176,7 @@ class ScoreSet:
                 chosen["granularity"] if granularity is None else granularity)
 
     def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
-               neurons: str | None = None, granularity: str | None = None, budget: str = "uniform",
+               neurons: str | None = None, granularity: str | None = None, budget: str = "rank",
                drop_layers: int = 0) -> Selection:
         """The plan removing the least relevant units or neurons (and all they make dead) until ``ratio`` of
         the projection parameters is gone; ``cusprun.apply`` it to the model.
@@ -187,9 +187,10 @@ class ScoreSet:
         neurons: ``mlp`` (only MLP channels are chosen; attention stays whole), ``mlp+pairs`` (MLP channels and
             RoPE pairs of q and k: attention keeps its heads, v and o) or ``all``.
         granularity: ``unit`` (whole query heads, MLP channels, RoPE pair slots, see :mod:`cusprun.units`) or ``neuron``
-            (the paper's per-row/column selection); with units, ``budget`` ``uniform`` (default: the same
-            share from every block) or ``relative`` (compared across layers; measured far worse, see the
-            README).
+            (the paper's per-row/column selection); with units, ``budget`` ``rank`` (default: within-block
+            rank fractions under one threshold over all layers, so layers lose different shares), ``equal``
+            (the same number of units from every block) or ``relative`` (score over block output norm;
+            measured far worse, see the README).
         neurons and granularity default to the scoring method's choice (:mod:`cusprun.methods`): for
         Cus-Prun's scores whole MLP channels (``unit``, ``mlp``), the best expert in the README's "Expert
         quality"; the paper's selection is ``granularity="neuron", neurons="all"``. What may be removed is
@@ -224,10 +225,14 @@ class ScoreSet:
             raise ValueError("neurons='mlp+pairs' (--neurons mlp+pairs) chooses whole RoPE pair slots: it needs "
                              "granularity='unit' and scores without a prunable list")
         if granularity == "unit" and method.prunable is None:
-            from .units import select_units, unit_values
+            from .units import corpus_shares, select_units, unit_values
 
-            return select_units(unit_values(self._per_corpus(), geo, rule, budget), geo, ratio, budget,
-                                UNIT_KINDS[neurons], dropped)
+            per_corpus, kinds = self._per_corpus(), UNIT_KINDS[neurons]
+            shares = None
+            if budget == "rank" and len(per_corpus) > 1:  # each corpus's own layer shares, averaged
+                shares = corpus_shares([unit_values([c], geo, rule) for c in per_corpus], geo, ratio, kinds, dropped)
+            return select_units(unit_values(per_corpus, geo, rule, budget), geo, ratio, budget, kinds, dropped,
+                                shares)
         candidates = None if groups is None else {n for n in geo.names() if group_of(n) in groups}
         return select(self.relevance(rule), geo, ratio, candidates, dropped)
 

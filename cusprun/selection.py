@@ -63,7 +63,7 @@ class Selection:
     """A pruning plan: ``plan[name]`` is the bool keep mask of tensor ``name`` (dead neurons propagated)."""
 
     plan: Plan
-    sigma: float
+    sigma: float | None  # the rank-fraction threshold σ; None where layers' shares decide (cusprun.units)
     removed_fraction: float  # of projection parameters
     kept_projection_params: int
     total_projection_params: int

@@ -22,7 +22,7 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
                        "cusprun-layers-comp",
                        "wanda-sp", "flap", "shortgpt", "magnitude", "random"}
     assert {r["variant"] for r in rows if r["experiment"] == "ablation"} == {
-        "local measure", "relative budget", "mean-rank rule", "pooled rule"}
+        "local measure", "equal budget", "relative budget", "mean-rank rule", "pooled rule"}
     assert {r["docs"] for r in rows if r["method"] == "cusprun-channels" and r["variant"] == "default"} == {"1", "2"}
     # the same plan with and without compensation: only the refit weights differ
     plain, comp = ({r["expert"]: r for r in rows if r["experiment"] == "main" and r["method"] == m}
@@ -56,7 +56,8 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "out" / "expert_quality_ablations.csv")))
     assert {r["variant"] for r in rows if r["method"] == "cusprun-channels"} == {
-        "default", "local measure", "relative budget", "mean-rank rule", "pooled rule", "local measure + mean-rank"}
+        "default", "local measure", "equal budget", "relative budget", "mean-rank rule", "pooled rule",
+        "local measure + mean-rank"}
     # the variants the first run evaluated came from the cache: only the new combination was evaluated
     assert len(list((tmp_path / "cache").glob("ppl-*.json"))) <= evaluated + 2
     assert "local measure + mean-rank" in (tmp_path / "out" / "expert_quality_ablations.md").read_text()

@@ -6,7 +6,7 @@ import torch
 import cusprun
 from cusprun.dense import layer_units
 from cusprun.plan import Geometry, propagate
-from cusprun.units import unit_scores, unit_values
+from cusprun.units import layer_keys, unit_scores, unit_values
 from tests.tiny import random_ids, tiny_model
 
 DOCS = (7, 12, 9)
@@ -63,7 +63,7 @@ def test_unit_scores_are_block_output_changes(arch, measure):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("budget", ["relative", "uniform"])
+@pytest.mark.parametrize("budget", ["relative", "rank", "equal"])
 @pytest.mark.parametrize("ratio", [0.15, 0.4, 0.8])
 def test_unit_selection_removes_whole_units_and_reaches_the_ratio(arch, budget, ratio):
     model = tiny_model(arch, seed=4, layers=4)
@@ -100,6 +100,60 @@ def test_relative_budget_differs_across_layers_and_follows_the_values():
     assert values[removed].max() <= values[~removed].min()
 
 
+@pytest.mark.parametrize("neurons", ["mlp", "mlp+pairs"])
+def test_equal_budget_takes_the_same_count_of_each_kind_from_every_layer_and_the_weakest(neurons):
+    """Under the equal budget every layer loses the same number of channels (and of pair slots) ±1, and each
+    its lowest-valued ones."""
+    model = tiny_model("llama", seed=6, layers=5)
+    geo = Geometry(model.config)
+    score_set = cusprun.score(model, documents(3), progress=False)
+    sel = score_set.select(0.2, granularity="unit", neurons=neurons, budget="equal")
+    values = unit_values([score_set.scores], geo)
+    removed = torch.stack([~sel.plan[f"model.layers.{layer}.mlp.down_proj.cols"] for layer in range(geo.layers)])
+    counts = removed.sum(1)
+    assert int(counts.max() - counts.min()) <= 1 and int(counts.min()) > 0
+    for layer in range(geo.layers):
+        v = values["channels"][layer]
+        assert v[removed[layer]].max() <= v[~removed[layer]].min()
+    if neurons == "mlp+pairs":
+        k_kept = torch.tensor([int(sel.plan[f"model.layers.{layer}.self_attn.k_proj.rows"].sum())
+                               for layer in range(geo.layers)])
+        assert int(k_kept.max() - k_kept.min()) <= 2 * geo.kv  # one slot: two k rows per k/v head
+        assert int(k_kept.max()) < geo.kv * geo.hd
+
+
+def test_several_corpora_take_each_layers_share_from_the_corpora_and_the_units_from_the_intersection():
+    """Rank budget, two corpora: each layer loses the mean of what the two corpora's own selections take from
+    it (±1 channel), and in each layer the channels lowest in the intersection's values."""
+    model = tiny_model("llama", seed=7, layers=5)
+    geo = Geometry(model.config)
+    first = cusprun.score(model, documents(seed=1), corpus="a", progress=False)
+    second = cusprun.score(model, documents(seed=20), corpus="b", progress=False)
+
+    def removed(sel):
+        return torch.stack([~sel.plan[f"model.layers.{layer}.mlp.down_proj.cols"] for layer in range(geo.layers)])
+
+    both = cusprun.intersect(first, second).select(0.2)
+    own = (removed(first.select(0.2)).sum(1) + removed(second.select(0.2)).sum(1)).double() / 2
+    assert (removed(both).sum(1) - own).abs().max() <= 1 and int(removed(both).sum(1).min()) > 0
+    assert both.sigma is None  # no single threshold: the layers' shares decide
+    values = unit_values([first.scores, second.scores], geo)["channels"]
+    gone = removed(both)
+    for layer in range(geo.layers):
+        assert values[layer][gone[layer]].max() <= values[layer][~gone[layer]].min()
+
+
+def testlayer_keys_take_each_layers_share_and_its_weakest_units_first():
+    """Keys up to 1 remove round(share · units) from each layer, weakest first; a layer with share 0 comes after
+    every other layer's units and then loses its own weakest first."""
+    values = torch.tensor([[5.0, 1.0, 3.0, 2.0], [0.5, 0.1, 0.9, 0.2], [4.0, 3.0, 2.0, 1.0]])
+    keys = layer_keys(values, torch.tensor([0.5, 0.25, 0.0]))
+    assert torch.equal(keys[:2] <= 1, torch.tensor([[False, True, False, True], [False, True, False, False]]))
+    assert bool(keys[2].min() > keys[:2].max())
+    assert torch.equal(keys[2].argsort(), values[2].argsort())
+    assert torch.equal(keys[0].argsort(), values[0].argsort())
+
+
 def test_unreachable_ratio_names_the_largest_reachable_one():
     model = tiny_model("llama", seed=1, layers=2)
     score_set = cusprun.score(model, documents(), progress=False)
@@ -112,7 +166,7 @@ def test_unreachable_ratio_names_the_largest_reachable_one():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_default_selection_is_whole_mlp_channels_and_the_same_under_both_measures(arch):
-    """Cus-Prun's default expert: MLP channels only, the same share from every layer; a channel's score is the
+    """Cus-Prun's default expert: MLP channels only, under the rank budget; a channel's score is the
     down_proj column's under either measure, so block and local score files give the same expert. The paper's
     selection stays one argument away and differs."""
     model = tiny_model(arch, seed=5, layers=3)
