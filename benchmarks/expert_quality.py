@@ -33,9 +33,11 @@ Evaluation (data/heldout, disjoint from calibration): perplexity on each held-ou
 its sets (German: Debian Reference and news from another source, MLSUM; medical: MEDLINE; QA:
 new_wiki and New York Times paragraphs); *general* perplexity the geometric mean over English news
 (XSum) and English manual pages, which no expert targets.
-Also at the first ratio, one change each from the default: the local measure, the relative (cross-layer)
-budget, the mean-rank and pooled rules (ablations); and the German expert's quality against its corpus size
-(sweep). Every model is evaluated and timed as its dense export, which computes what the masked model computes.
+Calibration: 25 documents of up to 128 tokens per dimension (the baselines' general mix: 5 of each of its
+5 corpora). Also at the first ratio, one change each from the default: the local measure,
+the equal and relative budgets, the mean-rank and pooled rules (ablations); and the compensated German
+expert's quality against its corpus size (sweep). Every model is evaluated and timed as its dense export,
+which computes what the masked model computes.
 Speed, measured in the same run on each model's dense export (cusprun.apply(..., format="dense")): prefill
 tokens/s on 512-token documents and decode tokens/s (greedy, KV cache), the median of several repetitions
 (cusprun.evaluate's harness, as the main job uses); the ideal speed-up from the FLOP count of a 512-token
@@ -110,6 +112,9 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
 BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local",
                 "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
+# the corpus-size sweep's method: the main job's expert, whose refit and selection gain from more calibration
+# documents (README, "Calibration size")
+SWEPT = "cusprun-channels-comp"
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
 # one change each from the default (TARGETED[DEFAULT])
 ABLATIONS = {"local measure": dict(measure="local"), "equal budget": dict(budget="equal"),
@@ -199,8 +204,8 @@ class Bench:
                       stats: bool = False) -> ScoreSet:
         """The intersection over ``dims`` of each dimension's first ``n_docs`` documents' scores.
 
-        A document's scores do not depend on the others, so every dimension is scored once over all
-        its calibration documents and the corpus-size sweep takes leading rows."""
+        A document's scores do not depend on the others, so every dimension is scored once over the
+        comparison's documents (or the sweep's, where it asks for more) and smaller sizes take leading rows."""
         n = n_docs or self.s.docs
         if stats and measure == "block":
             # The statistics are XᵀX of o_proj's and down_proj's inputs in the unpruned forward pass, the same
@@ -210,7 +215,9 @@ class Bench:
             return replace(block, stats=self.expert_scores(method, dims, n, "local", True).stats)
         if stats:  # Gram matrices are sums over the documents: score exactly the first n
             return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure, True) for d in dims))
-        return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d], measure), n) for d in dims))
+        scored = max(n, self.s.docs)  # the comparison's documents, or more for the sweep
+        return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d][:scored], measure), n)
+                                   for d in dims))
 
     def speed(self, model) -> dict[str, float]:
         """Prefill and decode tokens/s of ``model`` (the dense model or an expert's dense export), the median
@@ -306,7 +313,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         if extras:
             jobs += [("ablation", first, DEFAULT, dims, {"variant": v, **kw})
                      for v, kw in ABLATIONS.items() for dims in settings.experts if variants is None or v in variants]
-            jobs += [("sweep", first, DEFAULT, ("de",), {"docs": n}) for n in settings.sweep
+            jobs += [("sweep", first, SWEPT, ("de",), {"docs": n}) for n in settings.sweep
                      if n != settings.docs]
     speeds = not ablations_only
     if speeds:
@@ -393,8 +400,8 @@ def _dense_row(rows: list[dict], experts: list[str]) -> str:
 
 
 def _sweep_rows(rows: list[dict], ratio: float) -> list[dict]:
-    """The German expert's default Cus-Prun rows at ``ratio``, by corpus size."""
-    return sorted((r for r in rows if r["expert"] == "de" and r["method"] == DEFAULT and r["ratio"] == ratio
+    """The German expert's swept rows (:data:`SWEPT`) at ``ratio``, by corpus size."""
+    return sorted((r for r in rows if r["expert"] == "de" and r["method"] == SWEPT and r["ratio"] == ratio
                    and r["variant"] == "default"), key=lambda r: r["docs"])
 
 
@@ -427,7 +434,7 @@ def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
     for v, vrows in variants.items():
         if len(vrows) == len(experts):
             lines.append(f"| {v} | " + _cells({r["expert"]: r for r in vrows}, experts))
-    lines += ["", f"Corpus size, German expert at {first:.0%}:", "",
+    lines += ["", f"Corpus size, German expert at {first:.0%} ({SWEPT}):", "",
               "| documents | target | general |", "|---|---|---|"]
     lines += [f"| {r['docs']} | {r['target_ppl']:.1f} | {r['general_ppl']:.1f} |" for r in _sweep_rows(rows, first)]
     return "\n".join(lines) + "\n"
@@ -512,7 +519,7 @@ def plot(rows: list[dict], settings: Settings, out: Path) -> list[Path]:
         ax.set_xticks([r["docs"] for r in sweep], [str(r["docs"]) for r in sweep])
         ax.set_xlabel("calibration documents")
         ax.set_ylabel("perplexity")
-        ax.set_title(f"German expert at {first:.0%}: corpus size", fontsize=10)
+        ax.set_title(f"German expert at {first:.0%} ({SWEPT}): corpus size", fontsize=10)
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out / "expert_quality_sweep.png")

@@ -7,11 +7,12 @@ ratio, applies the plan in the asked format and writes the folder with its ``pru
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from . import __version__
 from .apply import apply
-from .compensate import DEFAULT_RIDGE
+from .compensate import DEFAULT_RIDGE, thin_statistics_note
 from .compensate import compensate as compensate_model
 from .errors import CusprunError
 from .export import save_model_dir
@@ -83,6 +84,10 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
     if compensate:
         check_stats(sets, score_paths)
         model = compensate_model(model, sel, combined.stats, ridge)
+        note = thin_statistics_note(sum(combined.metadata.get("token_counts", [])),
+                                    {"down_proj": geo.inter, "o_proj": geo.heads * geo.hd})
+        if note:  # after the refit, so statistics it refuses give their one-line error alone
+            print(note, file=sys.stderr)
     pruned = apply(model, sel, format)
     # the dense format also drops the norm in front of a block it skips
     dropped_norms = _layer_norm_params(model) - _layer_norm_params(pruned) if format == "dense" else 0

@@ -25,12 +25,23 @@ from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
 from .selection import Selection, layer_influence, least_influential, relevance, select, select_layers
 from .stats import GramSum, load_stats, save_stats, split_stats, stats_path
 
-# Which groups (projection.side) each ``neurons`` choice lets the selection pick; None: every group.
 GRANULARITIES = ("unit", "neuron")
-NEURONS = {"all": None, "mlp": ["mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols"],
-           "mlp+pairs": ["mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols", "self_attn.q_proj.rows",
-                         "self_attn.k_proj.rows"]}
-UNIT_KINDS = {"all": ("heads", "channels"), "mlp": ("channels",), "mlp+pairs": ("channels", "pairs")}
+
+
+@dataclass(frozen=True)
+class Neurons:
+    """What a ``neurons`` choice lets a selection remove: ``groups`` (projection.side) for the per-neuron
+    selection (None: every group), ``units`` (kinds of :mod:`.units`) for the unit selection."""
+
+    groups: tuple[str, ...] | None
+    units: tuple[str, ...]
+
+
+_MLP_GROUPS = ("mlp.gate_proj.rows", "mlp.up_proj.rows", "mlp.down_proj.cols")
+NEURONS = {"all": Neurons(None, ("heads", "channels")),
+           "mlp": Neurons(_MLP_GROUPS, ("channels",)),
+           "mlp+pairs": Neurons(_MLP_GROUPS + ("self_attn.q_proj.rows", "self_attn.k_proj.rows"),
+                                ("channels", "pairs"))}
 
 
 @dataclass
@@ -209,7 +220,7 @@ class ScoreSet:
             if uniform:
                 raise ValueError(f"whole-layer scores ({method.name}) cannot make a uniform (stock) plan")
             return select_layers(self.metadata["block_influence"], geo, ratio)
-        groups = NEURONS[neurons]
+        groups = NEURONS[neurons].groups
         if method.prunable is not None:
             groups = [g for g in method.prunable if groups is None or g in groups]
         if uniform:
@@ -225,14 +236,13 @@ class ScoreSet:
             raise ValueError("neurons='mlp+pairs' (--neurons mlp+pairs) chooses whole RoPE pair slots: it needs "
                              "granularity='unit' and scores without a prunable list")
         if granularity == "unit" and method.prunable is None:
-            from .units import corpus_shares, select_units, unit_values
+            from .units import corpus_shares, intersection_values, select_units, unit_values
 
-            per_corpus, kinds = self._per_corpus(), UNIT_KINDS[neurons]
-            shares = None
+            per_corpus = [unit_values([scores], geo, rule, budget) for scores in self._per_corpus()]
+            kinds, shares = NEURONS[neurons].units, None
             if budget == "rank" and len(per_corpus) > 1:  # each corpus's own layer shares, averaged
-                shares = corpus_shares([unit_values([c], geo, rule) for c in per_corpus], geo, ratio, kinds, dropped)
-            return select_units(unit_values(per_corpus, geo, rule, budget), geo, ratio, budget, kinds, dropped,
-                                shares)
+                shares = corpus_shares(per_corpus, geo, ratio, kinds, dropped)
+            return select_units(intersection_values(per_corpus), geo, ratio, budget, kinds, dropped, shares)
         candidates = None if groups is None else {n for n in geo.names() if group_of(n) in groups}
         return select(self.relevance(rule), geo, ratio, candidates, dropped)
 

@@ -98,14 +98,19 @@ def unit_values(score_sets: list[dict[str, torch.Tensor]], geo: Geometry, rule: 
     ``pairs`` the values of single pairs, [layers, kv_heads · hd/2] (:func:`pair_slots` makes them slots)."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
-    out = {}
-    for kind in KINDS:
-        per_layer = []
-        for layer in range(geo.layers):
-            per_corpus = [_aggregate(*unit_scores(s, geo, layer)[kind], rule, budget) for s in score_sets]
-            per_layer.append(torch.stack(per_corpus).max(dim=0).values)
-        out[kind] = torch.stack(per_layer)
-    return out
+    return intersection_values([_corpus_values(scores, geo, rule, budget) for scores in score_sets])
+
+
+def _corpus_values(scores: dict[str, torch.Tensor], geo: Geometry, rule: str, budget: str) -> dict[str, torch.Tensor]:
+    """One corpus's {kind: [layers, units]} values."""
+    per_layer = [unit_scores(scores, geo, layer) for layer in range(geo.layers)]
+    return {kind: torch.stack([_aggregate(*layer[kind], rule, budget) for layer in per_layer]) for kind in KINDS}
+
+
+def intersection_values(per_corpus: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Several corpora's :func:`unit_values` -> the intersection's: each unit's largest value over the corpora
+    (so it goes only where it is weak in every one)."""
+    return {kind: torch.stack([values[kind] for values in per_corpus]).max(dim=0).values for kind in per_corpus[0]}
 
 
 def pair_slots(pair_values: torch.Tensor, geo: Geometry) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,10 +8,11 @@ import weakref
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 import cusprun
 from cusprun import stats as stats_module
-from cusprun.compensate import compensate, refit
+from cusprun.compensate import MIN_TOKENS_PER_INPUT, compensate, refit, thin_statistics_note
 from cusprun.stats import gram_name, save_stats, stats_path
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
@@ -172,6 +173,11 @@ def test_prune_compensate_cli(tmp_path):
         "cusprun.score ... --stats to write it"]
     res = cli(*common, "--scores", tmp_path / "stats" / "a.safetensors", "--out", tmp_path / "e2")
     assert res.returncode == 0, res.stderr
+    config = AutoConfig.from_pretrained(tmp_path / "model")  # 19 tokens are far too few for either refit
+    widest = max(("down_proj", config.intermediate_size), ("o_proj", config.num_attention_heads * config.head_dim),
+                 key=lambda item: item[1])
+    assert f"warning: the compensation statistics hold 19 calibration tokens for {widest[0]}'s {widest[1]} inputs" \
+        in res.stderr
     report = json.loads((tmp_path / "e2" / "pruning.json").read_text())
     assert report["compensate"] is True and report["ridge"] == pytest.approx(0.1)
 
@@ -224,3 +230,12 @@ def test_prune_refuses_damaged_statistics_in_one_line(damage, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and problem in lines[0], res.stderr
     assert not (tmp_path / "e" / "pruning.json").exists()
+
+
+def test_thin_statistics_are_noted_below_the_tokens_per_input_floor():
+    inputs = {"down_proj": 1536, "o_proj": 576}
+    assert thin_statistics_note(MIN_TOKENS_PER_INPUT * 1536, inputs) is None
+    note = thin_statistics_note(MIN_TOKENS_PER_INPUT * 1536 - 1, inputs)
+    assert note.startswith(f"warning: the compensation statistics hold {MIN_TOKENS_PER_INPUT * 1536 - 1} calibration "
+                           "tokens for down_proj's 1536 inputs") and "\n" not in note
+    assert "o_proj's 4096 inputs" in thin_statistics_note(10_000, {"down_proj": 1536, "o_proj": 4096})

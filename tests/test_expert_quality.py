@@ -23,7 +23,8 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
                        "wanda-sp", "flap", "shortgpt", "magnitude", "random"}
     assert {r["variant"] for r in rows if r["experiment"] == "ablation"} == {
         "local measure", "equal budget", "relative budget", "mean-rank rule", "pooled rule"}
-    assert {r["docs"] for r in rows if r["method"] == "cusprun-channels" and r["variant"] == "default"} == {"1", "2"}
+    assert {r["docs"] for r in rows if r["method"] == "cusprun-channels-comp" and r["variant"] == "default"} == {
+        "1", "2"}  # the sweep: the compensated expert over the first 1 and 2 documents
     # the same plan with and without compensation: only the refit weights differ
     plain, comp = ({r["expert"]: r for r in rows if r["experiment"] == "main" and r["method"] == m}
                    for m in ("cusprun-channels", "cusprun-channels-comp"))
