@@ -342,7 +342,10 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         selection = score_set.select(ratio, **kw)
         source = bench.model if ridge is None else compensate(bench.model, selection.plan, score_set.stats, ridge)
         model = cusprun.apply(source, selection, format="dense")
-        ppl = bench.evaluate(selection, model, "" if ridge is None else f"compensate toward W {ridge}")
+        tag = "" if ridge is None else f"compensate toward W {ridge}"
+        if ridge is not None and n_docs != settings.docs:  # the refit weights depend on the statistics' documents
+            tag += f" statistics of {n_docs} documents"
+        ppl = bench.evaluate(selection, model, tag)
         speed = bench.speed(model) if experiment == "main" else {}
         del model
         for expert in [dims] if dims else settings.experts:

@@ -59,22 +59,37 @@ def compensate(model, plan, grams: Mapping[str, torch.Tensor], ridge: float = DE
     plan = getattr(plan, "plan", plan)
     out = copy.deepcopy(model)
     with torch.no_grad():
-        for index, layer in enumerate(out.model.layers):
-            for proj in STAT_PROJECTIONS:
-                keep = plan[tensor_name(index, proj, "cols")]
-                if keep.all() or not keep.any():
-                    continue
-                linear = layer.get_submodule(proj)
-                fitted = refit(linear.weight, grams[gram_name(index, proj)], keep, ridge)
-                linear.weight.copy_(fitted.to(linear.weight.dtype))
+        for index, proj, keep in _refit_targets(plan, len(out.model.layers)):
+            linear = out.model.layers[index].get_submodule(proj)
+            fitted = refit(linear.weight, grams[gram_name(index, proj)], keep, ridge)
+            linear.weight.copy_(fitted.to(linear.weight.dtype))
     return out
+
+
+def _refit_targets(plan, layers: int):
+    """(layer, projection, keep mask) of every output projection the refit changes: some but not all of its
+    columns kept."""
+    for index in range(layers):
+        for proj in STAT_PROJECTIONS:
+            keep = plan[tensor_name(index, proj, "cols")]
+            if keep.any() and not keep.all():
+                yield index, proj, keep
+
+
+def refit_widths(plan, layers: int) -> dict[str, int]:
+    """{projection: inputs} of the projections the refit changes in some layer, e.g. {"down_proj": 1536}."""
+    plan = getattr(plan, "plan", plan)
+    return {proj.rsplit(".", 1)[-1]: len(keep) for _, proj, keep in _refit_targets(plan, layers)}
 
 
 def thin_statistics_note(tokens: int, inputs: dict[str, int]) -> str | None:
     """A one-line note when ``tokens`` calibration tokens (all corpora's, the Gram matrices' sum) are fewer than
-    :data:`MIN_TOKENS_PER_INPUT` per input of the widest refit projection (``inputs``: {projection: width});
-    None otherwise. The refit then fits few tokens per weight: it still runs (the ridge keeps it determined),
-    but more documents, or longer ones, made better experts."""
+    :data:`MIN_TOKENS_PER_INPUT` per input of the widest refit projection (``inputs``: :func:`refit_widths`);
+    None otherwise, and where nothing is refit or the token count is unknown (0). The refit then fits few
+    tokens per weight: it still runs (the ridge keeps it determined), but more documents, or longer ones, made
+    better experts."""
+    if not inputs or not tokens:
+        return None
     name, width = max(inputs.items(), key=lambda item: item[1])
     if tokens >= MIN_TOKENS_PER_INPUT * width:
         return None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .apply import apply
-from .compensate import DEFAULT_RIDGE, thin_statistics_note
+from .compensate import DEFAULT_RIDGE, refit_widths, thin_statistics_note
 from .compensate import compensate as compensate_model
 from .errors import CusprunError
 from .export import save_model_dir
@@ -84,8 +84,7 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
     if compensate:
         check_stats(sets, score_paths)
         model = compensate_model(model, sel, combined.stats, ridge)
-        note = thin_statistics_note(sum(combined.metadata.get("token_counts", [])),
-                                    {"down_proj": geo.inter, "o_proj": geo.heads * geo.hd})
+        note = thin_statistics_note(sum(combined.metadata.get("token_counts", [])), refit_widths(sel, geo.layers))
         if note:  # after the refit, so statistics it refuses give their one-line error alone
             print(note, file=sys.stderr)
     pruned = apply(model, sel, format)

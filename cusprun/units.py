@@ -102,9 +102,13 @@ def unit_values(score_sets: list[dict[str, torch.Tensor]], geo: Geometry, rule: 
 
 
 def _corpus_values(scores: dict[str, torch.Tensor], geo: Geometry, rule: str, budget: str) -> dict[str, torch.Tensor]:
-    """One corpus's {kind: [layers, units]} values."""
-    per_layer = [unit_scores(scores, geo, layer) for layer in range(geo.layers)]
-    return {kind: torch.stack([_aggregate(*layer[kind], rule, budget) for layer in per_layer]) for kind in KINDS}
+    """One corpus's {kind: [layers, units]} values, one layer's unit scores in memory at a time."""
+    per_kind = {kind: [] for kind in KINDS}
+    for layer in range(geo.layers):
+        layer_scores = unit_scores(scores, geo, layer)
+        for kind in KINDS:
+            per_kind[kind].append(_aggregate(*layer_scores[kind], rule, budget))
+    return {kind: torch.stack(values) for kind, values in per_kind.items()}
 
 
 def intersection_values(per_corpus: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

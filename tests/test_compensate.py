@@ -12,7 +12,8 @@ from transformers import AutoConfig
 
 import cusprun
 from cusprun import stats as stats_module
-from cusprun.compensate import MIN_TOKENS_PER_INPUT, compensate, refit, thin_statistics_note
+from cusprun.compensate import MIN_TOKENS_PER_INPUT, compensate, refit, refit_widths, thin_statistics_note
+from cusprun.neurons import tensor_name
 from cusprun.stats import gram_name, save_stats, stats_path
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
@@ -173,10 +174,8 @@ def test_prune_compensate_cli(tmp_path):
         "cusprun.score ... --stats to write it"]
     res = cli(*common, "--scores", tmp_path / "stats" / "a.safetensors", "--out", tmp_path / "e2")
     assert res.returncode == 0, res.stderr
-    config = AutoConfig.from_pretrained(tmp_path / "model")  # 19 tokens are far too few for either refit
-    widest = max(("down_proj", config.intermediate_size), ("o_proj", config.num_attention_heads * config.head_dim),
-                 key=lambda item: item[1])
-    assert f"warning: the compensation statistics hold 19 calibration tokens for {widest[0]}'s {widest[1]} inputs" \
+    inter = AutoConfig.from_pretrained(tmp_path / "model").intermediate_size  # only down_proj is refit (channels)
+    assert f"warning: the compensation statistics hold 19 calibration tokens for down_proj's {inter} inputs" \
         in res.stderr
     report = json.loads((tmp_path / "e2" / "pruning.json").read_text())
     assert report["compensate"] is True and report["ridge"] == pytest.approx(0.1)
@@ -239,3 +238,16 @@ def test_thin_statistics_are_noted_below_the_tokens_per_input_floor():
     assert note.startswith(f"warning: the compensation statistics hold {MIN_TOKENS_PER_INPUT * 1536 - 1} calibration "
                            "tokens for down_proj's 1536 inputs") and "\n" not in note
     assert "o_proj's 4096 inputs" in thin_statistics_note(10_000, {"down_proj": 1536, "o_proj": 4096})
+    assert thin_statistics_note(10, {}) is None and thin_statistics_note(0, inputs) is None  # nothing refit; unknown
+
+
+def test_refit_widths_name_only_the_projections_the_refit_changes():
+    geo_layers, plan = 2, {}
+    for layer in range(geo_layers):
+        plan[tensor_name(layer, "self_attn.o_proj", "cols")] = torch.ones(12, dtype=torch.bool)
+        plan[tensor_name(layer, "mlp.down_proj", "cols")] = torch.ones(20, dtype=torch.bool)
+    assert refit_widths(plan, geo_layers) == {}
+    plan[tensor_name(1, "mlp.down_proj", "cols")][3] = False
+    assert refit_widths(plan, geo_layers) == {"down_proj": 20}
+    plan[tensor_name(0, "self_attn.o_proj", "cols")][:] = False  # a block removed whole is not refit
+    assert refit_widths(plan, geo_layers) == {"down_proj": 20}
