@@ -33,11 +33,12 @@ Evaluation (data/heldout, disjoint from calibration): perplexity on each held-ou
 its sets (German: Debian Reference and news from another source, MLSUM; medical: MEDLINE; QA:
 new_wiki and New York Times paragraphs); *general* perplexity the geometric mean over English news
 (XSum) and English manual pages, which no expert targets.
-Calibration: 25 documents of up to 128 tokens per dimension (the baselines' general mix: 5 of each of its
-5 corpora). Also at the first ratio, one change each from the default: the local measure,
-the equal and relative budgets, the mean-rank and pooled rules (ablations); and the compensated German
-expert's quality against its corpus size (sweep). Every model is evaluated and timed as its dense export,
-which computes what the masked model computes.
+Calibration: every shipped document of each dimension, up to 100 (German 100, medical 40, QA 40), of up
+to 128 tokens: the main job's documents at half its length (the baselines' general mix: 20 of each of its
+5 corpora, 100). Also at the first ratio, one change each from the default: the local measure, the equal
+and relative budgets, the mean-rank and pooled rules (ablations); and the compensated German expert's
+quality against its corpus size (sweep). Every model is evaluated and timed as its dense export, which
+computes what the masked model computes.
 Speed, measured in the same run on each model's dense export (cusprun.apply(..., format="dense")): prefill
 tokens/s on 512-token documents and decode tokens/s (greedy, KV cache), the median of several repetitions
 (cusprun.evaluate's harness, as the main job uses); the ideal speed-up from the FLOP count of a 512-token
@@ -128,7 +129,7 @@ ALL_RATIO_VARIANTS = {"default": {}, **ABLATIONS, "local measure + mean-rank": d
 @dataclass(frozen=True)
 class Settings:
     ratios: tuple[float, ...]
-    docs: int  # calibration documents per dimension
+    docs: int  # calibration documents per dimension, at most (a corpus holding fewer gives all it holds)
     sweep: tuple[int, ...]
     max_tokens: int
     eval_docs: int
@@ -140,7 +141,7 @@ class Settings:
     repetitions: int = 3
 
 
-FULL = Settings((0.25, 0.35, 0.45), 25, (10, 25, 50, 100), 128, 16, 5, EXPERTS)
+FULL = Settings((0.25, 0.35, 0.45), 100, (10, 25, 50, 100), 128, 16, 20, EXPERTS)
 QUICK = Settings((0.25,), 2, (1, 2), 24, 2, 1, EXPERTS[:2], speed_docs=1, speed_tokens=64, decode_tokens=4,
                  repetitions=1)
 
@@ -161,7 +162,8 @@ class Bench:
         vocab = self.model.config.vocab_size
         dims = sorted({d for e in settings.experts for d in e})
         calib_n = {d: max(settings.docs, *settings.sweep) if d == "de" else settings.docs for d in dims}
-        self.calib = {d: self._ids(DATA / "corpora" / f"{d}.jsonl", calib_n[d], vocab) for d in dims}
+        self.calib = {d: self._ids(DATA / "corpora" / f"{d}.jsonl", calib_n[d], vocab, at_most=d != "de")
+                      for d in dims}
         self.general = [i for c in GENERAL_CALIBRATION
                         for i in self._ids(DATA / "corpora" / f"{c}.jsonl", settings.general_docs, vocab)]
         sets = {s for d in dims for s in EVAL_SETS[d]} | set(GENERAL_SETS)
@@ -174,9 +176,10 @@ class Bench:
         self.speed_docs = [stream[i * n:(i + 1) * n] for i in range(settings.speed_docs)]
         self.dense_speed = None
 
-    def _ids(self, path: Path, n: int, vocab: int) -> list[list[int]]:
+    def _ids(self, path: Path, n: int, vocab: int, at_most: bool = False) -> list[list[int]]:
+        """The first ``n`` non-empty documents of ``path``, tokenized (all of them, if ``at_most`` and fewer)."""
         ids = [t for t in tokenize(read_corpus(path), self.tokenizer, self.s.max_tokens, vocab) if t][:n]
-        if len(ids) < n:
+        if len(ids) < n and not at_most:
             raise SystemExit(f"{path} holds {len(ids)} documents, {n} are needed")
         return ids
 
@@ -199,6 +202,10 @@ class Bench:
         self.cache.mkdir(parents=True, exist_ok=True)
         result.save(path)
         return ScoreSet.load(path, stats=stats)  # as a rerun will see it (metadata as stored)
+
+    def doc_counts(self, dims, n_docs: int | None = None) -> str:
+        """The calibration documents each dimension gives an expert, e.g. ``"100+40"``."""
+        return "+".join(str(min(n_docs or self.s.docs, len(self.calib[d]))) for d in dims)
 
     def expert_scores(self, method: str, dims, n_docs: int | None = None, measure: str = "block",
                       stats: bool = False) -> ScoreSet:
@@ -282,6 +289,8 @@ def prefill_flops(model, tokens: int) -> int:
 
 
 def first_documents(score_set: ScoreSet, n: int) -> ScoreSet:
+    """The scores of ``score_set``'s first ``n`` documents (all of them, where it holds fewer)."""
+    n = min(n, len(score_set.metadata["token_counts"]))
     meta = {**score_set.metadata, "n_docs": n, "token_counts": score_set.metadata["token_counts"][:n]}
     return ScoreSet({name: t[:n] for name, t in score_set.scores.items()}, meta)
 
@@ -323,7 +332,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         if job == "dense":
             ppl = bench.evaluate(None, bench.model)
             for dims in settings.experts:
-                rows.append(_row("main", "dense", dims, 0.0, 0.0, settings.docs, ppl, "-"))
+                rows.append(_row("main", "dense", dims, 0.0, 0.0, "-", ppl, "-"))
             continue
         experiment, ratio, method, dims, kw = job
         bar.set_postfix_str(f"{experiment} {method} {expert_name(dims) if dims else 'general'} {ratio:.0%}")
@@ -343,14 +352,14 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         source = bench.model if ridge is None else compensate(bench.model, selection.plan, score_set.stats, ridge)
         model = cusprun.apply(source, selection, format="dense")
         tag = "" if ridge is None else f"compensate toward W {ridge}"
-        if ridge is not None and n_docs != settings.docs:  # the refit weights depend on the statistics' documents
-            tag += f" statistics of {n_docs} documents"
+        if ridge is not None:  # the refit weights depend on the statistics' documents, not only on the plan
+            tag += f" statistics of {bench.doc_counts(dims, n_docs)} documents"
         ppl = bench.evaluate(selection, model, tag)
         speed = bench.speed(model) if experiment == "main" else {}
         del model
         for expert in [dims] if dims else settings.experts:
             rows.append(_row(experiment, method, expert, ratio, selection.removed_fraction,
-                             n_docs if dims else "-", ppl, variant) | speed)
+                             bench.doc_counts(dims, n_docs) if dims else len(bench.general), ppl, variant) | speed)
     if speeds:  # the dense model again at the end: the reference is the mean of both, drift shows in the CSV
         bench.dense_speed.append(bench.speed(bench.model))
         reference = {k: statistics.mean(d[k] for d in bench.dense_speed) for k in ("prefill_tps", "decode_tps")}
@@ -405,7 +414,7 @@ def _dense_row(rows: list[dict], experts: list[str]) -> str:
 def _sweep_rows(rows: list[dict], ratio: float) -> list[dict]:
     """The German expert's swept rows (:data:`SWEPT`) at ``ratio``, by corpus size."""
     return sorted((r for r in rows if r["expert"] == "de" and r["method"] == SWEPT and r["ratio"] == ratio
-                   and r["variant"] == "default"), key=lambda r: r["docs"])
+                   and r["variant"] == "default"), key=lambda r: int(r["docs"]))
 
 
 def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
@@ -516,10 +525,10 @@ def plot(rows: list[dict], settings: Settings, out: Path) -> list[Path]:
     if len(sweep) > 1:  # without the sweep (--no-extras) there is no curve to draw
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for key, label in (("target_ppl", "German (target)"), ("general_ppl", "general")):
-            ax.plot([r["docs"] for r in sweep], [r[key] for r in sweep], "-o", label=label)
+            ax.plot([int(r["docs"]) for r in sweep], [r[key] for r in sweep], "-o", label=label)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xticks([r["docs"] for r in sweep], [str(r["docs"]) for r in sweep])
+        ax.set_xticks([int(r["docs"]) for r in sweep], [str(r["docs"]) for r in sweep])
         ax.set_xlabel("calibration documents")
         ax.set_ylabel("perplexity")
         ax.set_title(f"German expert at {first:.0%} ({SWEPT}): corpus size", fontsize=10)
@@ -562,7 +571,7 @@ def main():
                                       f"{', '.join([*TARGETED, *GENERAL_METHODS])})")
     ap.add_argument("--no-extras", action="store_true", help="skip the ablations and the corpus-size sweep")
     ap.add_argument("--variants", help="comma-separated ablations to run (default: all; implies no sweep)")
-    ap.add_argument("--docs", type=int, help="calibration documents per dimension instead of the settings'")
+    ap.add_argument("--docs", type=int, help="calibration documents per dimension, at most, instead of the settings'")
     ap.add_argument("--eval-docs", type=int, help="held-out documents per set instead of the settings'")
     args = ap.parse_args()
     settings = QUICK if args.quick else FULL
