@@ -91,9 +91,15 @@ def build_parser() -> OneLineArgumentParser:
                         "the README")
     p.add_argument("--drop-layers", type=int, default=0, metavar="N",
                    help="drop the N least influential decoder layers first, then select up to --ratio (default 0)")
-    p.add_argument("--compensate", action="store_true",
-                   help="refit o_proj and down_proj over the kept columns by ridge least squares on the calibration "
-                        "statistics (score with --stats); see the README for when it helps")
+    refit = p.add_mutually_exclusive_group()
+    refit.add_argument("--compensate", dest="compensate", action="store_true", default=None,
+                       help="refit o_proj and down_proj over the kept columns by ridge least squares on the "
+                            "calibration statistics that score --stats writes beside each score file; missing "
+                            "statistics are an error. Default: on when every score file has its statistics (it "
+                            "won on target and general perplexity in every measured cell, README \"Expert "
+                            "quality\"), off otherwise")
+    refit.add_argument("--no-compensate", dest="compensate", action="store_false",
+                       help="keep the kept columns' weights even where the statistics exist")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                    help=f"with --compensate: how strongly the kept columns stay near their original weights, "
                         f"relative to the mean kept Gram diagonal (default {DEFAULT_RIDGE})")
@@ -111,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(f"--ridge {args.ridge}: must be a positive number")
     if args.drop_layers < 0:
         raise CusprunError(f"--drop-layers {args.drop_layers}: must be 0 or more")
-    sets = load_score_sets(args.scores, stats=args.compensate)
+    sets = load_score_sets(args.scores, stats=args.compensate is not False)
     if args.compensate:
         check_stats(sets, args.scores)
+    compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
     if args.drop_layers:  # the layers' influence is in the score files: check the drop before the weights load
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
                               rule=args.rule, neurons=args.neurons, granularity=args.granularity,
-                              budget=args.budget, compensate=args.compensate, ridge=args.ridge,
+                              budget=args.budget, compensate=compensate, ridge=args.ridge,
                               drop_layers=args.drop_layers)
     except ValueError as exc:  # a ratio the candidate neurons cannot reach, a stock plan from layer scores
         raise CusprunError(str(exc)) from None
@@ -139,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"removed        {report['ratio_achieved_projection']:.4f} of projection parameters (asked {args.ratio}), "
           f"{report['ratio_achieved_all']:.4f} of all parameters")
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
+    if compensate:
+        print(f"compensated    yes: pruned output projections refit on the calibration statistics (ridge {args.ridge})")
+    elif args.compensate is None:
+        print("compensated    no: not every score file has its statistics (score with --stats for the refit)")
     if report["dropped_layers"]:
         print(f"layers dropped {', '.join(map(str, report['dropped_layers']))}")
     if args.format == "stock":

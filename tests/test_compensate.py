@@ -8,6 +8,7 @@ import weakref
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoConfig
 
 import cusprun
@@ -179,6 +180,35 @@ def test_prune_compensate_cli(tmp_path):
         in res.stderr
     report = json.loads((tmp_path / "e2" / "pruning.json").read_text())
     assert report["compensate"] is True and report["ridge"] == pytest.approx(0.1)
+
+
+def test_prune_compensates_by_default_where_the_statistics_exist(tmp_path):
+    """No flag: the refit runs when every score file has its statistics (the same expert as --compensate)
+    and is left out, with one line saying why, when they are missing; --no-compensate keeps the weights."""
+    tiny_model("llama", seed=6, layers=2).save_pretrained(tmp_path / "model")
+    write_ids_corpus(tmp_path / "a.jsonl", [6, 9, 4], seed=1)
+    for flags, out in (([], "plain"), (["--stats"], "stats")):
+        res = cli("cusprun.score", "--model", tmp_path / "model", "--corpus", f"a={tmp_path / 'a.jsonl'}",
+                  "--out", tmp_path / out, "--measure", "local", "--quiet", *flags)
+        assert res.returncode == 0, res.stderr
+    common = ["cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet"]
+    runs = {"auto": ("stats", []), "explicit": ("stats", ["--compensate"]), "off": ("stats", ["--no-compensate"]),
+            "missing": ("plain", [])}
+    for name, (scores, flags) in runs.items():
+        res = cli(*common, "--scores", tmp_path / scores / "a.safetensors", "--out", tmp_path / name, *flags)
+        assert res.returncode == 0, res.stderr
+        runs[name] = res.stdout
+    assert "compensated    yes" in runs["auto"] and "compensated    yes" in runs["explicit"]
+    assert "compensated    no: not every score file has its statistics" in runs["missing"]
+    assert "compensated" not in runs["off"]  # asked for: nothing to explain
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in runs}
+    reports = {name: json.loads((tmp_path / name / "pruning.json").read_text()) for name in runs}
+    assert reports["auto"]["compensate"] and not reports["off"]["compensate"] and not reports["missing"]["compensate"]
+    for name in ("explicit", "off", "missing"):
+        assert weights[name].keys() == weights["auto"].keys()
+    assert all(torch.equal(weights["auto"][k], weights["explicit"][k]) for k in weights["auto"])
+    assert all(torch.equal(weights["off"][k], weights["missing"][k]) for k in weights["off"])
+    assert any(not torch.equal(weights["auto"][k], weights["off"][k]) for k in weights["auto"])
 
 
 def test_statistics_of_other_documents_are_refused_and_stale_ones_removed(tmp_path):

@@ -23,8 +23,9 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
                        "wanda-sp", "flap", "shortgpt", "magnitude", "random"}
     assert {r["variant"] for r in rows if r["experiment"] == "ablation"} == {
         "local measure", "equal budget", "relative budget", "mean-rank rule", "pooled rule"}
-    assert {r["docs"] for r in rows if r["method"] == "cusprun-channels-comp" and r["variant"] == "default"} == {
-        "1", "2"}  # the sweep: the compensated expert over the first 1 and 2 documents
+    assert {r["docs"] for r in rows if r["method"] == "cusprun-channels-comp" and r["variant"] == "default"
+            and r["expert"] == "de"} == {"1", "2"}  # the sweep: the compensated expert over the first 1 and 2 documents
+    assert {r["docs"] for r in rows if r["expert"] == "de+medical" and r["method"].startswith("cusprun")} == {"2+2"}
     # the same plan with and without compensation: only the refit weights differ
     plain, comp = ({r["expert"]: r for r in rows if r["experiment"] == "main" and r["method"] == m}
                    for m in ("cusprun-channels", "cusprun-channels-comp"))
