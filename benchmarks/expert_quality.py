@@ -163,8 +163,7 @@ class Bench:
         vocab = self.model.config.vocab_size
         dims = sorted({d for e in settings.experts for d in e})
         calib_n = {d: max(settings.docs, *settings.sweep) if d == "de" else settings.docs for d in dims}
-        self.calib = {d: self._ids(DATA / "corpora" / f"{d}.jsonl", calib_n[d], vocab, at_most=d != "de")
-                      for d in dims}
+        self.calib = {d: self._ids(DATA / "corpora" / f"{d}.jsonl", calib_n[d], vocab, at_most=True) for d in dims}
         self.general = [i for c in GENERAL_CALIBRATION
                         for i in self._ids(DATA / "corpora" / f"{c}.jsonl", settings.general_docs, vocab)]
         sets = {s for d in dims for s in EVAL_SETS[d]} | set(GENERAL_SETS)
@@ -373,7 +372,8 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         del model
         for expert in [dims] if dims else settings.experts:
             rows.append(_row(experiment, method, expert, ratio, selection.removed_fraction,
-                             bench.doc_counts(dims, n_docs) if dims else len(bench.general), ppl, variant) | speed)
+                             bench.doc_counts(dims, n_docs) if dims else len(docs) if docs else "-", ppl, variant)
+                         | speed)
     if speeds:  # the dense model again at the end: its row shows the mean, the drift shows in the CSV
         bench.dense_speed.append(bench.speed(bench.model))
         reference = {k: statistics.mean(d[k] for d in bench.dense_speed) for k in ("prefill_tps", "decode_tps")}

@@ -11,6 +11,7 @@ from .compensate import DEFAULT_RIDGE
 from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .expert import build_expert, check_against_model, check_ratio, check_stats, load_score_sets
 from .export import check_out_dir
+from .methods import method_of
 from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
 from .neurons import Geometry
 from .scoreset import GRANULARITIES, NEURONS, intersect
@@ -117,7 +118,12 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(f"--ridge {args.ridge}: must be a positive number")
     if args.drop_layers < 0:
         raise CusprunError(f"--drop-layers {args.drop_layers}: must be 0 or more")
-    sets = load_score_sets(args.scores, stats=args.compensate is not False)
+    try:
+        sets = load_score_sets(args.scores, stats=args.compensate is not False)
+    except CusprunError as exc:
+        if args.compensate is None and ".stats." in str(exc):  # a damaged or foreign statistics file
+            raise CusprunError(f"{exc} (or prune with --no-compensate)") from None
+        raise
     if args.compensate:
         check_stats(sets, args.scores)
     compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
     if compensate:
         print(f"compensated    yes: pruned output projections refit on the calibration statistics (ridge {args.ridge})")
-    elif args.compensate is None:
+    elif args.compensate is None and all(method_of(s.metadata).name == "cusprun" for s in sets):
         print("compensated    no: not every score file has its statistics (score with --stats for the refit)")
     if report["dropped_layers"]:
         print(f"layers dropped {', '.join(map(str, report['dropped_layers']))}")

@@ -75,7 +75,8 @@ def build_parser() -> OneLineArgumentParser:
                         "not depend on it")
     p.add_argument("--stats", action="store_true",
                    help="also write NAME.stats.safetensors: the Gram matrices of o_proj's and down_proj's inputs, "
-                        "which python -m cusprun.prune --compensate needs (SmolLM2-135M: 320 MB per corpus)")
+                        "from which python -m cusprun.prune refits the kept columns (--compensate, on by default "
+                        "where they exist; SmolLM2-135M: 320 MB per corpus)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
