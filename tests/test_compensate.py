@@ -158,13 +158,19 @@ def cli(*args):
     return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True)
 
 
-def test_prune_compensate_cli(tmp_path):
+def score_with_and_without_stats(tmp_path):
+    """A saved tiny model scored by the CLI on one corpus: ``plain/a.safetensors`` without statistics,
+    ``stats/a.safetensors`` with them."""
     tiny_model("llama", seed=6, layers=2).save_pretrained(tmp_path / "model")
     write_ids_corpus(tmp_path / "a.jsonl", [6, 9, 4], seed=1)
     for flags, out in (([], "plain"), (["--stats"], "stats")):
         res = cli("cusprun.score", "--model", tmp_path / "model", "--corpus", f"a={tmp_path / 'a.jsonl'}",
                   "--out", tmp_path / out, "--measure", "local", "--quiet", *flags)
         assert res.returncode == 0, res.stderr
+
+
+def test_prune_compensate_cli(tmp_path):
+    score_with_and_without_stats(tmp_path)
     assert (tmp_path / "stats" / "a.stats.safetensors").is_file()
     assert not (tmp_path / "plain" / "a.stats.safetensors").exists()
     common = ["cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet", "--compensate"]
@@ -185,12 +191,7 @@ def test_prune_compensate_cli(tmp_path):
 def test_prune_compensates_by_default_where_the_statistics_exist(tmp_path):
     """No flag: the refit runs when every score file has its statistics (the same expert as --compensate)
     and is left out, with one line saying why, when they are missing; --no-compensate keeps the weights."""
-    tiny_model("llama", seed=6, layers=2).save_pretrained(tmp_path / "model")
-    write_ids_corpus(tmp_path / "a.jsonl", [6, 9, 4], seed=1)
-    for flags, out in (([], "plain"), (["--stats"], "stats")):
-        res = cli("cusprun.score", "--model", tmp_path / "model", "--corpus", f"a={tmp_path / 'a.jsonl'}",
-                  "--out", tmp_path / out, "--measure", "local", "--quiet", *flags)
-        assert res.returncode == 0, res.stderr
+    score_with_and_without_stats(tmp_path)
     common = ["cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet"]
     runs = {"auto": ("stats", []), "explicit": ("stats", ["--compensate"]), "off": ("stats", ["--no-compensate"]),
             "missing": ("plain", [])}
