@@ -28,7 +28,8 @@ Methods at each ratio of projection parameters removed (every expert exported in
   plnd      PLND importances on the same target corpora, the paper's selection
   wanda-sp, flap, shortgpt   on a general corpus (equal shares of every calibration corpus)
   magnitude, random          no data
-Evaluation (data/heldout, disjoint from calibration): perplexity on each held-out set; an expert's
+Evaluation (data/heldout, disjoint from calibration): perplexity on the held-out sets a model is judged on
+(an expert: its target sets and the general ones; a general baseline: all of them); an expert's
 *target* perplexity is the geometric mean over its dimensions of each dimension's geometric mean over
 its sets (German: Debian Reference and news from another source, MLSUM; medical: MEDLINE; QA:
 new_wiki and New York Times paragraphs); *general* perplexity the geometric mean over English news
@@ -175,6 +176,8 @@ class Bench:
         n = settings.speed_tokens
         self.speed_docs = [stream[i * n:(i + 1) * n] for i in range(settings.speed_docs)]
         self.dense_speed = None
+        self.speeds: dict[tuple, dict[str, float]] = {}  # by architecture (see speed)
+        self.seconds = dict.fromkeys(("scoring", "building", "evaluation", "speed"), 0.0)  # where the run's time went
 
     def _ids(self, path: Path, n: int, vocab: int, at_most: bool = False) -> list[list[int]]:
         """The first ``n`` non-empty documents of ``path``, tokenized (all of them, if ``at_most`` and fewer)."""
@@ -187,7 +190,9 @@ class Bench:
                stats: bool = False) -> ScoreSet:
         """A cached ScoreSet: the file name carries the method and a hash of the exact tokens scored."""
         digest = hashlib.sha256(repr(docs).encode()).hexdigest()[:16]
-        tag = (measure + ("-stats" if stats else "")) if method == "cusprun" else method
+        # local scores always come from a pass that also collects the statistics: the scores are the same with or
+        # without them, and the compensated experts need that pass over the same documents anyway
+        tag = (measure + ("-stats" if stats or measure == "local" else "")) if method == "cusprun" else method
         path = self.cache / f"{tag}-{corpus}-{len(docs)}docs-{digest}.safetensors"
         if path.exists():
             cached = ScoreSet.load(path, stats=stats)
@@ -195,10 +200,13 @@ class Bench:
                 return cached
         start = time.perf_counter()
         if method == "cusprun":
-            result = cusprun.score(self.model, docs, measure, corpus=corpus, progress=not self.quiet, stats=stats)
+            result = cusprun.score(self.model, docs, measure, corpus=corpus, progress=not self.quiet,
+                                   stats=stats or measure == "local")
         else:
             result = baseline_scores(self.model, method, docs, corpus=corpus)
-        result.metadata["seconds"] = f"{time.perf_counter() - start:.1f}"
+        seconds = time.perf_counter() - start
+        self.seconds["scoring"] += seconds
+        result.metadata["seconds"] = f"{seconds:.1f}"
         self.cache.mkdir(parents=True, exist_ok=True)
         result.save(path)
         return ScoreSet.load(path, stats=stats)  # as a rerun will see it (metadata as stored)
@@ -236,6 +244,12 @@ class Bench:
         the start and once at the end would favour whichever models ran when the machine was fast. (Decode
         speed-ups, not a target, are against that start-and-end mean: pairing them too would add minutes.)"""
         expert = model is not self.model
+        # Models of one architecture (every weight's shape and nonzero count: the compensated and plain channels
+        # of one expert and ratio) run the same computation, so they are timed once
+        arch = tuple((name, tuple(p.shape), int(p.count_nonzero())) for name, p in model.named_parameters())
+        if expert and arch in self.speeds:
+            return self.speeds[arch]
+        start = time.perf_counter()
         prefill_tokens_per_s(model, self.speed_docs[:1])  # warm-up, not timed
         prefill, decode, dense_prefill = [], [], []
         prompt = self.speed_docs[0][:32]
@@ -248,23 +262,32 @@ class Bench:
                   "flops": prefill_flops(model, self.s.speed_tokens), "params": parameter_count(model)}
         if expert:
             result["prefill_speedup"] = statistics.median(e / d for e, d in zip(prefill, dense_prefill))
+            self.speeds[arch] = result
+        self.seconds["speed"] += time.perf_counter() - start
         return result
 
-    def evaluate(self, selection, model, tag: str = "") -> dict[str, float]:
-        """Perplexity of ``model`` (``selection``'s dense export, or the dense model for None) on every held-out
-        set; cached by the plan's masks and the exact held-out tokens, so a rerun evaluates only plans it has
-        not seen. ``tag`` names weights changed beyond the plan (compensation)."""
+    def evaluate(self, selection, model, tag: str = "", dims=None) -> dict[str, float]:
+        """Perplexity of ``model`` (``selection``'s dense export, or the dense model for None) on the held-out
+        sets an expert with dimensions ``dims`` is judged on (its target sets and the general ones; every set for
+        None, as a general model is reported for every expert); cached by the plan's masks and the exact
+        held-out tokens, so a rerun evaluates only the sets it has not seen for that plan. ``tag`` names weights
+        changed beyond the plan (compensation)."""
         h = hashlib.sha256(self.heldout_digest + tag.encode())
         if selection is not None:
             for name in sorted(selection.plan):
                 h.update(name.encode() + selection.plan[name].numpy().tobytes())
         path = self.cache / f"ppl-{h.hexdigest()[:20]}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        ppl = {name: perplexity(model, docs)[0] for name, docs in self.heldout.items()}
+        ppl = json.loads(path.read_text()) if path.exists() else {}
+        wanted = self.heldout if dims is None else [*(s for d in dims for s in EVAL_SETS[d]), *GENERAL_SETS]
+        missing = [name for name in wanted if name not in ppl]
+        if not missing:
+            return {name: ppl[name] for name in wanted}
+        start = time.perf_counter()
+        ppl.update({name: perplexity(model, self.heldout[name])[0] for name in missing})
+        self.seconds["evaluation"] += time.perf_counter() - start
         self.cache.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(ppl)))
-        return ppl
+        return {name: ppl[name] for name in wanted}
 
 
 @torch.inference_mode()
@@ -316,9 +339,10 @@ def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:
 
 def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bool = False,
         methods: tuple[str, ...] | None = None, extras: bool = True,
-        variants: tuple[str, ...] | None = None) -> list[dict]:
+        variants: tuple[str, ...] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Evaluate every job; ``methods`` limits the main comparison, ``variants`` the ablations, ``extras`` False
-    skips ablations and sweep."""
+    skips ablations and sweep. Returns the rows and the seconds spent scoring, building, evaluating and timing
+    (work the cache saved is not counted)."""
     bench = Bench(settings, quiet, cache)
     rows: list[dict] = []
     jobs = ["dense"]
@@ -361,13 +385,15 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
             score_set = bench.scores(method, "general", docs) if docs else baseline_scores(bench.model, method)
         else:
             score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure, ridge is not None)
+        start = time.perf_counter()
         selection = score_set.select(ratio, **kw)
         source = bench.model if ridge is None else compensate(bench.model, selection.plan, score_set.stats, ridge)
         model = cusprun.apply(source, selection, format="dense")
+        bench.seconds["building"] += time.perf_counter() - start
         tag = "" if ridge is None else f"compensate toward W {ridge}"
         if ridge is not None:  # the refit weights depend on the statistics' documents, not only on the plan
             tag += f" statistics of {bench.doc_counts(dims, n_docs)} documents"
-        ppl = bench.evaluate(selection, model, tag)
+        ppl = bench.evaluate(selection, model, tag, dims)
         speed = bench.speed(model) if experiment == "main" else {}
         del model
         for expert in [dims] if dims else settings.experts:
@@ -389,7 +415,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
                 r["ideal_speedup"] = round(dense["flops"] / r["flops"], 3)
                 r["measured_over_ideal"] = round(r["prefill_speedup"] / r["ideal_speedup"], 3)
                 r["prefill_tps"], r["decode_tps"] = round(r["prefill_tps"], 1), round(r["decode_tps"], 2)
-    return rows
+    return rows, bench.seconds
 
 
 def _row(experiment, method, dims, ratio, achieved, docs, ppl, variant) -> dict:
@@ -607,9 +633,10 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    rows = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations, methods=methods,
-               extras=not args.no_extras, variants=variants)
+    rows, seconds = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations, methods=methods,
+                        extras=not args.no_extras, variants=variants)
     env = {**environment(), "minutes": f"{(time.perf_counter() - start) / 60:.1f}",
+           "minutes_by_phase": " ".join(f"{k}:{v / 60:.1f}" for k, v in seconds.items()),
            "settings": "quick" if args.quick else "full"}
     if args.ablations:
         table = markdown_ablations(rows, settings, env)
