@@ -82,8 +82,13 @@ def read_texts(paths: list[str]) -> dict[str, list[Document]]:
 
 
 def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int, decode_tokens: int,
-             model_name: str, quiet: bool = False) -> dict:
-    """Perplexity per text (documents truncated to ``max_tokens``), parameter count, prefill and decode speed."""
+             model_name: str, quiet: bool = False, reference=None) -> dict:
+    """Perplexity per text (documents truncated to ``max_tokens``), parameter count, prefill and decode speed.
+
+    With a ``reference`` model (the dense model an expert came from), also ``prefill_speedup``: the median,
+    over the three repetitions, of the model's prefill speed over the reference's, timed right before it on
+    the same documents. A small CPU drifts by more than the differences measured (10-20% between runs), so
+    speeds timed minutes apart, as the dense model's and an expert's are, would compare the machine's moods."""
     files, all_docs = {}, []
     tokenized = {}
     for path, documents in texts.items():
@@ -99,7 +104,14 @@ def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int
     prompt = next(d for d in all_docs)[:64]
     prefill_tokens_per_s(model, all_docs[:1])  # warm-up, not timed: the first forward of a model is slower
     # the median of three: one timing on a small CPU moves by 10-20% (and more when the dense model is first)
-    prefill = statistics.median(prefill_tokens_per_s(model, all_docs[:8]) for _ in range(3))
-    return {"model": model_name, "params": parameter_count(model), "files": files,
-            "prefill_tokens_per_s": prefill,
-            "decode_tokens_per_s": decode_tokens_per_s(model, prompt, decode_tokens)}
+    prefill, reference_prefill = [], []
+    for _ in range(3):
+        if reference is not None:
+            reference_prefill.append(prefill_tokens_per_s(reference, all_docs[:8]))
+        prefill.append(prefill_tokens_per_s(model, all_docs[:8]))
+    result = {"model": model_name, "params": parameter_count(model), "files": files,
+              "prefill_tokens_per_s": statistics.median(prefill),
+              "decode_tokens_per_s": decode_tokens_per_s(model, prompt, decode_tokens)}
+    if reference is not None:
+        result["prefill_speedup"] = statistics.median(m / r for m, r in zip(prefill, reference_prefill))
+    return result

@@ -139,7 +139,8 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
         report = build_expert(model, tokenizer, source, sets, paths, job.ratio, "dense", out / "experts" / expert,
                               compensate=job.compensate)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
-        rows.append((expert, evaluate(pruned, tokenizer, texts, job.eval_max_tokens, 32, expert, quiet), report))
+        rows.append((expert, evaluate(pruned, tokenizer, texts, job.eval_max_tokens, 32, expert, quiet,
+                                      reference=model), report))
         if plots:
             write_plots(sets, out / "plots" / expert, expert=out / "experts" / expert)
     summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": job.ratio,
@@ -158,14 +159,14 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
 
 
 def format_table(rows, evals, texts) -> str:
-    """The markdown table: parameters, removed share, perplexity per held-out text, prefill speed and speed-up."""
-    dense_speed = rows[0][1]["prefill_tokens_per_s"]
+    """The markdown table: parameters, removed share, perplexity per held-out text, prefill speed and speed-up
+    (an expert's against the dense model timed beside it, :func:`cusprun.evaluate.evaluate`)."""
     head = ["model", "params", "removed (proj.)"] + [f"ppl {e}" for e in evals] + ["prefill tok/s", "speed-up"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, result, report in rows:
         removed = "—" if report is None else f"{report['ratio_achieved_projection']:.3f}"
         cells = [name, f"{result['params'] / 1e6:.1f}M", removed]
         cells += [f"{result['files'][t]['perplexity']:.2f}" for t in texts]
-        cells += [f"{result['prefill_tokens_per_s']:.0f}", f"{result['prefill_tokens_per_s'] / dense_speed:.2f}x"]
+        cells += [f"{result['prefill_tokens_per_s']:.0f}", f"{result.get('prefill_speedup', 1.0):.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

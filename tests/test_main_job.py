@@ -31,6 +31,11 @@ def test_main_job_on_a_tiny_model(tiny_dir, tmp_path):
     assert all(r["files"][str(data / "heldout" / "a.jsonl")]["perplexity"] > 1 for r in summary["results"])
     table = (out / "summary.md").read_text()
     assert table.startswith("| model |") and "| a+b |" in table and table in res.stdout
+    # each expert's speed-up is against the dense model timed beside it, and the table shows that ratio
+    assert "prefill_speedup" not in summary["results"][0]
+    for row in summary["results"][1:]:
+        line = next(t for t in table.splitlines() if t.startswith(f"| {row['model']} |"))
+        assert row["prefill_speedup"] > 0 and line.endswith(f"| {row['prefill_speedup']:.2f}x |")
     # corpora are cut to --docs documents, and a second run reuses the matching score files
     assert len((out / "corpora" / "a.jsonl").read_text().splitlines()) == 2
     again = run_pipeline(*args)
