@@ -38,9 +38,11 @@ Calibration: every shipped document of each dimension, up to 100 (German 100, me
 to 128 tokens: the main job's documents at half its length (the baselines' general mix: 20 of each of its
 5 corpora, 100). Also at the first ratio, one change each from the default: the local measure, the equal
 and relative budgets, the mean-rank and pooled rules (ablations); and the compensated German expert's
-quality against its corpus size (sweep). Every model is evaluated and timed as its dense export, which
-computes what the masked model computes.
-Speed, measured in the same run on each model's dense export (cusprun.apply(..., format="dense")): prefill
+quality against its corpus size (sweep). Every model is evaluated as its dense export, which computes what
+the masked model computes.
+Speed of the main comparison's models, measured in the same run on each one's dense export
+(cusprun.apply(..., format="dense"); models whose weights all have the same shapes run the same computation
+and are timed once, their FLOP counts taken one by one): prefill
 tokens/s on 512-token documents and decode tokens/s (greedy, KV cache), the median of several repetitions
 (cusprun.evaluate's harness, as the main job uses); prefill speed-ups against the dense model timed right
 before each repetition (the median of the ratios, so the drift of the machine over the run cancels); the
@@ -237,7 +239,8 @@ class Bench:
 
     def speed(self, model) -> dict[str, float]:
         """Prefill and decode tokens/s of ``model`` (the dense model or an expert's dense export), the median
-        over repetitions, and the FLOP count of one prefill; never cached (measured in this run).
+        over repetitions, and the FLOP count of one prefill; measured in this run, never read from the cache
+(within the run, an expert whose weights have the shapes of one timed before reuses that timing).
 
         For an expert every repetition times the dense model's prefill right before its own, and its prefill
         speed-up is the median of the repetitions' ratios: this machine drifts by more than the differences
@@ -496,12 +499,13 @@ def markdown(rows: list[dict], settings: Settings, env: dict) -> str:
 
 
 def speed_table(main: list[dict], settings: Settings) -> list[str]:
-    """Speed of every model's dense export: one line per model (baselines' general models once)."""
+    """Speed of every main model's dense export: one line per model (baselines' general models once; models
+    of identical shapes share one timing, so their tok/s are equal)."""
     lines = ["", f"Speed of the dense exports ({settings.speed_docs} documents of {settings.speed_tokens} tokens per "
              f"prefill, {settings.decode_tokens} decoded tokens; median of {settings.repetitions} repetitions; "
              "prefill speed-up: the median over the repetitions of the model's speed over the dense model's, "
              "timed right before it in each repetition; decode against the dense model's mean; ideal = dense "
-             "FLOPs / expert FLOPs of the prefill):", "",
+             "FLOPs / expert FLOPs of the prefill; models of identical shapes are timed once):", "",
              "| ratio | method | expert | params | prefill tok/s | speed-up | ideal | measured / ideal | "
              "decode tok/s | decode speed-up |", "|---|---|---|---|---|---|---|---|---|---|"]
     seen = set()

@@ -30,6 +30,13 @@ def test_quick_benchmark_writes_tables_and_plots(tmp_path):
     plain, comp = ({r["expert"]: r for r in rows if r["experiment"] == "main" and r["method"] == m}
                    for m in ("cusprun-channels", "cusprun-channels-comp"))
     assert all(plain[e]["params"] == comp[e]["params"] and plain[e]["ppl_de"] != comp[e]["ppl_de"] for e in plain)
+    # identical shapes are timed once; the ideal still follows each model's own nonzero weights
+    assert all(plain[e]["prefill_tps"] == comp[e]["prefill_tps"] for e in plain)
+    # an expert is evaluated on the sets it is judged on, a general baseline (reported for every expert) on all
+    assert plain["de"]["ppl_medical"] == "" and plain["de+medical"]["ppl_medical"] != ""
+    assert all(r["ppl_medical"] != "" for r in rows if r["method"] == "wanda-sp")
+    assert [p.split(":")[0] for p in rows[0]["minutes_by_phase"].split()] == ["scoring", "building", "evaluation",
+                                                                               "speed"]
     for r in rows:
         assert float(r["target_ppl"]) > 1 and float(r["general_ppl"]) > 1
         if r["method"] not in ("dense", "shortgpt"):
