@@ -77,7 +77,7 @@ import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
 from cusprun.compensate import DEFAULT_RIDGE, compensate  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
-from cusprun.evaluate import parameter_count, perplexity, prefill_tokens_per_s  # noqa: E402
+from cusprun.evaluate import paired_prefill, parameter_count, perplexity  # noqa: E402
 from cusprun.files import atomic_write  # noqa: E402
 from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
 from cusprun.neurons import influence_name  # noqa: E402
@@ -240,13 +240,14 @@ class Bench:
     def speed(self, model) -> dict[str, float]:
         """Prefill and decode tokens/s of ``model`` (the dense model or an expert's dense export), the median
         over repetitions, and the FLOP count of one prefill; measured in this run, never read from the cache
-(within the run, an expert whose weights have the shapes of one timed before reuses that timing).
+        (within the run, an expert whose weights have the shapes of one timed before reuses that timing).
 
         For an expert every repetition times the dense model's prefill right before its own, and its prefill
-        speed-up is the median of the repetitions' ratios: this machine drifts by more than the differences
-        measured (the dense prefill went from 451 to 567 tokens/s over one run), so a reference timed once at
-        the start and once at the end would favour whichever models ran when the machine was fast. (Decode
-        speed-ups, not a target, are against that start-and-end mean: pairing them too would add minutes.)"""
+        speed-up is the median of the repetitions' ratios (cusprun.evaluate.paired_prefill): this machine
+        drifts by more than the differences measured (the dense prefill went from 451 to 567 tokens/s over one
+        run), so a reference timed once at the start and once at the end would favour whichever models ran when
+        the machine was fast. (Decode speed-ups, not a target, are against that start-and-end mean: pairing
+        them too would add minutes.)"""
         expert = model is not self.model
         counts = {"flops": prefill_flops(model, self.s.speed_tokens), "params": parameter_count(model)}
         # Models of one architecture (every weight's shape: the compensated and plain channels of one expert and
@@ -256,17 +257,12 @@ class Bench:
         if expert and arch in self.speeds:
             return {**self.speeds[arch], **counts}
         start = time.perf_counter()
-        prefill_tokens_per_s(model, self.speed_docs[:1])  # warm-up, not timed
-        prefill, decode, dense_prefill = [], [], []
+        prefill, speedup = paired_prefill(model, self.speed_docs, self.s.repetitions, self.model if expert else None)
         prompt = self.speed_docs[0][:32]
-        for _ in range(self.s.repetitions):
-            if expert:
-                dense_prefill.append(prefill_tokens_per_s(self.model, self.speed_docs))
-            prefill.append(prefill_tokens_per_s(model, self.speed_docs))
-            decode.append(decode_tokens_per_s(model, prompt, self.s.decode_tokens))
-        timing = {"prefill_tps": statistics.median(prefill), "decode_tps": statistics.median(decode)}
+        decode = [decode_tokens_per_s(model, prompt, self.s.decode_tokens) for _ in range(self.s.repetitions)]
+        timing = {"prefill_tps": prefill, "decode_tps": statistics.median(decode)}
         if expert:
-            timing["prefill_speedup"] = statistics.median(e / d for e, d in zip(prefill, dense_prefill))
+            timing["prefill_speedup"] = speedup
             self.speeds[arch] = timing
         self.seconds["speed"] += time.perf_counter() - start
         return {**timing, **counts}

@@ -56,6 +56,23 @@ def prefill_tokens_per_s(model, documents: list[list[int]]) -> float:
     return sum(map(len, docs)) / (time.perf_counter() - start)
 
 
+def paired_prefill(model, documents: list[list[int]], repetitions: int, reference=None) -> tuple[float, float | None]:
+    """(median prefill tokens/s of ``model`` over ``repetitions``, and with a ``reference`` model the median of
+    the repetitions' speed ratios model / reference, else None), after one untimed warm-up forward.
+
+    The reference is timed right before the model in each repetition: a small CPU drifts by more than the
+    differences measured (10-20% between runs), so speeds timed minutes apart would compare the machine's
+    moods; the median of paired ratios cancels the drift."""
+    prefill_tokens_per_s(model, documents[:1])  # warm-up, not timed: the first forward of a model is slower
+    speeds, ratios = [], []
+    for _ in range(repetitions):
+        base = prefill_tokens_per_s(reference, documents) if reference is not None else None
+        speeds.append(prefill_tokens_per_s(model, documents))
+        if base is not None:
+            ratios.append(speeds[-1] / base)
+    return statistics.median(speeds), (statistics.median(ratios) if ratios else None)
+
+
 @torch.inference_mode()
 def decode_tokens_per_s(model, prompt: list[int], new_tokens: int = 32) -> float:
     """Greedy generation with the KV cache: new tokens per second after the prompt's prefill."""
@@ -86,9 +103,8 @@ def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int
     """Perplexity per text (documents truncated to ``max_tokens``), parameter count, prefill and decode speed.
 
     With a ``reference`` model (the dense model an expert came from), also ``prefill_speedup``: the median,
-    over the three repetitions, of the model's prefill speed over the reference's, timed right before it on
-    the same documents. A small CPU drifts by more than the differences measured (10-20% between runs), so
-    speeds timed minutes apart, as the dense model's and an expert's are, would compare the machine's moods."""
+    over three repetitions, of the model's prefill speed over the reference's, timed right before it on the
+    same documents (:func:`paired_prefill`)."""
     files, all_docs = {}, []
     tokenized = {}
     for path, documents in texts.items():
@@ -102,16 +118,11 @@ def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int
             files[path] = {"perplexity": ppl, "tokens": n}
             all_docs.extend(docs)
     prompt = next(d for d in all_docs)[:64]
-    prefill_tokens_per_s(model, all_docs[:1])  # warm-up, not timed: the first forward of a model is slower
     # the median of three: one timing on a small CPU moves by 10-20% (and more when the dense model is first)
-    prefill, reference_prefill = [], []
-    for _ in range(3):
-        if reference is not None:
-            reference_prefill.append(prefill_tokens_per_s(reference, all_docs[:8]))
-        prefill.append(prefill_tokens_per_s(model, all_docs[:8]))
+    prefill, speedup = paired_prefill(model, all_docs[:8], 3, reference)
     result = {"model": model_name, "params": parameter_count(model), "files": files,
-              "prefill_tokens_per_s": statistics.median(prefill),
+              "prefill_tokens_per_s": prefill,
               "decode_tokens_per_s": decode_tokens_per_s(model, prompt, decode_tokens)}
-    if reference is not None:
-        result["prefill_speedup"] = statistics.median(m / r for m, r in zip(prefill, reference_prefill))
+    if speedup is not None:
+        result["prefill_speedup"] = speedup
     return result
