@@ -199,7 +199,8 @@ class Bench:
         digest = hashlib.sha256(repr(docs).encode()).hexdigest()[:16]
         # local scores always come from a pass that also collects the statistics: the scores are the same with or
         # without them, and the compensated experts need that pass over the same documents anyway
-        tag = (measure + ("-stats" if stats or measure == "local" else "")) if method == "cusprun" else method
+        collect = stats or measure == "local"
+        tag = (measure + ("-stats" if collect else "")) if method == "cusprun" else method
         path = self.cache / f"{tag}-{corpus}-{len(docs)}docs-{digest}.safetensors"
         if path.exists():
             cached = ScoreSet.load(path, stats=stats)
@@ -207,8 +208,7 @@ class Bench:
                 return cached
         start = time.perf_counter()
         if method == "cusprun":
-            result = cusprun.score(self.model, docs, measure, corpus=corpus, progress=not self.quiet,
-                                   stats=stats or measure == "local")
+            result = cusprun.score(self.model, docs, measure, corpus=corpus, progress=not self.quiet, stats=collect)
         else:
             result = baseline_scores(self.model, method, docs, corpus=corpus)
         seconds = time.perf_counter() - start
@@ -285,13 +285,12 @@ class Bench:
         ppl = json.loads(path.read_text()) if path.exists() else {}
         wanted = self.heldout if dims is None else [*(s for d in dims for s in EVAL_SETS[d]), *GENERAL_SETS]
         missing = [name for name in wanted if name not in ppl]
-        if not missing:
-            return {name: ppl[name] for name in wanted}
-        start = time.perf_counter()
-        ppl.update({name: perplexity(model, self.heldout[name])[0] for name in missing})
-        self.seconds["evaluation"] += time.perf_counter() - start
-        self.cache.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(ppl)))
+        if missing:
+            start = time.perf_counter()
+            ppl.update({name: perplexity(model, self.heldout[name])[0] for name in missing})
+            self.seconds["evaluation"] += time.perf_counter() - start
+            self.cache.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(ppl)))
         return {name: ppl[name] for name in wanted}
 
 
