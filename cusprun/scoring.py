@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -60,9 +61,10 @@ def prepare_out(out: str) -> Path:
     path = Path(out)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".cusprun-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A probe of its own per process: torchrun's ranks check the same folder at the same time,
+        # and a shared probe name let one rank delete the file another was about to delete.
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".cusprun-write-test-"):
+            pass
     except OSError as exc:
         raise CusprunError(f"--out {out}: not writable ({exc.strerror})") from None
     return path

@@ -112,3 +112,15 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         scorefile.save_scores(tmp_path / "x.safetensors", {"a": torch.zeros(1, 2)}, {})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_concurrent_out_checks_do_not_trip_each_other(tmp_path):
+    """torchrun's ranks check --out at the same moment; each must probe with a file of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cusprun.scoring import prepare_out
+
+    out = tmp_path / "out"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda _: prepare_out(str(out)), range(2000)))
+    assert list(out.iterdir()) == []
