@@ -29,13 +29,15 @@ def environment() -> dict[str, str]:
     }
 
 
-def report(name: str, columns: list[str], rows: list[list], env: dict[str, str]) -> None:
-    """Print a table headed by the environment and append its rows to benchmarks/results/NAME.csv."""
+def report(name: str, columns: list[str], rows: list[list], env: dict[str, str], append: bool = True) -> None:
+    """Print a table headed by the environment and (``append``) add its rows to benchmarks/results/NAME.csv."""
     print(" | ".join(f"{k}={v}" for k, v in env.items()))
     widths = [max(len(str(c)), *(len(_fmt(r[i])) for r in rows)) for i, c in enumerate(columns)]
     print("  ".join(str(c).rjust(w) for c, w in zip(columns, widths)))
     for r in rows:
         print("  ".join(_fmt(v).rjust(w) for v, w in zip(r, widths)))
+    if not append:
+        return
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.csv"
     new = not path.exists()
