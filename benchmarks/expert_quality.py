@@ -103,6 +103,11 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             # of the ratio as whole layers), compensated channels of the other layers for the rest
             "cusprun-layers-comp": dict(granularity="unit", neurons="mlp", measure="local", compensate=DEFAULT_RIDGE,
                                         drop_share=1 / 3),
+            # every layer keeps a multiple of 16 or of 64 channels (units.align_channels), compensated
+            "cusprun-channels-align16-comp": dict(granularity="unit", neurons="mlp", measure="local",
+                                                  compensate=DEFAULT_RIDGE, align=16),
+            "cusprun-channels-align64-comp": dict(granularity="unit", neurons="mlp", measure="local",
+                                                  compensate=DEFAULT_RIDGE, align=64),
             "cusprun-more-layers-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                              compensate=DEFAULT_RIDGE, drop_share=2 / 3),
             # channels and RoPE pair slots of q and k, each kind losing the same share: pair scores from the
@@ -114,7 +119,8 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
                                              compensate=DEFAULT_RIDGE)}
 # measured once (benchmarks/results/expert_quality_{layers,pairs}.md) and run only when named
 # in --methods, which keeps the full benchmark under an hour
-BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local",
+BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-align16-comp", "cusprun-channels-align64-comp",
+                "cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local",
                 "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
 # the corpus-size sweep's method: the main job's expert, whose refit and selection gain from more calibration

@@ -1,10 +1,12 @@
 """Where a prefill's time goes, dense model against channel experts: why measured speed-ups fall short of the
 FLOP ideal, and how far they could go.
 
-    python benchmarks/prefill_breakdown.py [--ratios 0.25,0.45] [--experts de,de+medical] [--quick]
+    python benchmarks/prefill_breakdown.py [--ratios 0.25,0.45] [--experts de,de+medical] [--align 1,16]
+                                           [--quick]
 
 The experts are expert_quality.py's cusprun-channels (the compensated ones have the same shapes, so the same
-speed), built from its score cache (scored first where the cache lacks them). For the dense model and each
+speed), built from its score cache (scored first where the cache lacks them), each layer's channels as
+selected or rounded to a multiple of each ``--align`` (ScoreSet.select's align). For the dense model and each
 expert, on the same 512-token document:
 
 - the prefill speed-up against the dense model (cusprun.evaluate.paired_prefill) and the ideal speed-up from
@@ -88,6 +90,8 @@ def main():
     ap.add_argument("--ratios", default="0.25,0.35,0.45", help="comma-separated ratios (default: 0.25,0.35,0.45)")
     ap.add_argument("--experts", default="de", help="comma-separated experts (default: de)")
     ap.add_argument("--cache", default=str(CACHE), help=f"expert_quality.py's score cache (default: {CACHE})")
+    ap.add_argument("--align", default="1", help="comma-separated channel alignments to compare, each a row "
+                                                 "(ScoreSet.select's align; default: 1, as selected)")
     ap.add_argument("--repetitions", type=int, help="paired prefill repetitions (default: expert_quality.py's)")
     ap.add_argument("--quick", action="store_true", help="tiny settings for CI; nothing is appended to the CSV")
     args = ap.parse_args()
@@ -103,6 +107,12 @@ def main():
     unknown = sorted({d for e in experts for d in e} - known)
     if unknown:
         fail(f"--experts {args.experts!r}: unknown dimension {unknown[0]!r} (known: {', '.join(sorted(known))})")
+    try:
+        aligns = [int(a) for a in args.align.split(",")]
+    except ValueError:
+        fail(f"--align {args.align!r}: expected comma-separated whole numbers such as 1,16,64")
+    if not all(a >= 1 for a in aligns):
+        fail(f"--align {args.align!r}: every alignment must be 1 or more")
     repetitions = args.repetitions or settings.repetitions
     bench = Bench(settings, True, Path(args.cache))
     dense, ids, tokens = bench.model, bench.speed_docs[0], settings.speed_tokens
@@ -111,8 +121,9 @@ def main():
     rows, dense_splits = [], []
     for dims in experts:
         scores = bench.expert_scores("cusprun", dims)
-        for ratio in ratios:
-            model = cusprun.apply(dense, scores.select(ratio, **TARGETED["cusprun-channels"]), format="dense")
+        for ratio, align in ((r, a) for r in ratios for a in aligns):
+            plan = scores.select(ratio, **TARGETED["cusprun-channels"], align=align)
+            model = cusprun.apply(dense, plan, format="dense")
             _, speedup = paired_prefill(model, bench.speed_docs, repetitions, dense)
             ideal = dense_flops / prefill_flops(model, tokens)
             split, dense_split = paired_splits(model, dense, ids, PROFILED_ROUNDS)
@@ -121,13 +132,14 @@ def main():
             linear_drop = dense_linear / linear_flops(model, tokens)
             gemm_efficiency = dense_split["gemm"] / split["gemm"] / linear_drop
             ceiling = dense_time / (total - split["gemm"] + dense_split["gemm"] / linear_drop) / ideal
-            rows.append(["cusprun-channels", "+".join(dims), f"{ratio:.0%}", ideal, speedup, speedup / ideal,
+            rows.append(["cusprun-channels", "+".join(dims), f"{ratio:.0%}", align, ideal, speedup, speedup / ideal,
                          dense_time / total / ideal, *(split[k] / total for k in SHARES), gemm_efficiency, ceiling])
             del model
     dense_split = {k: statistics.median(s[k] for s in dense_splits) for k in SHARES}
     dense_time = sum(dense_split.values())
-    rows.insert(0, ["dense", "-", "0%", 1.0, 1.0, 1.0, 1.0, *(dense_split[k] / dense_time for k in SHARES), 1.0, 1.0])
-    columns = ["method", "expert", "ratio", "ideal", "speed-up", "measured/ideal", "profiled/ideal",
+    shares = [dense_split[k] / dense_time for k in SHARES]
+    rows.insert(0, ["dense", "-", "0%", "-", 1.0, 1.0, 1.0, 1.0, *shares, 1.0, 1.0])
+    columns = ["method", "expert", "ratio", "align", "ideal", "speed-up", "measured/ideal", "profiled/ideal",
                *(f"{k} share" for k in SHARES), "GEMM speed-up/linear FLOP drop", "ceiling/ideal"]
     env = {**environment(), "tokens": str(tokens), "repetitions": str(repetitions),
            "dense_prefill_ms": f"{dense_time * 1e3:.0f}",

@@ -70,17 +70,18 @@ def _layer_norm_params(model) -> int:
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
                  out: Path, rule: str = "all-docs", neurons: str | None = None, granularity: str | None = None,
                  budget: str = "rank", compensate: bool = False, ridge: float = DEFAULT_RIDGE,
-                 drop_layers: int = 0) -> dict:
+                 drop_layers: int = 0, align: int = 1) -> dict:
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report.
     ``neurons``/``granularity`` None: the scoring method's defaults (:meth:`ScoreSet.select`). ``compensate``:
     refit o_proj and down_proj over the kept columns first (:mod:`cusprun.compensate`; needs the sets' stats).
-    ``drop_layers``: whole layers of lowest block influence removed first (:meth:`ScoreSet.select`)."""
+    ``drop_layers``: whole layers of lowest block influence removed first, ``align``: every layer's kept MLP
+    channels a multiple of it (:meth:`ScoreSet.select`)."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
     combined = intersect(*sets)
     neurons, granularity = combined.selection_settings(neurons, granularity, uniform=format == "stock")
     sel = combined.select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons,
-                          granularity=granularity, budget=budget, drop_layers=drop_layers)
+                          granularity=granularity, budget=budget, drop_layers=drop_layers, align=align)
     if compensate:
         check_stats(sets, score_paths)
         model = compensate_model(model, sel, combined.stats, ridge)
@@ -95,7 +96,7 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
         "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
         "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
         "granularity": granularity, "budget": budget, "compensate": compensate, "drop_layers": drop_layers,
-        "dropped_layers": list(sel.dropped_layers),
+        "align": align, "dropped_layers": list(sel.dropped_layers),
         **({"ridge": ridge} if compensate else {}),
         "ratio_asked": ratio,
         "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,

@@ -40,6 +40,9 @@ selection (the defaults are what measured best, README "Expert quality"):
                                          the largest over the corpora), then select in the other layers up
                                          to --ratio: the paper's layer + neuron combination for aggressive
                                          ratios (section 4.5); see the README for what it measured
+  --align N                              every layer keeps a multiple of N MLP channels (or all of them),
+                                         the nearest to what the selection keeps: widths GEMM kernels tile
+                                         evenly (e.g. 64 for GPU tensor cores); see the README's "Speed"
 
 rules (--rule), how a corpus's documents are combined:
   all-docs   (default, the paper's) irrelevant = in the lowest σ in every document
@@ -92,6 +95,8 @@ def build_parser() -> OneLineArgumentParser:
                         "the README")
     p.add_argument("--drop-layers", type=int, default=0, metavar="N",
                    help="drop the N least influential decoder layers first, then select up to --ratio (default 0)")
+    p.add_argument("--align", type=int, default=1, metavar="N",
+                   help="with whole MLP channels: every layer keeps a multiple of N of them (default 1: as selected)")
     refit = p.add_mutually_exclusive_group()
     refit.add_argument("--compensate", dest="compensate", action="store_true", default=None,
                        help="refit o_proj and down_proj over the kept columns by ridge least squares on the "
@@ -118,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(f"--ridge {args.ridge}: must be a positive number")
     if args.drop_layers < 0:
         raise CusprunError(f"--drop-layers {args.drop_layers}: must be 0 or more")
+    if args.align < 1:
+        raise CusprunError(f"--align {args.align}: must be a whole number of channels, 1 or more")
     try:
         sets = load_score_sets(args.scores, stats=args.compensate is not False)
     except CusprunError as exc:
@@ -129,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
+    try:
+        intersect(*sets).check_align(args.align, args.format == "stock", args.granularity)
+    except ValueError as exc:
+        raise CusprunError(f"--{exc}") from None
     if args.drop_layers:  # the layers' influence is in the score files: check the drop before the weights load
         geo = Geometry(config)
         try:
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
                               rule=args.rule, neurons=args.neurons, granularity=args.granularity,
                               budget=args.budget, compensate=compensate, ridge=args.ridge,
-                              drop_layers=args.drop_layers)
+                              drop_layers=args.drop_layers, align=args.align)
     except ValueError as exc:  # a ratio the candidate neurons cannot reach, a stock plan from layer scores
         raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")

@@ -186,9 +186,22 @@ class ScoreSet:
         return (chosen["neurons"] if neurons is None else neurons,
                 chosen["granularity"] if granularity is None else granularity)
 
+    def check_align(self, align: int, uniform: bool = False, granularity: str | None = None) -> None:
+        """ValueError unless :meth:`select` can round each layer's whole MLP channels to multiples of ``align``
+        (1: nothing to round)."""
+        if align == 1:
+            return
+        if not isinstance(align, int) or align < 1:
+            raise ValueError(f"align must be a whole number of channels, 1 or more, got {align!r}")
+        method = method_of(self.metadata)
+        _, granularity = self.selection_settings(None, granularity, uniform)
+        if uniform or granularity != "unit" or method.granularity == "layer" or method.prunable is not None:
+            raise ValueError(f"align {align} rounds each layer's whole MLP channels: it needs the unit granularity "
+                             "and scores of every neuron (not the stock format, whole layers or a prunable list)")
+
     def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
                neurons: str | None = None, granularity: str | None = None, budget: str = "rank",
-               drop_layers: int = 0) -> Selection:
+               drop_layers: int = 0, align: int = 1) -> Selection:
         """The plan removing the least relevant units or neurons (and all they make dead) until ``ratio`` of
         the projection parameters is gone; ``cusprun.apply`` it to the model.
 
@@ -209,12 +222,15 @@ class ScoreSet:
         ``prunable`` groups (FLAP) choose only among those.
         drop_layers: first remove this many whole decoder layers, those of lowest block influence on the
             set's corpora (:func:`~cusprun.selection.layer_influence`), then units or neurons of the other
-            layers up to ``ratio`` (the paper's §4.5 combination for aggressive ratios)."""
+            layers up to ``ratio`` (the paper's §4.5 combination for aggressive ratios).
+        align: with whole MLP channels, every layer keeps a multiple of ``align`` of them (or all), the
+            widths GEMM kernels tile evenly (:func:`~cusprun.units.align_channels`)."""
         geo = self.geometry(config)
         method = method_of(self.metadata)
         neurons, granularity = self.selection_settings(neurons, granularity, uniform)
         if neurons not in NEURONS:
             raise ValueError(f"neurons must be one of {tuple(NEURONS)}, got {neurons!r}")
+        self.check_align(align, uniform, granularity)
         dropped = self.layers_to_drop(drop_layers, geo, uniform)
         if method.granularity == "layer":
             if uniform:
@@ -242,7 +258,7 @@ class ScoreSet:
             kinds, shares = NEURONS[neurons].units, None
             if budget == "rank" and len(per_corpus) > 1:  # each corpus's own layer shares, averaged
                 shares = corpus_shares(per_corpus, geo, ratio, kinds, dropped)
-            return select_units(intersection_values(per_corpus), geo, ratio, budget, kinds, dropped, shares)
+            return select_units(intersection_values(per_corpus), geo, ratio, budget, kinds, dropped, shares, align)
         candidates = None if groups is None else {n for n in geo.names() if group_of(n) in groups}
         return select(self.relevance(rule), geo, ratio, candidates, dropped)
 

@@ -207,7 +207,7 @@ def corpus_shares(per_corpus: list[dict[str, torch.Tensor]], geo: Geometry, rati
 
 def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget: str = "rank",
                  kinds: tuple[str, ...] = ("heads", "channels"), dropped_layers: list[int] = (),
-                 shares: dict[str, torch.Tensor] | None = None) -> Selection:
+                 shares: dict[str, torch.Tensor] | None = None, align: int = 1) -> Selection:
     """Remove the lowest-valued units of ``kinds`` until ``ratio`` of the projection parameters is gone.
 
     Order: ascending key, then kind, layer and index. The key is the value per parameter under the relative
@@ -217,15 +217,40 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
     units its layer's share asks for (:func:`layer_keys`). The Selection's ``sigma`` is the last removed unit's
     key under the rank budget without shares (a rank-fraction threshold, as the neuron selection's), None
     otherwise (no single threshold). ``dropped_layers``: whole layers removed first (every head and channel);
-    the units of the other layers reach the rest of the ratio."""
-    return _choose(values, geo, ratio, budget, kinds, dropped_layers, shares)[0]
+    the units of the other layers reach the rest of the ratio. ``align``: every layer keeps a multiple of
+    ``align`` MLP channels (or all of them), the nearest to what the order alone would keep, its
+    lowest-ordered channels going first (:func:`align_channels`)."""
+    return _choose(values, geo, ratio, budget, kinds, dropped_layers, shares, align)[0]
+
+
+def align_channels(removed: torch.Tensor, position: torch.Tensor, align: int) -> torch.Tensor:
+    """removed bool [layers, channels], position [layers, channels] (each channel's place in the removal order)
+    -> removed with every layer keeping the multiple of ``align`` nearest to what it kept (or every channel):
+    the layer's earliest channels in the order go, as more of the order would take them.
+
+    Why: GEMMs run fastest on widths their kernels tile evenly (multiples of 16 on a CPU's vector units, of 64
+    or more on a GPU's tensor cores). Measured on SmolLM2 at 45% (README, "Speed"): the narrow down/gate/up
+    GEMMs of an unaligned expert lose about 6% per FLOP against the dense model's, aligned ones about 3%.
+    A layer's aligned count never rises as the order goes on, so the removed fraction still grows with it and
+    the search finds the reachable fraction nearest the ratio (reachable in coarser steps)."""
+    channels = removed.shape[1]
+    kept = channels - removed.sum(1)
+    target = torch.clamp(torch.div(kept + align // 2, align, rounding_mode="floor") * align, max=channels)
+    rank = torch.empty_like(position)
+    rank.scatter_(1, torch.argsort(position, dim=1, stable=True),
+                  torch.arange(channels).expand(removed.shape).contiguous())
+    return rank < (channels - target)[:, None]
 
 
 def _choose(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget: str, kinds: tuple[str, ...],
-            dropped_layers: list[int], shares: dict[str, torch.Tensor] | None = None):
+            dropped_layers: list[int], shares: dict[str, torch.Tensor] | None = None, align: int = 1):
     """:func:`select_units`' Selection and the units it removes ({kind: bool [layers, units]}, pairs as slots)."""
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
+    if not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be a positive whole number of channels, got {align!r}")
+    if align > 1 and "channels" not in kinds:
+        raise ValueError("align rounds each layer's MLP channels: it needs a selection of channels")
     check_dropped_share(geo, dropped_layers, ratio)
     if budget == "equal":
         shares = {kind: torch.ones(geo.layers) for kind in kinds}
@@ -257,6 +282,10 @@ def _choose(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget
     minor = (tags[:, 0] * (geo.layers + 1) + tags[:, 1]) * (max(unit_counts(geo).values()) + 1) + tags[:, 2]
     order = torch.argsort(minor, stable=True)
     order = order[torch.sort(keys[order], stable=True).indices]
+    if align > 1:  # each channel's place in the order (a dropped layer's channels, gone already, last)
+        position = torch.full(values["channels"].shape, len(order), dtype=torch.long)
+        ours = tags[order][:, 0] == KINDS.index("channels")
+        position[tags[order][ours, 1], tags[order][ours, 2]] = torch.arange(len(order))[ours]
 
     def removed_by(k: int) -> dict[str, torch.Tensor]:
         removed = {kind: torch.zeros(values[kind].shape, dtype=torch.bool) for kind in KINDS}
@@ -264,6 +293,9 @@ def _choose(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget
         for kind_index, kind in enumerate(KINDS):
             mine = chosen[chosen[:, 0] == kind_index]
             removed[kind][mine[:, 1], mine[:, 2]] = True
+        if align > 1:
+            aligned = align_channels(removed["channels"], position, align)
+            removed["channels"] = torch.where(kept_layers[:, None], aligned, removed["channels"])
         return removed
 
     def plan_for(k: int) -> Plan:

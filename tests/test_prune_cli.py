@@ -78,6 +78,21 @@ def test_prune_drops_the_least_influential_layer(scored, tmp_path):
     assert f"layers dropped {report['dropped_layers'][0]}" in res.stdout
 
 
+def test_prune_aligns_each_layers_channels(scored, tmp_path):
+    """--align 4: every layer keeps a multiple of 4 MLP channels (or all), pruning.json records it, and the
+    folder loads."""
+    out = tmp_path / "expert"
+    res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.2",
+              "--align", "4", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "pruning.json").read_text())
+    inter = AutoModelForCausalLM.from_pretrained(scored / "model").config.intermediate_size
+    kept = [layer["mlp.down_proj"][1] for layer in report["kept"].values()]
+    assert report["align"] == 4 and all(k % 4 == 0 or k == inter for k in kept) and kept != [inter] * len(kept)
+    expert = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert [layer.mlp.down_proj.in_features if layer.mlp else 0 for layer in expert.model.layers] == kept
+
+
 def test_masked_format_loads_as_the_original_architecture(scored, tmp_path):
     out = tmp_path / "masked"
     res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.2",
@@ -111,6 +126,8 @@ def test_sliced_equals_masked_from_the_same_plan():
     ("drop_negative", "--drop-layers -1: must be 0 or more"),
     ("drop_all", "cannot drop 2 of 2 layers: at least one must stay"),
     ("drop_too_many", "dropping 1 of 2 layers already removes 0.5000 of the projection parameters"),
+    ("align_zero", "--align 0: must be a whole number of channels, 1 or more"),
+    ("align_stock", "--align 4 rounds each layer's whole MLP channels: it needs the unit granularity"),
 ])
 def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     other = tmp_path / "other"
@@ -130,7 +147,8 @@ def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     if case == "granularity":
         args += ["--granularity", "layer"]
     args += {"drop_negative": ["--drop-layers", "-1"], "drop_all": ["--drop-layers", "2"],
-             "drop_too_many": ["--drop-layers", "1"]}.get(case, [])
+             "drop_too_many": ["--drop-layers", "1"], "align_zero": ["--align", "0"],
+             "align_stock": ["--align", "4", "--format", "stock"]}.get(case, [])
     res = cli("prune", *args)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()

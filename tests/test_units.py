@@ -143,6 +143,47 @@ def test_several_corpora_take_each_layers_share_from_the_corpora_and_the_units_f
         assert values[layer][gone[layer]].max() <= values[layer][~gone[layer]].min()
 
 
+@pytest.mark.parametrize("arch, align", [("llama", 4), ("mistral", 4), ("qwen2", 3)])
+@pytest.mark.parametrize("corpora, drop_layers", [(1, 0), (2, 0), (2, 1)])
+def test_aligned_channels_keep_multiples_from_the_same_order_and_stay_exact(arch, align, corpora, drop_layers):
+    """align: every kept layer keeps a multiple of ``align`` channels or all of them; in each layer the removed
+    channels are the ones the unaligned selection's order takes first (the two nest); the ratio is met to within
+    one step of ``align`` channels; the dense export computes what the masked model computes."""
+    model = tiny_model(arch, seed=9, layers=5)
+    geo = Geometry(model.config)
+    sets = [cusprun.score(model, documents(seed=7 * c + 1), corpus=f"c{c}", progress=False) for c in range(corpora)]
+    score_set = cusprun.intersect(*sets)
+    plain = score_set.select(0.2, drop_layers=drop_layers)
+    aligned = score_set.select(0.2, drop_layers=drop_layers, align=align)
+
+    def removed(sel):
+        return torch.stack([~sel.plan[f"model.layers.{layer}.mlp.down_proj.cols"] for layer in range(geo.layers)])
+
+    kept = geo.inter - removed(aligned).sum(1)
+    live = [layer for layer in range(geo.layers) if layer not in aligned.dropped_layers]
+    assert all(int(kept[layer]) % align == 0 or int(kept[layer]) == geo.inter for layer in live)
+    assert len(live) == geo.layers - drop_layers
+    for layer in live:
+        a, p = removed(aligned)[layer], removed(plain)[layer]
+        assert bool((a & ~p).sum() == 0) or bool((p & ~a).sum() == 0), layer  # prefixes of one order
+    step = align * 3 * geo.hidden / geo.projection_params()  # one layer's count moving by align channels
+    assert abs(aligned.removed_fraction - 0.2) <= step
+    ids = torch.tensor([random_ids(15, seed=1)])
+    with torch.no_grad():
+        gap = cusprun.apply(model, aligned, "dense")(ids).logits - cusprun.apply(model, aligned, "masked")(ids).logits
+    assert gap.abs().max() <= 1e-4
+
+
+def test_align_needs_whole_channels():
+    model = tiny_model("llama", seed=1, layers=2)
+    score_set = cusprun.score(model, documents(), progress=False)
+    for kwargs in (dict(granularity="neuron"), dict(uniform=True)):
+        with pytest.raises(ValueError, match="align 4 rounds each layer's whole MLP channels"):
+            score_set.select(0.3, align=4, **kwargs)
+    with pytest.raises(ValueError, match="align must be a whole number of channels"):
+        score_set.select(0.3, align=0)
+
+
 def testlayer_keys_take_each_layers_share_and_its_weakest_units_first():
     """Keys up to 1 remove round(share · units) from each layer, weakest first; a layer with share 0 comes after
     every other layer's units and then loses its own weakest first."""
