@@ -16,6 +16,8 @@ Methods at each ratio of projection parameters removed (every expert exported in
   cusprun-units    whole query heads and MLP channels, rank budget
   cusprun-channels-equal-comp  compensated channels, every layer losing the same number (--budget equal);
                    only when named in --methods
+  cusprun-channels-align16-comp, cusprun-channels-align64-comp  compensated channels, every layer keeping a
+                   multiple of 16 or 64 of them (--align); only when named in --methods
   cusprun-neurons  the paper's per-neuron selection (the same sigma share from every row/column group)
   cusprun-pairs, cusprun-pairs-comp, cusprun-pairs-local, cusprun-pairs-local-comp  MLP channels and RoPE
                    pairs of q and k (every k/v head of a layer drops its weakest pairs, the same number in
@@ -117,7 +119,7 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             "cusprun-pairs-comp": dict(granularity="unit", neurons="mlp+pairs", compensate=DEFAULT_RIDGE),
             "cusprun-pairs-local-comp": dict(granularity="unit", neurons="mlp+pairs", measure="local",
                                              compensate=DEFAULT_RIDGE)}
-# measured once (benchmarks/results/expert_quality_{layers,pairs}.md) and run only when named
+# measured once (benchmarks/results/expert_quality_{layers,pairs,align}.md) and run only when named
 # in --methods, which keeps the full benchmark under an hour
 BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-align16-comp", "cusprun-channels-align64-comp",
                 "cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local",
