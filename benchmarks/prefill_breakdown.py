@@ -113,6 +113,8 @@ def main():
         fail(f"--align {args.align!r}: expected comma-separated whole numbers such as 1,16,64")
     if not all(a >= 1 for a in aligns):
         fail(f"--align {args.align!r}: every alignment must be 1 or more")
+    if args.repetitions is not None and args.repetitions < 1:
+        fail(f"--repetitions {args.repetitions}: must be 1 or more")
     repetitions = args.repetitions or settings.repetitions
     bench = Bench(settings, True, Path(args.cache))
     dense, ids, tokens = bench.model, bench.speed_docs[0], settings.speed_tokens
@@ -122,7 +124,10 @@ def main():
     for dims in experts:
         scores = bench.expert_scores("cusprun", dims)
         for ratio, align in ((r, a) for r in ratios for a in aligns):
-            plan = scores.select(ratio, **TARGETED["cusprun-channels"], align=align)
+            try:
+                plan = scores.select(ratio, **TARGETED["cusprun-channels"], align=align)
+            except ValueError as exc:  # a ratio channels alone cannot reach, an alignment wider than the MLP
+                fail(str(exc))
             model = cusprun.apply(dense, plan, format="dense")
             _, speedup = paired_prefill(model, bench.speed_docs, repetitions, dense)
             ideal = dense_flops / prefill_flops(model, tokens)

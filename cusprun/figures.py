@@ -162,7 +162,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
         report = json.loads(report_path.read_text())
         kept, sigma, ratio = report["kept"], report["sigma"], report["ratio_achieved_projection"]
         settings = (report.get("neurons"), report.get("granularity"))
-        budget, drop_layers = report.get("budget", "rank"), report.get("drop_layers", 0)
+        budget, drop_layers, align = report.get("budget", "rank"), report.get("drop_layers", 0), report.get("align", 1)
         title = f"{Path(expert).name}: {ratio:.1%} of projection parameters removed"
     else:
         try:
@@ -171,7 +171,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
             raise CusprunError(str(exc)) from None
         kept, sigma = kept_counts(selection.plan, geo), selection.sigma
         settings = combined.selection_settings()
-        budget, drop_layers = "rank", 0
+        budget, drop_layers, align = "rank", 0, 1
         title = f"{label(combined)}: {selection.removed_fraction:.1%} of projection parameters removed"
     layer = geo.layers // 2 if layer is None else layer
     if not 0 <= layer < geo.layers:
@@ -181,7 +181,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
     plot_kept(plt, kept_fractions(kept, geo), title, paths[0])
     if sigma is None:  # layer shares, no single threshold: each dimension's own selection at the ratio
         irrelevant = own_irrelevant_sets(sets, ratio, neurons=settings[0], granularity=settings[1], budget=budget,
-                                         drop_layers=drop_layers)
+                                         drop_layers=drop_layers, align=align)
         caption = f"(each dimension's own selection at {ratio:.1%})"
     else:
         irrelevant, caption = irrelevant_sets(sets, sigma), f"at σ = {sigma:.3f}"

@@ -42,7 +42,8 @@ selection (the defaults are what measured best, README "Expert quality"):
                                          ratios (section 4.5); see the README for what it measured
   --align N                              every layer keeps a multiple of N MLP channels (or all of them),
                                          the nearest to what the selection keeps: widths GEMM kernels tile
-                                         evenly (e.g. 64 for GPU tensor cores); see the README's "Speed"
+                                         evenly (e.g. 64 for GPU tiles); README: "Where a prefill's
+                                         time goes, and aligned widths"
 
 rules (--rule), how a corpus's documents are combined:
   all-docs   (default, the paper's) irrelevant = in the lowest σ in every document
@@ -136,10 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
-    try:
-        intersect(*sets).check_align(args.align, args.format == "stock", args.granularity)
-    except ValueError as exc:
-        raise CusprunError(f"--{exc}") from None
+    if args.align > 1:
+        try:
+            sets[0].check_align(args.align, config, args.format == "stock", args.granularity)
+        except ValueError as exc:
+            raise CusprunError(f"--{exc}") from None
     if args.drop_layers:  # the layers' influence is in the score files: check the drop before the weights load
         geo = Geometry(config)
         try:

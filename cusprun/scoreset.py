@@ -186,9 +186,9 @@ class ScoreSet:
         return (chosen["neurons"] if neurons is None else neurons,
                 chosen["granularity"] if granularity is None else granularity)
 
-    def check_align(self, align: int, uniform: bool = False, granularity: str | None = None) -> None:
+    def check_align(self, align: int, config=None, uniform: bool = False, granularity: str | None = None) -> None:
         """ValueError unless :meth:`select` can round each layer's whole MLP channels to multiples of ``align``
-        (1: nothing to round)."""
+        (1: nothing to round) on the model of ``config`` (None: the one in the metadata)."""
         if align == 1:
             return
         if not isinstance(align, int) or align < 1:
@@ -198,6 +198,9 @@ class ScoreSet:
         if uniform or granularity != "unit" or method.granularity == "layer" or method.prunable is not None:
             raise ValueError(f"align {align} rounds each layer's whole MLP channels: it needs the unit granularity "
                              "and scores of every neuron (not the stock format, whole layers or a prunable list)")
+        width = self.geometry(config).inter
+        if align > width:  # every layer would round to no channel at all, or keep all
+            raise ValueError(f"align {align} is wider than the model's MLP ({width} channels)")
 
     def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
                neurons: str | None = None, granularity: str | None = None, budget: str = "rank",
@@ -230,7 +233,7 @@ class ScoreSet:
         neurons, granularity = self.selection_settings(neurons, granularity, uniform)
         if neurons not in NEURONS:
             raise ValueError(f"neurons must be one of {tuple(NEURONS)}, got {neurons!r}")
-        self.check_align(align, uniform, granularity)
+        self.check_align(align, config, uniform, granularity)
         dropped = self.layers_to_drop(drop_layers, geo, uniform)
         if method.granularity == "layer":
             if uniform:

@@ -215,31 +215,30 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
     :func:`_share`); with ``shares`` ({kind: [layers]}, the rank budget of several corpora,
     :func:`corpus_shares`) and under the equal budget (every share the same) its rank in its layer over the
     units its layer's share asks for (:func:`layer_keys`). The Selection's ``sigma`` is the last removed unit's
-    key under the rank budget without shares (a rank-fraction threshold, as the neuron selection's), None
-    otherwise (no single threshold). ``dropped_layers``: whole layers removed first (every head and channel);
-    the units of the other layers reach the rest of the ratio. ``align``: every layer keeps a multiple of
-    ``align`` MLP channels (or all of them), the nearest to what the order alone would keep, its
+    key under the rank budget without shares or alignment (a rank-fraction threshold, as the neuron
+    selection's), None otherwise (no single threshold). ``dropped_layers``: whole layers removed first (every
+    head and channel); the units of the other layers reach the rest of the ratio. ``align``: every layer keeps a
+    multiple of ``align`` MLP channels (or all of them), the nearest to what the order alone would keep, its
     lowest-ordered channels going first (:func:`align_channels`)."""
     return _choose(values, geo, ratio, budget, kinds, dropped_layers, shares, align)[0]
 
 
-def align_channels(removed: torch.Tensor, position: torch.Tensor, align: int) -> torch.Tensor:
-    """removed bool [layers, channels], position [layers, channels] (each channel's place in the removal order)
-    -> removed with every layer keeping the multiple of ``align`` nearest to what it kept (or every channel):
-    the layer's earliest channels in the order go, as more of the order would take them.
+def align_channels(removed: torch.Tensor, rank: torch.Tensor, align: int) -> torch.Tensor:
+    """removed bool [layers, channels], rank [layers, channels] (each channel's rank in its layer's removal
+    order, 0 = first to go) -> removed with every layer keeping the multiple of ``align`` nearest to what it
+    kept, or every channel where that is nearer (a width that is no multiple of ``align``); ties keep more.
+    The layer's earliest channels in the order go, as more of the order would take them.
 
     Why: GEMMs run fastest on widths their kernels tile evenly (multiples of 16 for CPU vector units and
-    half-precision tensor cores, 64 or more for GPU tiles). Measured on SmolLM2 on a 2-core CPU (README,
-    "Where a prefill's time goes"): multiples of 64 lifted the prefill at 35% and 45% from 0.88-0.91 to
-    0.90-0.95 of the FLOP ideal, in all six cells, at the same perplexity within a few percent.
-    A layer's aligned count never rises as the order goes on, so the removed fraction still grows with it and
-    the search finds the reachable fraction nearest the ratio (reachable in coarser steps)."""
+    half-precision tensor cores, 64 or more for GPU tiles); measured on SmolLM2 in the README, "Where a
+    prefill's time goes, and aligned widths". A layer's aligned count never rises as the order goes on, so
+    the removed fraction still grows with it and the search finds the reachable fraction nearest the ratio
+    (reachable in steps of up to ``align`` channels of one layer)."""
     channels = removed.shape[1]
     kept = channels - removed.sum(1)
-    target = torch.clamp(torch.div(kept + align // 2, align, rounding_mode="floor") * align, max=channels)
-    rank = torch.empty_like(position)
-    rank.scatter_(1, torch.argsort(position, dim=1, stable=True),
-                  torch.arange(channels).expand(removed.shape).contiguous())
+    down = torch.div(kept, align, rounding_mode="floor") * align
+    up = torch.clamp(down + align, max=channels)
+    target = torch.where(up - kept <= kept - down, up, down)
     return rank < (channels - target)[:, None]
 
 
@@ -283,10 +282,13 @@ def _choose(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget
     minor = (tags[:, 0] * (geo.layers + 1) + tags[:, 1]) * (max(unit_counts(geo).values()) + 1) + tags[:, 2]
     order = torch.argsort(minor, stable=True)
     order = order[torch.sort(keys[order], stable=True).indices]
-    if align > 1:  # each channel's place in the order (a dropped layer's channels, gone already, last)
+    if align > 1:  # each channel's rank in its layer's part of the order (a dropped layer's, gone already, last)
         position = torch.full(values["channels"].shape, len(order), dtype=torch.long)
         ours = tags[order][:, 0] == KINDS.index("channels")
         position[tags[order][ours, 1], tags[order][ours, 2]] = torch.arange(len(order))[ours]
+        channel_rank = torch.empty_like(position)
+        channel_rank.scatter_(1, torch.argsort(position, dim=1, stable=True),
+                              torch.arange(position.shape[1]).expand(position.shape).contiguous())
 
     def removed_by(k: int) -> dict[str, torch.Tensor]:
         removed = {kind: torch.zeros(values[kind].shape, dtype=torch.bool) for kind in KINDS}
@@ -295,7 +297,7 @@ def _choose(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget
             mine = chosen[chosen[:, 0] == kind_index]
             removed[kind][mine[:, 1], mine[:, 2]] = True
         if align > 1:
-            aligned = align_channels(removed["channels"], position, align)
+            aligned = align_channels(removed["channels"], channel_rank, align)
             removed["channels"] = torch.where(kept_layers[:, None], aligned, removed["channels"])
         return removed
 
@@ -318,5 +320,6 @@ def _choose(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget
     k = hi if lo == 0 or abs(fraction(hi) - ratio) <= abs(fraction(lo) - ratio) else lo
     plan = plan_for(k)
     kept = kept_params(plan, geo)
-    sigma = (float(keys[order[k - 1]]) if k else 0.0) if budget == "rank" and shares is None else None
+    # aligned widths keep some units below the last removed key and remove some above it: no single threshold
+    sigma = (float(keys[order[k - 1]]) if k else 0.0) if budget == "rank" and shares is None and align == 1 else None
     return Selection(plan, sigma, 1 - kept / total, kept, total, tuple(dropped_layers)), removed_by(k)

@@ -43,6 +43,7 @@ def test_quick_breakdown_prints_a_consistent_table(tmp_path):
     (("--ratios", "a"), "--ratios 'a': expected comma-separated numbers"),
     (("--experts", "de+fr"), "--experts 'de+fr': unknown dimension 'fr'"),
     (("--align", "1,0"), "--align '1,0': every alignment must be 1 or more"),
+    (("--repetitions", "0"), "--repetitions 0: must be 1 or more"),
 ])
 def test_bad_input_is_one_line_exit_2(args, expect, tmp_path):
     res = run(*args, cache=tmp_path / "cache")

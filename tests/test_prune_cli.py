@@ -128,6 +128,7 @@ def test_sliced_equals_masked_from_the_same_plan():
     ("drop_too_many", "dropping 1 of 2 layers already removes 0.5000 of the projection parameters"),
     ("align_zero", "--align 0: must be a whole number of channels, 1 or more"),
     ("align_stock", "--align 4 rounds each layer's whole MLP channels: it needs the unit granularity"),
+    ("align_wide", "--align 1000 is wider than the model's MLP ("),
 ])
 def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     other = tmp_path / "other"
@@ -148,7 +149,7 @@ def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
         args += ["--granularity", "layer"]
     args += {"drop_negative": ["--drop-layers", "-1"], "drop_all": ["--drop-layers", "2"],
              "drop_too_many": ["--drop-layers", "1"], "align_zero": ["--align", "0"],
-             "align_stock": ["--align", "4", "--format", "stock"]}.get(case, [])
+             "align_stock": ["--align", "4", "--format", "stock"], "align_wide": ["--align", "1000"]}.get(case, [])
     res = cli("prune", *args)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()

@@ -6,7 +6,7 @@ import torch
 import cusprun
 from cusprun.dense import layer_units
 from cusprun.plan import Geometry, propagate
-from cusprun.units import layer_keys, unit_scores, unit_values
+from cusprun.units import align_channels, layer_keys, select_units, unit_scores, unit_values
 from tests.tiny import random_ids, tiny_model
 
 DOCS = (7, 12, 9)
@@ -174,6 +174,19 @@ def test_aligned_channels_keep_multiples_from_the_same_order_and_stay_exact(arch
     assert gap.abs().max() <= 1e-4
 
 
+def test_align_rounds_to_the_nearest_multiple_or_keeps_every_channel():
+    """18 channels, align 8: each kept count goes to the nearest of the multiples of 8 and 18 (ties keep more),
+    the layer's earliest channels in the order going first, and never more as fewer are kept."""
+    rank = torch.stack([torch.randperm(18, generator=torch.Generator().manual_seed(s)) for s in range(19)])
+    removed = rank < torch.arange(19)[:, None]  # row i: the order took i channels
+    aligned = align_channels(removed, rank, 8)
+    kept = (~aligned).sum(1)
+    nearest = {18: 18, 17: 18, 16: 16, 13: 16, 12: 16, 11: 8, 4: 8, 3: 0, 0: 0}
+    assert all(int(kept[18 - k]) == want for k, want in nearest.items())
+    assert torch.equal(aligned, rank < (18 - kept)[:, None])  # the earliest in the order go
+    assert bool((kept[1:] <= kept[:-1]).all())
+
+
 def test_align_needs_whole_channels():
     model = tiny_model("llama", seed=1, layers=2)
     score_set = cusprun.score(model, documents(), progress=False)
@@ -182,6 +195,12 @@ def test_align_needs_whole_channels():
             score_set.select(0.3, align=4, **kwargs)
     with pytest.raises(ValueError, match="align must be a whole number of channels"):
         score_set.select(0.3, align=0)
+    with pytest.raises(ValueError, match=r"align 21 is wider than the model's MLP \(20 channels\)"):
+        score_set.select(0.3, align=21)
+    assert score_set.select(0.2).sigma is not None and score_set.select(0.2, align=4).sigma is None
+    with pytest.raises(ValueError, match="align rounds each layer's MLP channels: it needs a selection of channels"):
+        select_units(unit_values([score_set.scores], Geometry(model.config)), Geometry(model.config), 0.2,
+                     kinds=("heads",), align=4)
 
 
 def testlayer_keys_take_each_layers_share_and_its_weakest_units_first():
