@@ -26,13 +26,17 @@ for CI, nothing is appended).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
-from torch.profiler import profile
+# before torch loads: the profiler's backend (Kineto) would print two log lines per profiled forward
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+import torch  # noqa: E402
+from torch.profiler import profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, report  # noqa: E402
