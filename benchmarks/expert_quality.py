@@ -315,6 +315,12 @@ def decode_tokens_per_s(model, prompt: list[int], new_tokens: int) -> float:
     return new_tokens / (time.perf_counter() - start)
 
 
+def linear_flops(model, tokens: int) -> int:
+    """2 per nonzero weight of every linear layer (projections and lm_head) per token: the GEMM part of
+    :func:`prefill_flops`."""
+    return 2 * tokens * sum(int(m.weight.count_nonzero()) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def prefill_flops(model, tokens: int) -> int:
     """Multiply-add FLOPs (2 per nonzero weight per token) of a ``tokens``-token causal prefill: every linear
     layer (projections and lm_head) plus attention scores and values, 2 · heads · (qk_dim + head_dim) per
@@ -322,8 +328,7 @@ def prefill_flops(model, tokens: int) -> int:
     sliding window where there is one. Norms, activations and RoPE are left out.
     Weights that are exactly zero (neurons removed inside a kept unit) do not count: the ideal is what the
     plan removes, whether or not the export can skip it."""
-    linear = sum(int(m.weight.count_nonzero()) for m in model.modules() if isinstance(m, torch.nn.Linear))
-    total = 2 * tokens * linear
+    total = linear_flops(model, tokens)
     window = getattr(model.config, "sliding_window", None)
     for layer in model.model.layers:
         attn = layer.self_attn

@@ -40,19 +40,15 @@ from torch.profiler import profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, report  # noqa: E402
-from expert_quality import CACHE, FULL, QUICK, TARGETED, Bench, prefill_flops  # noqa: E402
+from expert_quality import CACHE, FULL, QUICK, TARGETED, Bench, linear_flops, prefill_flops  # noqa: E402
 
 import cusprun  # noqa: E402
+from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 from cusprun.evaluate import paired_prefill  # noqa: E402
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 PROFILED_ROUNDS = 5
 SHARES = ("gemm", "attention", "other", "outside")  # time_split's parts
-
-
-def linear_flops(model, tokens: int) -> int:
-    """2 per nonzero weight of every linear layer per token: the GEMM part of prefill_flops."""
-    return 2 * tokens * sum(int(m.weight.count_nonzero()) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 @torch.inference_mode()
@@ -84,13 +80,8 @@ def paired_splits(model, reference, ids: list[int], rounds: int) -> tuple[dict[s
     return tuple({k: statistics.median(p[i][k] for p in pairs) for k in SHARES} for i in (1, 0))
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="0.25,0.35,0.45", help="comma-separated ratios (default: 0.25,0.35,0.45)")
     ap.add_argument("--experts", default="de", help="comma-separated experts (default: de)")
     ap.add_argument("--cache", default=str(CACHE), help=f"expert_quality.py's score cache (default: {CACHE})")
@@ -98,27 +89,28 @@ def main():
                                                  "(ScoreSet.select's align; default: 1, as selected)")
     ap.add_argument("--repetitions", type=int, help="paired prefill repetitions (default: expert_quality.py's)")
     ap.add_argument("--quick", action="store_true", help="tiny settings for CI; nothing is appended to the CSV")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
     try:
         ratios = [float(r) for r in args.ratios.split(",")]
     except ValueError:
-        fail(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.45")
+        raise CusprunError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.45") from None
     if not all(0 < r < 1 for r in ratios):
-        fail(f"--ratios {args.ratios!r}: every ratio must lie strictly between 0 and 1")
+        raise CusprunError(f"--ratios {args.ratios!r}: every ratio must lie strictly between 0 and 1")
     experts = [tuple(e.split("+")) for e in args.experts.split(",")]
     known = {d for e in settings.experts for d in e}
     unknown = sorted({d for e in experts for d in e} - known)
     if unknown:
-        fail(f"--experts {args.experts!r}: unknown dimension {unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise CusprunError(f"--experts {args.experts!r}: unknown dimension {unknown[0]!r} "
+                           f"(known: {', '.join(sorted(known))})")
     try:
         aligns = [int(a) for a in args.align.split(",")]
     except ValueError:
-        fail(f"--align {args.align!r}: expected comma-separated whole numbers such as 1,16,64")
+        raise CusprunError(f"--align {args.align!r}: expected comma-separated whole numbers such as 1,16,64") from None
     if not all(a >= 1 for a in aligns):
-        fail(f"--align {args.align!r}: every alignment must be 1 or more")
+        raise CusprunError(f"--align {args.align!r}: every alignment must be 1 or more")
     if args.repetitions is not None and args.repetitions < 1:
-        fail(f"--repetitions {args.repetitions}: must be 1 or more")
+        raise CusprunError(f"--repetitions {args.repetitions}: must be 1 or more")
     repetitions = args.repetitions or settings.repetitions
     bench = Bench(settings, True, Path(args.cache))
     dense, ids, tokens = bench.model, bench.speed_docs[0], settings.speed_tokens
@@ -131,7 +123,7 @@ def main():
             try:
                 plan = scores.select(ratio, **TARGETED["cusprun-channels"], align=align)
             except ValueError as exc:  # a ratio channels alone cannot reach, an alignment wider than the MLP
-                fail(str(exc))
+                raise CusprunError(str(exc)) from None
             model = cusprun.apply(dense, plan, format="dense")
             _, speedup = paired_prefill(model, bench.speed_docs, repetitions, dense)
             ideal = dense_flops / prefill_flops(model, tokens)
@@ -154,7 +146,8 @@ def main():
            "dense_prefill_ms": f"{dense_time * 1e3:.0f}",
            "dense_attention_flop_share": f"{attention_flop_share:.3f}"}
     report("prefill_breakdown", columns, rows, env, append=not args.quick)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -284,8 +284,9 @@ def _choose(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget
     order = order[torch.sort(keys[order], stable=True).indices]
     if align > 1:  # each channel's rank in its layer's part of the order (a dropped layer's, gone already, last)
         position = torch.full(values["channels"].shape, len(order), dtype=torch.long)
-        ours = tags[order][:, 0] == KINDS.index("channels")
-        position[tags[order][ours, 1], tags[order][ours, 2]] = torch.arange(len(order))[ours]
+        ordered = tags[order]
+        ours = ordered[:, 0] == KINDS.index("channels")
+        position[ordered[ours, 1], ordered[ours, 2]] = torch.arange(len(order))[ours]
         channel_rank = torch.empty_like(position)
         channel_rank.scatter_(1, torch.argsort(position, dim=1, stable=True),
                               torch.arange(position.shape[1]).expand(position.shape).contiguous())
