@@ -37,7 +37,7 @@ import torch
 from .cache import cache_dir, load, store
 from .gram import gram_torch, gram_triton
 from .projection_energy import projection_energies_cuda, projection_energies_torch, projection_energies_triton
-from .qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton
+from .qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton, sdpa_where_faster
 from .segments import Segments
 from .v_row_energy import v_row_energies_torch
 
@@ -49,7 +49,10 @@ REFERENCE = "torch"
 IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "projection_energies": {"torch": projection_energies_torch, "triton": projection_energies_triton,
                             "cuda": projection_energies_cuda},
-    "qk_row_ablation": {"torch": qk_row_ablation_torch, "triton": qk_row_ablation_triton, "cuda": qk_row_ablation_cuda},
+    # the flash kernels hand each document to PyTorch's fused attention where that measured faster
+    "qk_row_ablation": {"torch": qk_row_ablation_torch,
+                        "triton": sdpa_where_faster(qk_row_ablation_triton, "triton"),
+                        "cuda": sdpa_where_faster(qk_row_ablation_cuda, "cuda")},
     "v_row_energies": {"torch": v_row_energies_torch, "triton": v_row_energies_torch, "cuda": v_row_energies_torch},
     # XᵀX is one GEMM: cuBLAS (through torch) is the CUDA implementation
     "gram": {"torch": gram_torch, "triton": gram_triton, "cuda": gram_torch},

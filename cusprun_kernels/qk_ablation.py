@@ -30,6 +30,10 @@ FLOPs as attention passes (the causal band halves L²), about half that on share
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
@@ -188,11 +192,84 @@ def _per_document(score_document, segments, q, k, v, cos, sin, w_o, n_rep, scali
     q_sq = torch.empty(segments.n_docs, nh * hd, dtype=torch.float32, device=q.device)
     k_sq = torch.empty(segments.n_docs, nkv * hd, dtype=torch.float32, device=q.device)
     for i, (s, e) in enumerate(segments.spans()):
+        if e == s:  # an empty document: nothing attends, nothing changes
+            q_sq[i], k_sq[i] = 0, 0
+            continue
         # fresh copies: each document's data starts at the allocator's alignment wherever it lies in the
         # batch, so vectorized kernels round it the same way (scores independent of the batch, bit for bit)
         doc = [t[s:e].clone() for t in (q, k, v, cos, sin)]
         q_sq[i], k_sq[i] = score_document(*doc, f_heads, f_groups, n_rep, scaling, sliding_window, chunk_bytes)
     return q_sq, k_sq
+
+
+
+def length_bucket(n_tokens: int) -> int:
+    """The power of two (at least 64) a document length rounds up to: lengths within a factor of 2 share a
+    routing choice (:func:`sdpa_where_faster`)."""
+    return 1 << max(6, (n_tokens - 1).bit_length())
+
+
+def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None = None) -> Callable:
+    """``kernel`` (a flash launcher: the Triton or CUDA one) with each document routed to whichever of it and
+    :func:`qk_row_ablation_sdpa` measured faster for documents of its length on the GPU at hand.
+
+    Why: on an H200 the kernels beat PyTorch's fused attention 1.8-2.1x at L = 512 but lose 1.6-1.8x at
+    L = 2048 (``benchmarks/bench_kernels.py``, 2026-11-27); both are exact, so each document goes to the
+    faster. The choice is made per (GPU, backend, dtype, heads, kv heads, head_dim, window, length bucket)
+    by :func:`cusprun_kernels.cuda_tuning.choose` on the first document of that bucket, and stored: a
+    document's implementation depends only on its own length, so its scores do not depend on the batch.
+    ``CUSPRUN_CUDA_QK_ROW_ABLATION=kernel|sdpa`` forces one. Off CUDA devices (the Triton interpreter)
+    ``kernel`` runs alone unless a ``timer`` is given (tests).
+    """
+    candidates = {"kernel": kernel, "sdpa": qk_row_ablation_sdpa}
+
+    def routed(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
+               sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
+        kw = dict(n_rep=n_rep, scaling=scaling, sliding_window=sliding_window, chunk_bytes=chunk_bytes)
+        if q.device.type != "cuda" and timer is None:
+            return kernel(q, k, v, cos, sin, w_o, segments, **kw)
+        lengths = [e - s for s, e in segments.spans()]
+        choice = _route(candidates, backend, timer, q, k, v, cos, sin, w_o, segments, kw)
+        used = {choice[length_bucket(n)] for n in lengths if n}
+        if len(used) <= 1:  # one implementation for the whole batch: no gathering
+            return candidates[used.pop() if used else "kernel"](q, k, v, cos, sin, w_o, segments, **kw)
+        _, nh, hd = q.shape
+        q_sq = torch.zeros(segments.n_docs, nh * hd, dtype=torch.float32, device=q.device)
+        k_sq = torch.zeros(segments.n_docs, k.shape[1] * hd, dtype=torch.float32, device=q.device)
+        for name in sorted(used):  # empty documents keep their zero scores
+            docs = [i for i, n in enumerate(lengths) if n and choice[length_bucket(n)] == name]
+            rows = torch.cat([torch.arange(*segments.spans()[i], device=q.device) for i in docs])
+            sub = Segments.of_lengths([lengths[i] for i in docs], q.device)
+            q_sq[docs], k_sq[docs] = candidates[name](*(t[rows] for t in (q, k, v, cos, sin)), w_o, sub, **kw)
+        return q_sq, k_sq
+
+    routed.__name__ = routed.__qualname__ = f"{kernel.__name__}_or_sdpa"
+    routed.__doc__ = f"{kernel.__name__}, with documents routed to sdpa where it measured faster (sdpa_where_faster)."
+    return routed
+
+
+def _route(candidates, backend, timer, q, k, v, cos, sin, w_o, segments: Segments, kw) -> dict[int, str]:
+    """{length bucket: implementation name} for the batch's non-empty documents, each bucket timed once on
+    its first document (then cached by :func:`cusprun_kernels.cuda_tuning.choose`)."""
+    from .cuda_tuning import choose, cuda_event_ms
+
+    _, nh, hd = q.shape
+    case = (f"{backend}|{str(q.dtype).removeprefix('torch.')}|heads={nh}|kv={k.shape[1]}|hd={hd}|"
+            f"window={kw['sliding_window']}")
+    device_name = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else str(q.device)
+    choice: dict[int, str] = {}
+    for s, e in segments.spans():
+        bucket = length_bucket(e - s)
+        if e == s or bucket in choice:
+            continue
+        doc, one = [t[s:e] for t in (q, k, v, cos, sin)], Segments([0, e - s], q.device)
+        calls = {name: partial(f, *doc, w_o, one, **kw) for name, f in candidates.items()}
+        # the timing events record on this device's current stream
+        with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+            choice[bucket] = choose("qk_row_ablation", f"{case}|L<={bucket}", calls, device_name=device_name,
+                                    timer=timer or cuda_event_ms)
+    return choice
 
 
 # ---------------------------------------------------------------------------------------------------

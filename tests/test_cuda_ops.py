@@ -16,11 +16,12 @@ from cusprun_kernels.cuda_ext import build_info, extension
 from cusprun_kernels.cuda_tuning import choose
 from cusprun_kernels.projection_energy import (
     CUDA_VARIANTS,
+    projection_energies_cublas,
     projection_energies_cuda,
     projection_energies_fused,
     projection_energies_torch,
 )
-from cusprun_kernels.qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch
+from cusprun_kernels.qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, sdpa_where_faster
 from tests.brute_force import assert_gpu_engine_matches_brute_force
 from tests.test_triton_ops import TOL, offsets_of, qk_inputs, rel_err
 
@@ -115,11 +116,13 @@ def test_projection_energies(variant, lengths, in_f, out_f, bias):
     w = torch.randn(out_f, in_f, device="cuda")
     b = torch.randn(out_f, device="cuda") if bias else None
     off = offsets_of(lengths)
-    got = CUDA_VARIANTS[variant](x, w, b, off)
+    # the variants' public launchers (CUDA_VARIANTS holds their unchecked cores, which take Segments)
+    launcher = {"cublas": projection_energies_cublas, "fused": projection_energies_fused}[variant]
+    got = launcher(x, w, b, off)
     for g, r in zip(got, projection_energies_torch(x, w, b, off)):
         assert not g.isnan().any()  # NaN-poisoned before launch: every element was written
         assert rel_err(g, r) <= TOL[torch.float32]
-    assert all(torch.equal(g, again) for g, again in zip(got, CUDA_VARIANTS[variant](x, w, b, off)))
+    assert all(torch.equal(g, again) for g, again in zip(got, launcher(x, w, b, off)))
 
 
 @needs_gpu
@@ -177,6 +180,28 @@ def test_qk_row_ablation(lengths, heads, kv, hd, window):
     for g, r in zip(got, ref):
         assert g.shape == r.shape and not g.isnan().any()
         assert rel_err(g, r) <= 1e-4
+
+
+@needs_gpu
+@pytest.mark.parametrize("window", [None, 40])
+def test_documents_routed_between_the_kernel_and_sdpa(window, tmp_path, monkeypatch):
+    """Mixed lengths on the GPU: short documents on the CUDA kernel, long ones on fused attention (a stand-in
+    timer decides), an empty one in between; gathered sub-batches agree with the reference per document."""
+    monkeypatch.setenv("CUSPRUN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CUSPRUN_CUDA_QK_ROW_ABLATION", raising=False)
+    lengths, heads, kv, hd = [3, 0, 150, 40, 90], 4, 2, 64
+    args = qk_inputs(lengths, heads, kv, hd, seed=5)
+
+    def timer(call):  # sdpa "faster" from 65 tokens on
+        return float((call.func.__name__ == "qk_row_ablation_sdpa") == (call.args[0].shape[0] <= 64))
+    routed = sdpa_where_faster(qk_row_ablation_cuda, "cuda", timer=timer)
+    got = routed(*args, n_rep=heads // kv, sliding_window=window)
+    ref = qk_row_ablation_torch(*args, n_rep=heads // kv, sliding_window=window)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape and not g.isnan().any()
+        assert rel_err(g, r) <= 1e-4 and not g[1].any()  # the empty document scores zero
+    stored = json.loads((tmp_path / "cuda_tuning.json").read_text())
+    assert sorted(v["variant"] for v in stored.values()) == ["kernel", "sdpa", "sdpa"]  # buckets 64, 128, 256
 
 
 @needs_gpu

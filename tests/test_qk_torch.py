@@ -4,7 +4,7 @@ anchor): exact cancellation, batch independence, float64, and agreement with eac
 import pytest
 import torch
 
-from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_shared
+from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_shared, sdpa_where_faster
 from cusprun_kernels.segments import Segments
 
 IMPLEMENTATIONS = pytest.mark.parametrize("ablation", [qk_row_ablation_shared, qk_row_ablation_sdpa],
@@ -90,3 +90,41 @@ def test_shared_logits_agree_with_fused_attention(lengths, heads, kv, hd, window
     for ref, got64, got32 in zip(exact, shared64, shared32):
         torch.testing.assert_close(got64, ref, rtol=1e-6, atol=0)
         assert (got32 - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_documents_routed_by_length_match_each_implementation_alone(window, tmp_path, monkeypatch):
+    """sdpa_where_faster's gathering (the GPU path, run here with a stand-in timer and the shared-logits op as
+    the "kernel"): each document's scores equal, bit for bit, its implementation's on that document alone;
+    empty documents score zero; each length bucket is timed once and its choice stored."""
+    monkeypatch.setenv("CUSPRUN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CUSPRUN_CUDA_QK_ROW_ABLATION", raising=False)
+    timed = []
+
+    def timer(call):  # sdpa "faster" from 65 tokens on
+        timed.append((call.func.__name__, call.args[0].shape[0]))
+        return float((call.func is qk_row_ablation_sdpa) == (call.args[0].shape[0] <= 64))
+
+    lengths, heads, kv, hd = [7, 0, 100, 20, 70, 1], 4, 2, 8
+    q, k, v, cos, sin, w_o = inputs(lengths, heads, kv, hd, seed=3)
+    segments = Segments.of_lengths(lengths)
+    routed = sdpa_where_faster(qk_row_ablation_shared, "test", timer=timer)
+    kw = dict(n_rep=heads // kv, sliding_window=window)
+    q_sq, k_sq = routed(q, k, v, cos, sin, w_o, segments, **kw)
+    for i, (s, e) in enumerate(segments.spans()):
+        if e == s:
+            continue
+        alone = (qk_row_ablation_sdpa if e - s > 64 else qk_row_ablation_shared)(
+            *(t[s:e] for t in (q, k, v, cos, sin)), w_o, [0, e - s], **kw)
+        assert torch.equal(q_sq[i], alone[0][0]) and torch.equal(k_sq[i], alone[1][0])
+    assert not q_sq[1].any() and not k_sq[1].any()
+    whole = qk_row_ablation_shared(q, k, v, cos, sin, w_o, segments, **kw)  # empty documents need no routing
+    assert not whole[0][1].any() and not whole[1][1].any()
+    assert sorted(timed) == sorted([(f.__name__, n) for f in (qk_row_ablation_shared, qk_row_ablation_sdpa)
+                                    for n in (7, 100)])  # buckets 64 and 128, each on its first document
+    # a second batch of short documents only reads the stored choice and runs the kernel on the whole batch
+    timed.clear()
+    short = Segments.of_lengths([5, 9])
+    got = routed(*(t[:14] for t in (q, k, v, cos, sin)), w_o, short, **kw)
+    assert not timed and all(torch.equal(g, w) for g, w in zip(got, qk_row_ablation_shared(
+        *(t[:14] for t in (q, k, v, cos, sin)), w_o, short, **kw)))
