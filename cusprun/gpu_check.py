@@ -119,18 +119,22 @@ def main(argv=None) -> int:
     # results of a GPU are kept (benchmarks/results/); logs of the GPU-less checks go to the ignored build/
     log_dir = ROOT / ("benchmarks/results" if gpu else "build") / f"gpu_check-{_slug(name)}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    results = {}
+    summary = log_dir / "summary.json"
+    # runs of a few steps each (--only) add to the GPU's summary instead of replacing it
+    results = json.loads(summary.read_text()).get("steps", {}) if summary.exists() else {}
+    ran = []
     for step, cmd, limit, env in steps(gpu):
         if step in args.skip or (args.only is not None and step not in args.only):
             continue
         print(f"gpu_check: {step} ...", flush=True)
         verdict, seconds = run_step(step, cmd, limit, env, log_dir)
         results[step] = {"verdict": verdict, "seconds": round(seconds, 1)}
+        ran.append(step)
         print(f"gpu_check: {step:<16} {verdict} ({seconds:.0f} s; log {log_dir.relative_to(ROOT)}/{step}.log)",
               flush=True)
-    (log_dir / "summary.json").write_text(json.dumps({"gpu": name, "steps": results}, indent=1) + "\n")
-    failed = [s for s, r in results.items() if r["verdict"] != "PASS"]
-    print(f"gpu_check on {name}: {len(results) - len(failed)} passed, {len(failed)} failed"
+    summary.write_text(json.dumps({"gpu": name, "steps": results}, indent=1) + "\n")
+    failed = [s for s in ran if results[s]["verdict"] != "PASS"]
+    print(f"gpu_check on {name}: {len(ran) - len(failed)} passed, {len(failed)} failed"
           f"{': ' + ', '.join(failed) if failed else ''}")
     return 1 if failed else 0
 

@@ -7,9 +7,9 @@ is one entry in each (this file) plus its tests.
 The first call of an op for a *case* (device, dtype and, for the attention op, head_dim) resolves the
 backend once for the process:
 
-* ``auto`` walks :data:`AUTO_ORDER` for the device type (on a GPU: cuda, triton, torch; on the CPU
-  torch only: the Triton interpreter is for tests) and takes the first backend that can run there and
-  passes its check;
+* ``auto`` walks :func:`auto_order` for the op and device type (on a GPU: cuda, triton, torch, except where
+  :data:`AUTO_ORDER_BY_OP` records a measured better order; on the CPU torch only: the Triton interpreter
+  is for tests) and takes the first backend that can run there and passes its check;
 * an explicitly named backend must be able to run and pass its check, or the call raises
   :class:`BackendUnavailable` with the reason.
 
@@ -58,6 +58,11 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
     "gram": {"torch": gram_torch, "triton": gram_triton, "cuda": gram_torch},
 }
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}  # any other device type: torch
+# Where measurement overrules that order (benchmarks/bench_kernels.py on an NVIDIA H200, 2026-11-27, Llama-3-8B
+# and -70B shapes, L = 512-2048): Triton's projection kernel ran 0.25-0.56x torch's cuBLAS GEMM plus reductions
+# at every shape, so a GPU without the CUDA extension uses torch; Triton's q/k kernel ran 1.13-1.19x faster
+# than the CUDA one at every shape.
+AUTO_ORDER_BY_OP = {"cuda": {"projection_energies": ("cuda", "torch"), "qk_row_ablation": ("triton", "cuda", "torch")}}
 
 # Largest |got - reference| relative to the reference's largest magnitude, per output, by op and input dtype.
 # The attention op computes in float32 whatever its inputs' dtype, so one bound serves every dtype.
@@ -68,7 +73,7 @@ TOLERANCE = {
 }
 
 _quiet = False
-_announced: set[str] = set()
+_announced: set[tuple[str, str]] = set()  # (device type, backend) announced
 _resolved: dict[tuple, str] = {}  # (op, case key) -> backend, for this process
 _verdicts: dict[tuple, str | None] = {}  # (op, backend, case key) -> problem, None when it passed
 
@@ -153,10 +158,18 @@ def resolve_backend(device_type: str = "cpu", announce: bool = True) -> str:
     return chosen
 
 
-def _announce(chosen: str, device: torch.device) -> None:
-    if not _quiet and device.type not in _announced:
-        _announced.add(device.type)
-        print(f"cusprun: scoring backend {chosen} (CUSPRUN_BACKEND=auto, device {device.type})", file=sys.stderr)
+def auto_order(op: str, device_type: str) -> tuple[str, ...]:
+    """The backends ``auto`` tries for ``op`` on ``device_type``, best first (the reference comes last anyway)."""
+    return AUTO_ORDER_BY_OP.get(device_type, {}).get(op, AUTO_ORDER.get(device_type, ()))
+
+
+def _announce(chosen: str, device: torch.device, op: str | None = None) -> None:
+    """One stderr line per device type, and one more for each op that auto gives another backend."""
+    first = not any(key[0] == device.type for key in _announced)
+    if not _quiet and (device.type, chosen) not in _announced:
+        _announced.add((device.type, chosen))
+        what = "" if first or op is None else f" for {op}"
+        print(f"cusprun: scoring backend {chosen}{what} (CUSPRUN_BACKEND=auto, device {device.type})", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,12 +359,12 @@ def _choose(op: str, case: Case) -> str:
         if reason is not None:
             raise BackendUnavailable(f"CUSPRUN_BACKEND={name}: {reason}")
         return name
-    for name in (*AUTO_ORDER.get(case.device.type, ()), REFERENCE):
+    for name in (*auto_order(op, case.device.type), REFERENCE):
         if backend_status(name, case.device) is not None:
             continue
         problem = verdict(op, name, case)
         if problem is None:
-            _announce(name, case.device)
+            _announce(name, case.device, op)
             return name
         print(f"cusprun: {problem}; using the next backend", file=sys.stderr)
     raise AssertionError("unreachable: the reference always passes")

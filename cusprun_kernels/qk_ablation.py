@@ -213,7 +213,7 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
     """``kernel`` (a flash launcher: the Triton or CUDA one) with each document routed to whichever of it and
     :func:`qk_row_ablation_sdpa` measured faster for documents of its length on the GPU at hand.
 
-    Why: on an H200 the kernels beat PyTorch's fused attention 1.8-2.1x at L = 512 but lose 1.6-1.8x at
+    Why: on an H200 the kernels beat PyTorch's fused attention 1.8-2.2x at L = 512 but lose 1.5-1.8x at
     L = 2048 (``benchmarks/bench_kernels.py``, 2026-11-27); both are exact, so each document goes to the
     faster. The choice is made per (GPU, backend, dtype, heads, kv heads, head_dim, window, length bucket)
     by :func:`cusprun_kernels.cuda_tuning.choose` on the first document of that bucket, and stored: a

@@ -68,6 +68,20 @@ def test_auto_skips_a_crashing_and_a_wrong_backend_with_one_line_each(table, cap
     assert backend.resolved_backends() == {"projection_energies": "torch"}  # what ran, for the metadata
 
 
+
+def test_an_op_with_a_measured_order_walks_its_own(table, monkeypatch, capsys):
+    """AUTO_ORDER_BY_OP overrules the device's order for one op only: here projection_energies tries only
+    ``wrong`` (skipped) before torch, never ``crash``; and auto announces each backend it hands an op."""
+    monkeypatch.setattr(backend, "AUTO_ORDER_BY_OP", {"cpu": {"projection_energies": ("wrong",)}})
+    monkeypatch.setattr(backend, "_quiet", False)
+    monkeypatch.setattr(backend, "_announced", set())
+    cusprun_kernels.projection_energies(*_inputs())
+    assert table == {"wrong": 1, "crash": 0}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("cusprun: backend wrong failed its check") and len(err) == 2
+    assert err[1] == "cusprun: scoring backend torch (CUSPRUN_BACKEND=auto, device cpu)"
+    assert backend.auto_order("gram", "cpu") == ("crash", "wrong")  # the other ops keep the device's order
+
 def test_the_dtype_in_use_is_checked_on_its_own(table, capsys):
     x, w, b, off = _inputs()
     cusprun_kernels.projection_energies(x, w, b, off)
