@@ -10,14 +10,17 @@ Experts, each built from the calibration corpora (data/corpora) of its dimension
 Methods at each ratio of projection parameters removed (every expert exported in the same dense format):
   cusprun-channels the library's default: whole MLP channels (attention and hidden size kept whole), rank
                    budget (layers lose what each corpus's rank threshold takes from them), block measure,
-                   all-docs rule (cusprun.units)
+                   all-docs rule, every layer keeping a multiple of 64 channels (cusprun.units; every
+                   cusprun method below keeps that default alignment unless it names another)
   cusprun-channels-comp  the same channels, down_proj refit over the kept channels (--compensate,
                    cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats)
   cusprun-units    whole query heads and MLP channels, rank budget
   cusprun-channels-equal-comp  compensated channels, every layer losing the same number (--budget equal);
                    only when named in --methods
-  cusprun-channels-align16-comp, cusprun-channels-align64-comp  compensated channels, every layer keeping a
-                   multiple of 16 or 64 of them (--align); only when named in --methods
+  cusprun-channels-unaligned-comp, cusprun-channels-align16-comp  compensated channels as selected
+                   (--align 1) or keeping multiples of 16; only when named in --methods
+  cusprun-channels-align64-comp  the default's alignment named explicitly (the same experts as
+                   cusprun-channels-comp on SmolLM2); only when named in --methods
   cusprun-neurons  the paper's per-neuron selection (the same sigma share from every row/column group)
   cusprun-pairs, cusprun-pairs-comp, cusprun-pairs-local, cusprun-pairs-local-comp  MLP channels and RoPE
                    pairs of q and k (every k/v head of a layer drops its weakest pairs, the same number in
@@ -105,7 +108,10 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             # of the ratio as whole layers), compensated channels of the other layers for the rest
             "cusprun-layers-comp": dict(granularity="unit", neurons="mlp", measure="local", compensate=DEFAULT_RIDGE,
                                         drop_share=1 / 3),
-            # every layer keeps a multiple of 16 or of 64 channels (units.align_channels), compensated
+            # compensated channels as selected, or every layer keeping a multiple of 16 or of 64 of them
+            # (units.align_channels; 64 is the default on MLPs at least 1024 wide, SmolLM2's included)
+            "cusprun-channels-unaligned-comp": dict(granularity="unit", neurons="mlp", measure="local",
+                                                    compensate=DEFAULT_RIDGE, align=1),
             "cusprun-channels-align16-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                                   compensate=DEFAULT_RIDGE, align=16),
             "cusprun-channels-align64-comp": dict(granularity="unit", neurons="mlp", measure="local",
@@ -121,8 +127,8 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
                                              compensate=DEFAULT_RIDGE)}
 # measured once (benchmarks/results/expert_quality_{layers,pairs,align}.md) and run only when named
 # in --methods, which keeps the full benchmark under an hour
-BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-align16-comp", "cusprun-channels-align64-comp",
-                "cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local",
+BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-unaligned-comp", "cusprun-channels-align16-comp",
+                "cusprun-channels-align64-comp", "cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local",
                 "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
 # the corpus-size sweep's method: the main job's expert, whose refit and selection gain from more calibration

@@ -70,16 +70,18 @@ def _layer_norm_params(model) -> int:
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
                  out: Path, rule: str = "all-docs", neurons: str | None = None, granularity: str | None = None,
                  budget: str = "rank", compensate: bool = False, ridge: float = DEFAULT_RIDGE,
-                 drop_layers: int = 0, align: int = 1) -> dict:
+                 drop_layers: int = 0, align: int | None = None) -> dict:
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report.
     ``neurons``/``granularity`` None: the scoring method's defaults (:meth:`ScoreSet.select`). ``compensate``:
     refit o_proj and down_proj over the kept columns first (:mod:`cusprun.compensate`; needs the sets' stats).
     ``drop_layers``: whole layers of lowest block influence removed first, ``align``: every layer's kept MLP
-    channels a multiple of it (:meth:`ScoreSet.select`)."""
+    channels a multiple of it (None: the default, :meth:`ScoreSet.resolved_align`; pruning.json records the
+    number used)."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
     combined = intersect(*sets)
     neurons, granularity = combined.selection_settings(neurons, granularity, uniform=format == "stock")
+    align = combined.resolved_align(align, model.config, format == "stock", granularity, neurons)
     sel = combined.select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons,
                           granularity=granularity, budget=budget, drop_layers=drop_layers, align=align)
     if compensate:

@@ -171,7 +171,7 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
             raise CusprunError(str(exc)) from None
         kept, sigma = kept_counts(selection.plan, geo), selection.sigma
         settings = combined.selection_settings()
-        budget, drop_layers, align = "rank", 0, 1
+        budget, drop_layers, align = "rank", 0, None  # select's defaults
         title = f"{label(combined)}: {selection.removed_fraction:.1%} of projection parameters removed"
     layer = geo.layers // 2 if layer is None else layer
     if not 0 <= layer < geo.layers:

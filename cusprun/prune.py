@@ -42,8 +42,9 @@ selection (the defaults are what measured best, README "Expert quality"):
                                          ratios (section 4.5); see the README for what it measured
   --align N                              every layer keeps a multiple of N MLP channels (or all of them),
                                          the nearest to what the selection keeps: widths GEMM kernels tile
-                                         evenly (e.g. 64 for GPU tiles); README: "Where a prefill's
-                                         time goes, and aligned widths"
+                                         evenly. Default 64 where the MLP is at least 1024 channels wide,
+                                         else 1 (as selected); README: "Where a prefill's time goes, and
+                                         aligned widths"
 
 rules (--rule), how a corpus's documents are combined:
   all-docs   (default, the paper's) irrelevant = in the lowest σ in every document
@@ -96,8 +97,11 @@ def build_parser() -> OneLineArgumentParser:
                         "the README")
     p.add_argument("--drop-layers", type=int, default=0, metavar="N",
                    help="drop the N least influential decoder layers first, then select up to --ratio (default 0)")
-    p.add_argument("--align", type=int, default=1, metavar="N",
-                   help="with whole MLP channels: every layer keeps a multiple of N of them (default 1: as selected)")
+    p.add_argument("--align", type=int, default=None, metavar="N",
+                   help="with whole MLP channels: every layer keeps a multiple of N of them or all (1: as selected). "
+                        "Default: 64 where Cus-Prun's scores select whole channels of an MLP at least 1024 wide "
+                        "(GEMMs tile such widths evenly; README \"Where a prefill's time goes, and aligned "
+                        "widths\"), else 1")
     refit = p.add_mutually_exclusive_group()
     refit.add_argument("--compensate", dest="compensate", action="store_true", default=None,
                        help="refit o_proj and down_proj over the kept columns by ridge least squares on the "
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(f"--ridge {args.ridge}: must be a positive number")
     if args.drop_layers < 0:
         raise CusprunError(f"--drop-layers {args.drop_layers}: must be 0 or more")
-    if args.align < 1:
+    if args.align is not None and args.align < 1:
         raise CusprunError(f"--align {args.align}: must be a whole number of channels, 1 or more")
     try:
         sets = load_score_sets(args.scores, stats=args.compensate is not False)
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
-    if args.align > 1:
+    if args.align is not None and args.align > 1:
         try:
             sets[0].check_align(args.align, config, args.format == "stock", args.granularity)
         except ValueError as exc:

@@ -186,6 +186,24 @@ class ScoreSet:
         return (chosen["neurons"] if neurons is None else neurons,
                 chosen["granularity"] if granularity is None else granularity)
 
+    def resolved_align(self, align: int | None, config=None, uniform: bool = False, granularity: str | None = None,
+                       neurons: str | None = None) -> int:
+        """The alignment :meth:`select` uses: ``align`` when given, else the default: ``units.DEFAULT_ALIGN``
+        (64) where Cus-Prun's scores select whole MLP channels of an MLP at least ``units.MIN_ALIGNED_WIDTH``
+        (1024) wide, 1 (as selected) otherwise: other methods' selections, the stock format, the per-neuron
+        selection, whole layers and narrow MLPs."""
+        if align is not None:
+            return align
+        from .units import DEFAULT_ALIGN, MIN_ALIGNED_WIDTH
+
+        method = method_of(self.metadata)
+        neurons, granularity = self.selection_settings(neurons, granularity, uniform)
+        channels = neurons in NEURONS and "channels" in NEURONS[neurons].units
+        if (uniform or granularity != "unit" or not channels or method.name != "cusprun"
+                or method.granularity == "layer" or method.prunable is not None):
+            return 1
+        return DEFAULT_ALIGN if self.geometry(config).inter >= MIN_ALIGNED_WIDTH else 1
+
     def check_align(self, align: int, config=None, uniform: bool = False, granularity: str | None = None) -> None:
         """ValueError unless :meth:`select` can round each layer's whole MLP channels to multiples of ``align``
         (1: nothing to round) on the model of ``config`` (None: the one in the metadata)."""
@@ -204,7 +222,7 @@ class ScoreSet:
 
     def select(self, ratio: float, config=None, uniform: bool = False, rule: str = "all-docs",
                neurons: str | None = None, granularity: str | None = None, budget: str = "rank",
-               drop_layers: int = 0, align: int = 1) -> Selection:
+               drop_layers: int = 0, align: int | None = None) -> Selection:
         """The plan removing the least relevant units or neurons (and all they make dead) until ``ratio`` of
         the projection parameters is gone; ``cusprun.apply`` it to the model.
 
@@ -227,12 +245,15 @@ class ScoreSet:
             set's corpora (:func:`~cusprun.selection.layer_influence`), then units or neurons of the other
             layers up to ``ratio`` (the paper's §4.5 combination for aggressive ratios).
         align: with whole MLP channels, every layer keeps a multiple of ``align`` of them (or all), the
-            widths GEMM kernels tile evenly (:func:`~cusprun.units.align_channels`)."""
+            widths GEMM kernels tile evenly (:func:`~cusprun.units.align_channels`); None (default): 64 where
+            Cus-Prun's scores select whole channels of an MLP at least 1024 wide, else 1
+            (:meth:`resolved_align`)."""
         geo = self.geometry(config)
         method = method_of(self.metadata)
         neurons, granularity = self.selection_settings(neurons, granularity, uniform)
         if neurons not in NEURONS:
             raise ValueError(f"neurons must be one of {tuple(NEURONS)}, got {neurons!r}")
+        align = self.resolved_align(align, config, uniform, granularity, neurons)
         self.check_align(align, config, uniform, granularity)
         dropped = self.layers_to_drop(drop_layers, geo, uniform)
         if method.granularity == "layer":

@@ -1,5 +1,8 @@
 """Selection by units (cusprun.units): unit scores from the score files, budgets across layers, whole units only."""
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -173,6 +176,25 @@ def test_aligned_channels_keep_multiples_from_the_same_order_and_stay_exact(arch
         gap = cusprun.apply(model, aligned, "dense")(ids).logits - cusprun.apply(model, aligned, "masked")(ids).logits
     assert gap.abs().max() <= 1e-4
 
+
+
+def test_the_default_alignment_is_64_only_for_cusprun_channels_of_wide_mlps():
+    """align=None: 64 where Cus-Prun's scores select whole MLP channels of an MLP at least 1024 wide, else 1
+    (narrow MLPs such as the tests' tiny models, the per-neuron selection, the stock format, other methods);
+    a given align is kept; select uses what resolved_align says."""
+    model = tiny_model("llama", seed=9, layers=3)
+    score_set = cusprun.score(model, documents(seed=1), corpus="c", progress=False)
+    wide = copy.deepcopy(model.config)
+    wide.intermediate_size = 1024
+    assert score_set.resolved_align(None) == 1 and score_set.resolved_align(None, model.config) == 1
+    assert score_set.resolved_align(None, wide) == 64 and score_set.resolved_align(None, wide, neurons="all") == 64
+    assert score_set.resolved_align(None, wide, granularity="neuron") == 1
+    assert score_set.resolved_align(None, wide, uniform=True) == 1
+    assert score_set.resolved_align(8, wide, granularity="neuron") == 8
+    other = replace(score_set, metadata={**score_set.metadata, "method": "wanda-sp"})
+    assert other.resolved_align(None, wide) == 1
+    narrow = score_set.select(0.2)  # the tiny model's MLP: as selected, the same plan as align=1
+    assert all(torch.equal(narrow.plan[k], v) for k, v in score_set.select(0.2, align=1).plan.items())
 
 def test_align_rounds_to_the_nearest_multiple_or_keeps_every_channel():
     """18 channels, align 8: each kept count goes to the nearest of the multiples of 8 and 18 (ties keep more),
