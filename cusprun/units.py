@@ -234,8 +234,11 @@ MIN_ALIGNED_WIDTH = 16 * DEFAULT_ALIGN
 def align_channels(removed: torch.Tensor, rank: torch.Tensor, align: int) -> torch.Tensor:
     """removed bool [layers, channels], rank [layers, channels] (each channel's rank in its layer's removal
     order, 0 = first to go) -> removed with every layer keeping the multiple of ``align`` nearest to what it
-    kept, or every channel where that is nearer (a width that is no multiple of ``align``); ties keep more.
-    The layer's earliest channels in the order go, as more of the order would take them.
+    kept, or every channel where that is nearer (a width that is no multiple of ``align``); ties keep more;
+    and a layer that kept any channel keeps at least ``align`` of them (or all): rounding never removes an MLP
+    the selection kept (measured: with the relative budget, which leaves some layers a few channels, rounding
+    them to none multiplied perplexity by up to 90). The layer's earliest channels in the order go, as more
+    of the order would take them.
 
     Why: GEMMs run fastest on widths their kernels tile evenly (multiples of 16 for CPU vector units and
     half-precision tensor cores, 64 or more for GPU tiles); measured on SmolLM2 in the README, "Where a
@@ -247,6 +250,7 @@ def align_channels(removed: torch.Tensor, rank: torch.Tensor, align: int) -> tor
     down = torch.div(kept, align, rounding_mode="floor") * align
     up = torch.clamp(down + align, max=channels)
     target = torch.where(up - kept <= kept - down, up, down)
+    target = torch.where((target == 0) & (kept > 0), min(align, channels), target)
     return rank < (channels - target)[:, None]
 
 
