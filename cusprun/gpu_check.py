@@ -120,8 +120,12 @@ def main(argv=None) -> int:
     log_dir = ROOT / ("benchmarks/results" if gpu else "build") / f"gpu_check-{_slug(name)}"
     log_dir.mkdir(parents=True, exist_ok=True)
     summary = log_dir / "summary.json"
-    # runs of a few steps each (--only) add to the GPU's summary instead of replacing it
-    results = json.loads(summary.read_text()).get("steps", {}) if summary.exists() else {}
+    results = {}
+    if args.only is not None and summary.exists():  # runs of a few steps each add to the GPU's summary
+        try:
+            results = json.loads(summary.read_text()).get("steps", {})
+        except (json.JSONDecodeError, AttributeError):  # a damaged summary: start a new one
+            results = {}
     ran = []
     for step, cmd, limit, env in steps(gpu):
         if step in args.skip or (args.only is not None and step not in args.only):

@@ -164,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"expert model   {out} ({args.format})")
     print(f"corpora        {', '.join(str(c['corpus']) for c in report['corpora'])}")
     sigma = report["sigma"]
-    shown = "- (no single threshold: layer shares, see --budget)" if sigma is None else f"{sigma:.4f}"
+    why = "aligned widths, see --align" if report["align"] > 1 else "layer shares, see --budget"
+    shown = f"- (no single threshold: {why})" if sigma is None else f"{sigma:.4f}"
     print(f"sigma          {shown}")
+    if report["align"] > 1:
+        print(f"aligned        every layer keeps a multiple of {report['align']} MLP channels, or all of them")
     print(f"removed        {report['ratio_achieved_projection']:.4f} of projection parameters (asked {args.ratio}), "
           f"{report['ratio_achieved_all']:.4f} of all parameters")
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")

@@ -225,8 +225,9 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
 
 # The default alignment of a layer's kept MLP channels (ScoreSet.select's align=None): 64, the narrowest GEMM
 # tile of GPU kernels and a multiple of the CPU's vector widths, where the MLP is at least 16 such steps wide
-# (so rounding moves a layer by at most 1/32 of its width); narrower MLPs (the tests' tiny models) stay as
-# selected. Measured on SmolLM2 (1536 channels) in the README's "Where a prefill's time goes, and aligned widths".
+# (so rounding moves a layer by at most 1/32 of its width, or 1/16 where a layer kept fewer than 32 channels
+# and keeps 64); narrower MLPs (the tests' tiny models) stay as selected. Measured on SmolLM2 (1536
+# channels) in the README's "Where a prefill's time goes, and aligned widths" and its main table.
 DEFAULT_ALIGN = 64
 MIN_ALIGNED_WIDTH = 16 * DEFAULT_ALIGN
 

@@ -216,9 +216,11 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
     Why: on an H200 the kernels beat PyTorch's fused attention 1.8-2.2x at L = 512 but lose 1.5-1.8x at
     L = 2048 (``benchmarks/bench_kernels.py``, 2026-11-27); both are exact, so each document goes to the
     faster. The choice is made per (GPU, backend, dtype, heads, kv heads, head_dim, window, length bucket)
-    by :func:`cusprun_kernels.cuda_tuning.choose` on the first document of that bucket, and stored: a
-    document's implementation depends only on its own length, so its scores do not depend on the batch.
-    ``CUSPRUN_CUDA_QK_ROW_ABLATION=kernel|sdpa`` forces one. Off CUDA devices (the Triton interpreter)
+    by :func:`cusprun_kernels.cuda_tuning.choose` on the first document of that bucket, and stored: the
+    implementation a document gets depends only on its own length, never on its batch (sdpa's scores are
+    then batch-independent bit for bit; the kernels' are within their tolerance, as before).
+    ``CUSPRUN_CUDA_QK_ROW_ABLATION=kernel|sdpa`` forces one. ``.kernel`` is the unrouted launcher, which the
+    backend check verifies. Off CUDA devices (the Triton interpreter)
     ``kernel`` runs alone unless a ``timer`` is given (tests).
     """
     candidates = {"kernel": kernel, "sdpa": qk_row_ablation_sdpa}
@@ -229,21 +231,23 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
         kw = dict(n_rep=n_rep, scaling=scaling, sliding_window=sliding_window, chunk_bytes=chunk_bytes)
         if q.device.type != "cuda" and timer is None:
             return kernel(q, k, v, cos, sin, w_o, segments, **kw)
-        lengths = [e - s for s, e in segments.spans()]
+        spans = segments.spans()
+        lengths = [e - s for s, e in spans]
         choice = _route(candidates, backend, timer, q, k, v, cos, sin, w_o, segments, kw)
         used = {choice[length_bucket(n)] for n in lengths if n}
-        if len(used) <= 1:  # one implementation for the whole batch: no gathering
-            return candidates[used.pop() if used else "kernel"](q, k, v, cos, sin, w_o, segments, **kw)
+        if len(used) == 1:  # one implementation for the whole batch: no gathering
+            return candidates[used.pop()](q, k, v, cos, sin, w_o, segments, **kw)
         _, nh, hd = q.shape
         q_sq = torch.zeros(segments.n_docs, nh * hd, dtype=torch.float32, device=q.device)
         k_sq = torch.zeros(segments.n_docs, k.shape[1] * hd, dtype=torch.float32, device=q.device)
-        for name in sorted(used):  # empty documents keep their zero scores
+        for name in sorted(used):  # empty documents keep their zero scores (a batch of only those: all zero)
             docs = [i for i, n in enumerate(lengths) if n and choice[length_bucket(n)] == name]
-            rows = torch.cat([torch.arange(*segments.spans()[i], device=q.device) for i in docs])
+            rows = torch.cat([torch.arange(*spans[i], device=q.device) for i in docs])
             sub = Segments.of_lengths([lengths[i] for i in docs], q.device)
             q_sq[docs], k_sq[docs] = candidates[name](*(t[rows] for t in (q, k, v, cos, sin)), w_o, sub, **kw)
         return q_sq, k_sq
 
+    routed.kernel = kernel
     routed.__name__ = routed.__qualname__ = f"{kernel.__name__}_or_sdpa"
     routed.__doc__ = f"{kernel.__name__}, with documents routed to sdpa where it measured faster (sdpa_where_faster)."
     return routed

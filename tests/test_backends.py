@@ -74,13 +74,22 @@ def test_an_op_with_a_measured_order_walks_its_own(table, monkeypatch, capsys):
     ``wrong`` (skipped) before torch, never ``crash``; and auto announces each backend it hands an op."""
     monkeypatch.setattr(backend, "AUTO_ORDER_BY_OP", {"cpu": {"projection_energies": ("wrong",)}})
     monkeypatch.setattr(backend, "_quiet", False)
-    monkeypatch.setattr(backend, "_announced", set())
+    monkeypatch.setattr(backend, "_announced", {})
+    monkeypatch.setattr(backend, "_announced_ops", set())
     cusprun_kernels.projection_energies(*_inputs())
     assert table == {"wrong": 1, "crash": 0}
     err = capsys.readouterr().err.strip().splitlines()
     assert err[0].startswith("cusprun: backend wrong failed its check") and len(err) == 2
     assert err[1] == "cusprun: scoring backend torch (CUSPRUN_BACKEND=auto, device cpu)"
     assert backend.auto_order("gram", "cpu") == ("crash", "wrong")  # the other ops keep the device's order
+    # an op on another backend than the first line's gets its own line, once; the first line's backend none
+    cpu = torch.device("cpu")
+    for op, chosen in (("qk_row_ablation", "triton"), ("qk_row_ablation", "triton"), ("gram", "triton"),
+                       ("v_row_energies", "torch")):
+        backend._announce(chosen, cpu, op)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"cusprun: scoring backend triton for {op} (CUSPRUN_BACKEND=auto, device cpu)"
+        for op in ("qk_row_ablation", "gram")]
 
 def test_the_dtype_in_use_is_checked_on_its_own(table, capsys):
     x, w, b, off = _inputs()

@@ -89,6 +89,8 @@ def test_prune_aligns_each_layers_channels(scored, tmp_path):
     inter = AutoModelForCausalLM.from_pretrained(scored / "model").config.intermediate_size
     kept = [layer["mlp.down_proj"][1] for layer in report["kept"].values()]
     assert report["align"] == 4 and all(k % 4 == 0 or k == inter for k in kept) and kept != [inter] * len(kept)
+    assert "aligned        every layer keeps a multiple of 4 MLP channels" in res.stdout
+    assert "no single threshold: aligned widths, see --align" in res.stdout
     expert = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert [layer.mlp.down_proj.in_features if layer.mlp else 0 for layer in expert.model.layers] == kept
 

@@ -2,6 +2,7 @@
 
 import copy
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,6 +196,28 @@ def test_the_default_alignment_is_64_only_for_cusprun_channels_of_wide_mlps():
     assert other.resolved_align(None, wide) == 1
     narrow = score_set.select(0.2)  # the tiny model's MLP: as selected, the same plan as align=1
     assert all(torch.equal(narrow.plan[k], v) for k, v in score_set.select(0.2, align=1).plan.items())
+
+
+def test_select_and_build_expert_use_the_default_alignment(monkeypatch, tmp_path):
+    """With the default's thresholds scaled to the tiny model (align 4 from 16 channels), select(align=None)
+    is select(align=4), not the plan as selected, and pruning.json records 4."""
+    import cusprun.units as units
+    from cusprun.expert import build_expert
+
+    monkeypatch.setattr(units, "DEFAULT_ALIGN", 4)
+    monkeypatch.setattr(units, "MIN_ALIGNED_WIDTH", 16)
+    model = tiny_model("llama", seed=9, layers=3)
+    assert model.config.intermediate_size >= 16
+    score_set = cusprun.score(model, documents(seed=1), corpus="c", progress=False)
+
+    def plan(**kw):
+        return score_set.select(0.2, **kw).plan
+    default, four, plain = plan(), plan(align=4), plan(align=1)
+    assert all(torch.equal(default[k], four[k]) for k in four)
+    assert any(not torch.equal(default[k], plain[k]) for k in plain)
+    report = build_expert(model, None, SimpleNamespace(model_id="tiny"), [score_set], ["c.safetensors"], 0.2,
+                          "masked", tmp_path / "expert")
+    assert report["align"] == 4
 
 def test_align_rounds_to_the_nearest_multiple_or_keeps_every_channel():
     """18 channels, align 8: each kept count goes to the nearest of the multiples of 8 and 18 (ties keep more),
