@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
-    if args.align is not None and args.align > 1:
+    if args.align is not None:
         try:
             sets[0].check_align(args.align, config, args.format == "stock", args.granularity)
         except ValueError as exc:

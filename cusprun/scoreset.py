@@ -196,13 +196,19 @@ class ScoreSet:
             return align
         from .units import DEFAULT_ALIGN, MIN_ALIGNED_WIDTH
 
-        method = method_of(self.metadata)
         neurons, granularity = self.selection_settings(neurons, granularity, uniform)
         channels = neurons in NEURONS and "channels" in NEURONS[neurons].units
-        if (uniform or granularity != "unit" or not channels or method.name != "cusprun"
-                or method.granularity == "layer" or method.prunable is not None):
+        if not (channels and self._rounds_channels(uniform, granularity)
+                and method_of(self.metadata).name == "cusprun"):
             return 1
         return DEFAULT_ALIGN if self.geometry(config).inter >= MIN_ALIGNED_WIDTH else 1
+
+    def _rounds_channels(self, uniform: bool, granularity: str) -> bool:
+        """Whether a selection with these settings chooses whole MLP channels from scores of every neuron, the
+        plans an alignment can round (not the stock format, the per-neuron selection, whole layers or a
+        prunable list)."""
+        method = method_of(self.metadata)
+        return not (uniform or granularity != "unit" or method.granularity == "layer" or method.prunable is not None)
 
     def check_align(self, align: int, config=None, uniform: bool = False, granularity: str | None = None) -> None:
         """ValueError unless :meth:`select` can round each layer's whole MLP channels to multiples of ``align``
@@ -211,9 +217,8 @@ class ScoreSet:
             return
         if not isinstance(align, int) or align < 1:
             raise ValueError(f"align must be a whole number of channels, 1 or more, got {align!r}")
-        method = method_of(self.metadata)
         _, granularity = self.selection_settings(None, granularity, uniform)
-        if uniform or granularity != "unit" or method.granularity == "layer" or method.prunable is not None:
+        if not self._rounds_channels(uniform, granularity):
             raise ValueError(f"align {align} rounds each layer's whole MLP channels: it needs the unit granularity "
                              "and scores of every neuron (not the stock format, whole layers or a prunable list)")
         width = self.geometry(config).inter

@@ -21,6 +21,11 @@ REPS = 3
 _chosen: dict[tuple[str, str], str] = {}  # (cache file, key) -> variant: the file is read once per key and process
 
 
+def token_bucket(n_tokens: int) -> int:
+    """The power of two (at least 64) a token count rounds up to: counts within a factor of 2 share a choice."""
+    return 1 << max(6, (n_tokens - 1).bit_length())
+
+
 def cache_path() -> Path:
     return cache_dir() / "cuda_tuning.json"
 

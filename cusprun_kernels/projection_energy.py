@@ -210,12 +210,12 @@ CUDA_VARIANTS = {"cublas": _cublas, "fused": _fused}
 def projection_energies_cuda(x, weight, bias, offsets):
     """CUDA launcher (same contract as the torch reference): the variant that measured faster for this GPU,
     dtype and shape class (:mod:`cusprun_kernels.cuda_tuning`; ``CUSPRUN_CUDA_PROJECTION_ENERGIES`` forces one)."""
-    from .cuda_tuning import choose
+    from .cuda_tuning import choose, token_bucket
 
     segments = _check(x, weight, bias, offsets)
     T, K = x.shape
-    bucket = 1 << max(6, (T - 1).bit_length())  # token counts within a factor of 2 share a choice
-    shape = f"{str(x.dtype).removeprefix('torch.')}|in={K}|out={weight.shape[0]}|bias={bias is not None}|T<={bucket}"
+    shape = (f"{str(x.dtype).removeprefix('torch.')}|in={K}|out={weight.shape[0]}|bias={bias is not None}|"
+             f"T<={token_bucket(T)}")
     with torch.cuda.device(x.device):  # the timing events record on this device's current stream
         name = choose("projection_energies", shape,
                       {v: (lambda f=f: f(x, weight, bias, segments)) for v, f in CUDA_VARIANTS.items()},

@@ -37,6 +37,7 @@ from functools import partial
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
+from .cuda_tuning import choose, cuda_event_ms, token_bucket
 from .projection_energy import segment_sums
 from .rope import apply_rope, rope_partner
 from .segments import Segments, as_segments
@@ -202,13 +203,6 @@ def _per_document(score_document, segments, q, k, v, cos, sin, w_o, n_rep, scali
     return q_sq, k_sq
 
 
-
-def length_bucket(n_tokens: int) -> int:
-    """The power of two (at least 64) a document length rounds up to: lengths within a factor of 2 share a
-    routing choice (:func:`sdpa_where_faster`)."""
-    return 1 << max(6, (n_tokens - 1).bit_length())
-
-
 def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None = None) -> Callable:
     """``kernel`` (a flash launcher: the Triton or CUDA one) with each document routed to whichever of it and
     :func:`qk_row_ablation_sdpa` measured faster for documents of its length on the GPU at hand.
@@ -234,14 +228,14 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
         spans = segments.spans()
         lengths = [e - s for s, e in spans]
         choice = _route(candidates, backend, timer, q, k, v, cos, sin, w_o, segments, kw)
-        used = {choice[length_bucket(n)] for n in lengths if n}
+        used = {choice[token_bucket(n)] for n in lengths if n}
         if len(used) == 1:  # one implementation for the whole batch: no gathering
             return candidates[used.pop()](q, k, v, cos, sin, w_o, segments, **kw)
         _, nh, hd = q.shape
         q_sq = torch.zeros(segments.n_docs, nh * hd, dtype=torch.float32, device=q.device)
         k_sq = torch.zeros(segments.n_docs, k.shape[1] * hd, dtype=torch.float32, device=q.device)
         for name in sorted(used):  # empty documents keep their zero scores (a batch of only those: all zero)
-            docs = [i for i, n in enumerate(lengths) if n and choice[length_bucket(n)] == name]
+            docs = [i for i, n in enumerate(lengths) if n and choice[token_bucket(n)] == name]
             rows = torch.cat([torch.arange(*spans[i], device=q.device) for i in docs])
             sub = Segments.of_lengths([lengths[i] for i in docs], q.device)
             q_sq[docs], k_sq[docs] = candidates[name](*(t[rows] for t in (q, k, v, cos, sin)), w_o, sub, **kw)
@@ -256,15 +250,13 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
 def _route(candidates, backend, timer, q, k, v, cos, sin, w_o, segments: Segments, kw) -> dict[int, str]:
     """{length bucket: implementation name} for the batch's non-empty documents, each bucket timed once on
     its first document (then cached by :func:`cusprun_kernels.cuda_tuning.choose`)."""
-    from .cuda_tuning import choose, cuda_event_ms
-
     _, nh, hd = q.shape
     case = (f"{backend}|{str(q.dtype).removeprefix('torch.')}|heads={nh}|kv={k.shape[1]}|hd={hd}|"
             f"window={kw['sliding_window']}")
     device_name = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else str(q.device)
     choice: dict[int, str] = {}
     for s, e in segments.spans():
-        bucket = length_bucket(e - s)
+        bucket = token_bucket(e - s)
         if e == s or bucket in choice:
             continue
         doc, one = [t[s:e] for t in (q, k, v, cos, sin)], Segments([0, e - s], q.device)
