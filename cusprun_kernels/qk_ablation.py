@@ -470,7 +470,7 @@ def _attention_tiles(segments: Segments, block, sliding_window):
 
 def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
                            sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                           block: int | None = None, block_n: int | None = None):
+                           block: int | None = None, block_n: int | None = None, config=None):
     """Triton launcher of the exact q/k-row ablation (same contract as :func:`qk_row_ablation_torch`).
 
     Precision: the attention runs in float32 with both products (QKᵀ and PV) on tensor cores as 3×TF32
@@ -480,8 +480,9 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     identically and cancel exactly in ΔO.
 
     Tile sizes, warps and pipeline stages come from :func:`cusprun_kernels.triton_configs.attention_config`
-    for this head_dim and the device's shared memory (``block`` / ``block_n`` override the tile sizes, as
-    the CPU tests do).
+    for this head_dim and the device's shared memory; ``config`` (an ``AttentionConfig``) replaces that
+    choice, as ``benchmarks/tune_qk_attention.py`` does, and ``block`` / ``block_n`` override the tile
+    sizes, as the CPU tests do.
 
     FLOPs per document of length L (causal band ≈ L²/2 score entries per pass): every q row
     (heads·hd of them) and every k row once per query head of its group (kv_heads·n_rep·hd = heads·hd)
@@ -495,7 +496,7 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     T, nh, hd = q.shape
     dev = q.device
     require_same_device(dev, k=k, v=v, cos=cos, sin=sin, w_o=w_o)
-    cfg = attention_config(hd, shared_memory_of(dev))
+    cfg = config or attention_config(hd, shared_memory_of(dev))
     block, block_n = block or cfg.block_m, block_n or cfg.block_n
     tiles, key_lo = _attention_tiles(segments, block, sliding_window)
     meta = dict(WINDOWED=sliding_window is not None, PRECISION=cfg.precision, PRECISE_EXP=dev.type == "cuda", BM=block,

@@ -88,12 +88,13 @@ def _compile(fn, signature: dict, constants: dict, target: int, num_warps: int, 
                           options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=enable_fp_fusion))
 
 
-def compile_attention(target: int, head_dim: int) -> CompileReport:
+def compile_attention(target: int, head_dim: int, cfg=None) -> CompileReport:
+    """``cfg``: an ``AttentionConfig`` to compile instead of the one the launcher would choose."""
     from .qk_ablation import _ablated_attention_kernel
     from .triton_configs import attention_config
 
     limit = shared_limit(target)
-    cfg = attention_config(head_dim, limit)
+    cfg = cfg or attention_config(head_dim, limit)
     ptr = "*fp32"
     signature = {**{n: ptr for n in ("qr_ptr", "kr_ptr", "v_ptr", "r1_ptr", "r2_ptr", "c1_ptr", "c2_ptr",
                                      "base_ptr", "out_ptr")},

@@ -1,0 +1,162 @@
+"""Tune the Triton q/k-row ablation kernel on a CUDA GPU: every candidate launch configuration timed on the
+whole op, checked against PyTorch's fused attention (``qk_row_ablation_sdpa``), side by side in one run.
+
+    python benchmarks/tune_qk_attention.py [--head-dims 128 64] [--lengths 1024 2048]
+                                           [--candidates benchmarks/results/tune_qk_attention_aot.json]
+                                           [--max-spill 0] [--top 6] [--budget-s 300] [--out DIR]
+
+Candidates: the ahead-of-time resource report (``--aot`` writes it, without a GPU: registers, spills and
+shared memory of each configuration compiled for sm_90), filtered to at most ``--max-spill`` spilled bytes,
+plus the configuration the launcher chooses today (``current``), in order of spilled bytes. Every candidate
+is timed at the first length (one k/v group of Llama-3 geometry for head_dim 128, of SmolLM2's for 64:
+the per-head cost is what a configuration changes); the ``--top``
+fastest, the current one and sdpa are timed again at every length.
+
+Each timing is the best of 3 calls after a warm-up (CUDA events, inputs drawn at random, never zeros); a
+candidate whose scores differ from sdpa's by more than 1e-4 relative (the float32 tolerance of the
+tests) is marked ``WRONG`` and never chosen. The time budget stops the first phase early, keeping what
+it measured. Rows are appended to benchmarks/results/tune_qk_attention.csv (and ``--out``) naming the GPU,
+versions and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, environment, report  # noqa: E402
+
+GEOMETRY = {128: (4, 1), 64: (3, 1)}  # head_dim: (query heads, k/v heads) of one k/v group
+AOT_FILE = RESULTS / "tune_qk_attention_aot.json"
+TOLERANCE = 1e-4
+
+
+def aot_candidates(head_dims, target=90) -> list[dict]:
+    """Compile every configuration of the grid for ``target`` and report its resources (no GPU needed)."""
+    from cusprun_kernels.triton_aot import compile_attention
+    from cusprun_kernels.triton_configs import AttentionConfig, head_dim_padded
+
+    out = []
+    for hd in head_dims:
+        for precision, bm, bn, warps, stages in itertools.product(("tf32x3", "ieee"), (16, 32, 64, 128),
+                                                                   (16, 32, 64), (2, 4, 8), (1, 2, 3)):
+            if bm * bn > 64 * 64:
+                continue
+            cfg = AttentionConfig(head_dim_padded(hd), bm, bn, warps, stages, precision, 0)
+            row = dict(head_dim=hd, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages, precision=precision)
+            try:
+                r = compile_attention(target, hd, cfg)
+                row.update(registers=r.registers, spill_bytes=r.spill_bytes, shared=r.shared,
+                           shared_limit=r.shared_limit)
+            except Exception as exc:  # noqa: BLE001 - a configuration the compiler refuses is a result
+                row.update(error=f"{type(exc).__name__}: {str(exc)[:160]}")
+            print(row, flush=True)
+            out.append(row)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--aot", action="store_true", help=f"write the resource report to {AOT_FILE} and stop")
+    ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=sorted(GEOMETRY))
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--candidates", type=Path, default=AOT_FILE)
+    ap.add_argument("--max-spill", type=int, default=0, help="skip candidates spilling more bytes than this")
+    ap.add_argument("--top", type=int, default=6)
+    ap.add_argument("--budget-s", type=float, default=300.0, help="time budget of the first phase")
+    ap.add_argument("--out", type=Path, default=None, help="also write the table and JSON here")
+    args = ap.parse_args()
+    if args.aot:
+        AOT_FILE.write_text(json.dumps(aot_candidates(args.head_dims), indent=0))
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("tune_qk_attention.py times GPU kernels: no CUDA device is available here (--aot needs none)")
+    from cusprun_kernels.cuda_tuning import cuda_event_ms
+    from cusprun_kernels.devices import device_info
+    from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_triton
+    from cusprun_kernels.triton_configs import AttentionConfig, attention_config
+
+    dev = torch.device("cuda")
+    shared = device_info(dev).shared_memory
+    listed = json.loads(args.candidates.read_text()) if args.candidates.exists() else []
+    results = []
+
+    def inputs(hd, L, seed):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        nh, nkv = GEOMETRY[hd]
+        q, k, v = (torch.randn(L, n, hd, generator=g).to(dev, torch.bfloat16) for n in (nh, nkv, nkv))
+        ang = torch.rand(L, hd // 2, generator=g).to(dev)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        w_o = (torch.randn(nh * hd, nh * hd, generator=g) / (nh * hd) ** 0.5).to(dev, torch.bfloat16)
+        return (q, k, v, cos, sin, w_o, torch.tensor([0, L], device=dev)), nh // nkv
+
+    def relerr(got, ref):
+        return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, ref))
+
+    def measure(name, cfg, qk, n_rep, hd, L, ref):
+        def fn():
+            if cfg is None:
+                return qk_row_ablation_sdpa(*qk, n_rep=n_rep)
+            return qk_row_ablation_triton(*qk, n_rep=n_rep, config=cfg)
+        try:
+            out = fn()
+            torch.cuda.synchronize()
+            err = relerr(out, ref)
+            ms = cuda_event_ms(fn)
+        except Exception as exc:  # noqa: BLE001 - a launch the GPU refuses is a result
+            print(f"{name} hd={hd} L={L}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            return None
+        row = dict(head_dim=hd, L=L, config=name, ms=ms, rel_err_vs_sdpa=err, ok=err <= TOLERANCE)
+        results.append(row)
+        print(row, flush=True)
+        return row
+
+    for hd in args.head_dims:
+        current = attention_config(hd, shared)
+        configs = {"current " + current.describe(): current}
+        for c in sorted(listed, key=lambda c: c.get("spill_bytes", 0)):  # a budget cut drops the most spilling
+            if c["head_dim"] != hd or "error" in c or c["spill_bytes"] > args.max_spill or c["shared"] > shared:
+                continue
+            cfg = AttentionConfig(current.head_dim_padded, c["block_m"], c["block_n"], c["num_warps"],
+                                  c["num_stages"], c["precision"], c["shared"])
+            configs.setdefault(cfg.describe(), cfg)
+        L0 = args.lengths[0]
+        qk, n_rep = inputs(hd, L0, 0)
+        ref = qk_row_ablation_sdpa(*qk, n_rep=n_rep)
+        measure("sdpa", None, qk, n_rep, hd, L0, ref)
+        start = time.monotonic()
+        for name, cfg in configs.items():
+            if time.monotonic() - start > args.budget_s:
+                print(f"time budget spent: {name} and later candidates not timed", flush=True)
+                break
+            measure(name, cfg, qk, n_rep, hd, L0, ref)
+        timed = sorted((r for r in results if r["head_dim"] == hd and r["L"] == L0 and r["ok"]
+                        and r["config"] != "sdpa"), key=lambda r: r["ms"])
+        finalists = {r["config"] for r in timed[:args.top]} | {n for n in configs if n.startswith("current")}
+        for L in args.lengths[1:]:
+            qk, n_rep = inputs(hd, L, 1)
+            ref = qk_row_ablation_sdpa(*qk, n_rep=n_rep)
+            measure("sdpa", None, qk, n_rep, hd, L, ref)
+            for name in sorted(finalists):
+                measure(name, configs[name], qk, n_rep, hd, L, ref)
+
+    columns = ["head_dim", "L", "config", "ms", "vs sdpa", "rel err vs sdpa", "ok"]
+    sdpa_ms = {(r["head_dim"], r["L"]): r["ms"] for r in results if r["config"] == "sdpa"}
+    rows = [[r["head_dim"], r["L"], r["config"], r["ms"], f"{sdpa_ms[(r['head_dim'], r['L'])] / r['ms']:.2f}x",
+             r["rel_err_vs_sdpa"], "ok" if r["ok"] else "WRONG"]
+            for r in sorted(results, key=lambda r: (r["head_dim"], r["L"], r["ms"]))]
+    report("tune_qk_attention", columns, rows, environment())
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tune_qk_attention.json").write_text(json.dumps(results, indent=0))
+
+
+if __name__ == "__main__":
+    main()
