@@ -15,8 +15,10 @@ fastest, the current one and sdpa are timed again at every length.
 Each timing is the best of 3 calls after a warm-up (CUDA events, inputs drawn at random, never zeros); a
 candidate whose scores differ from sdpa's by more than 1e-4 relative (the float32 tolerance of the
 tests) is marked ``WRONG`` and never chosen. The time budget stops the first phase early, keeping what
-it measured. Rows are appended to benchmarks/results/tune_qk_attention.csv (and ``--out``) naming the GPU,
-versions and commit.
+it measured. With ``--out``, every result is written there as it comes and a rerun with the same
+``--out`` goes on where the last stopped: a launch that faults loses the process's CUDA context, so
+the script records the fault, exits with code 1, and the next run starts after that configuration.
+The table is appended to benchmarks/results/tune_qk_attention.csv naming the GPU, versions and commit.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--candidates", type=Path, default=AOT_FILE)
     ap.add_argument("--max-spill", type=int, default=0, help="skip candidates spilling more bytes than this")
+    ap.add_argument("--configs", nargs="+", default=None, metavar="DESCRIPTION",
+                    help='time only these candidates, named as the table names them ("BM=32 BN=32 warps=4 ...")')
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--budget-s", type=float, default=300.0, help="time budget of the first phase")
     ap.add_argument("--out", type=Path, default=None, help="also write the table and JSON here")
@@ -86,7 +90,10 @@ def main():
     dev = torch.device("cuda")
     shared = device_info(dev).shared_memory
     listed = json.loads(args.candidates.read_text()) if args.candidates.exists() else []
-    results = []
+    done = args.out / "tune_qk_attention.json" if args.out else None
+    results = json.loads(done.read_text()) if done and done.exists() else []
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
 
     def inputs(hd, L, seed):
         g = torch.Generator(device="cpu").manual_seed(seed)
@@ -100,23 +107,34 @@ def main():
     def relerr(got, ref):
         return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, ref))
 
+    def save():
+        if args.out:
+            tmp = args.out / "tune_qk_attention.json.tmp"
+            tmp.write_text(json.dumps(results, indent=0))
+            tmp.replace(args.out / "tune_qk_attention.json")
+
     def measure(name, cfg, qk, n_rep, hd, L, ref):
+        if any((r["head_dim"], r["L"], r["config"]) == (hd, L, name) for r in results):
+            return  # measured by an earlier run of this --out
         def fn():
             if cfg is None:
                 return qk_row_ablation_sdpa(*qk, n_rep=n_rep)
             return qk_row_ablation_triton(*qk, n_rep=n_rep, config=cfg)
+        row = dict(head_dim=hd, L=L, config=name)
         try:
             out = fn()
             torch.cuda.synchronize()
             err = relerr(out, ref)
-            ms = cuda_event_ms(fn)
-        except Exception as exc:  # noqa: BLE001 - a launch the GPU refuses is a result
-            print(f"{name} hd={hd} L={L}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-            return None
-        row = dict(head_dim=hd, L=L, config=name, ms=ms, rel_err_vs_sdpa=err, ok=err <= TOLERANCE)
+            row.update(ms=cuda_event_ms(fn), rel_err_vs_sdpa=err, ok=err <= TOLERANCE)
+        except Exception as exc:  # noqa: BLE001 - a launch that fails is a result
+            row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", ok=False)
         results.append(row)
+        save()
         print(row, flush=True)
-        return row
+        if "error" in row and "CUDA" in row["error"]:
+            # a fault poisons the CUDA context: every later launch of this process would fail too
+            raise SystemExit(f"CUDA context lost at {name} (head_dim {hd}, L {L})"
+                             + ("; rerun with the same --out to go on after it" if args.out else ""))
 
     for hd in args.head_dims:
         current = attention_config(hd, shared)
@@ -126,7 +144,8 @@ def main():
                 continue
             cfg = AttentionConfig(current.head_dim_padded, c["block_m"], c["block_n"], c["num_warps"],
                                   c["num_stages"], c["precision"], c["shared"])
-            configs.setdefault(cfg.describe(), cfg)
+            if args.configs is None or cfg.describe() in args.configs:
+                configs.setdefault(cfg.describe(), cfg)
         L0 = args.lengths[0]
         qk, n_rep = inputs(hd, L0, 0)
         ref = qk_row_ablation_sdpa(*qk, n_rep=n_rep)
@@ -138,7 +157,7 @@ def main():
                 break
             measure(name, cfg, qk, n_rep, hd, L0, ref)
         timed = sorted((r for r in results if r["head_dim"] == hd and r["L"] == L0 and r["ok"]
-                        and r["config"] != "sdpa"), key=lambda r: r["ms"])
+                        and r["config"] in configs), key=lambda r: r["ms"])
         finalists = {r["config"] for r in timed[:args.top]} | {n for n in configs if n.startswith("current")}
         for L in args.lengths[1:]:
             qk, n_rep = inputs(hd, L, 1)
@@ -148,14 +167,12 @@ def main():
                 measure(name, configs[name], qk, n_rep, hd, L, ref)
 
     columns = ["head_dim", "L", "config", "ms", "vs sdpa", "rel err vs sdpa", "ok"]
-    sdpa_ms = {(r["head_dim"], r["L"]): r["ms"] for r in results if r["config"] == "sdpa"}
+    sdpa_ms = {(r["head_dim"], r["L"]): r["ms"] for r in results if r["config"] == "sdpa" and "ms" in r}
     rows = [[r["head_dim"], r["L"], r["config"], r["ms"], f"{sdpa_ms[(r['head_dim'], r['L'])] / r['ms']:.2f}x",
-             r["rel_err_vs_sdpa"], "ok" if r["ok"] else "WRONG"]
-            for r in sorted(results, key=lambda r: (r["head_dim"], r["L"], r["ms"]))]
+             r["rel_err_vs_sdpa"], "ok" if r["ok"] else "WRONG"] if "ms" in r else
+            [r["head_dim"], r["L"], r["config"], "-", "-", "-", "FAILED: " + r["error"]]
+            for r in sorted(results, key=lambda r: (r["head_dim"], r["L"], r.get("ms", float("inf"))))]
     report("tune_qk_attention", columns, rows, environment())
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tune_qk_attention.json").write_text(json.dumps(results, indent=0))
 
 
 if __name__ == "__main__":
