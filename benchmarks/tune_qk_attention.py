@@ -84,8 +84,8 @@ def main():
         raise SystemExit("tune_qk_attention.py times GPU kernels: no CUDA device is available here (--aot needs none)")
     from cusprun_kernels.cuda_tuning import cuda_event_ms
     from cusprun_kernels.devices import device_info
-    from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_triton
-    from cusprun_kernels.triton_configs import AttentionConfig, attention_config
+    from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_triton, triton_launch_config
+    from cusprun_kernels.triton_configs import AttentionConfig
 
     dev = torch.device("cuda")
     shared = device_info(dev).shared_memory
@@ -137,10 +137,12 @@ def main():
                              + ("; rerun with the same --out to go on after it" if args.out else ""))
 
     for hd in args.head_dims:
-        current = attention_config(hd, shared)
+        current = triton_launch_config(hd, dev)
         configs = {"current " + current.describe(): current}
         for c in sorted(listed, key=lambda c: c.get("spill_bytes", 0)):  # a budget cut drops the most spilling
-            if c["head_dim"] != hd or "error" in c or c["spill_bytes"] > args.max_spill or c["shared"] > shared:
+            if c["head_dim"] != hd or "error" in c or c["shared"] > shared:
+                continue
+            if args.configs is None and c["spill_bytes"] > args.max_spill:  # named ones are timed whatever they spill
                 continue
             cfg = AttentionConfig(current.head_dim_padded, c["block_m"], c["block_n"], c["num_warps"],
                                   c["num_stages"], c["precision"], c["shared"])

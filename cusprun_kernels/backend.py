@@ -37,7 +37,13 @@ import torch
 from .cache import cache_dir, load, store
 from .gram import gram_torch, gram_triton
 from .projection_energy import projection_energies_cuda, projection_energies_torch, projection_energies_triton
-from .qk_ablation import qk_row_ablation_cuda, qk_row_ablation_torch, qk_row_ablation_triton, sdpa_where_faster
+from .qk_ablation import (
+    qk_row_ablation_cuda,
+    qk_row_ablation_torch,
+    qk_row_ablation_triton,
+    sdpa_where_faster,
+    triton_launch_config,
+)
 from .segments import Segments
 from .v_row_energy import v_row_energies_torch
 
@@ -51,7 +57,8 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
                             "cuda": projection_energies_cuda},
     # the flash kernels hand each document to PyTorch's fused attention where that measured faster
     "qk_row_ablation": {"torch": qk_row_ablation_torch,
-                        "triton": sdpa_where_faster(qk_row_ablation_triton, "triton"),
+                        "triton": sdpa_where_faster(qk_row_ablation_triton, "triton", tag=lambda q: (
+                            triton_launch_config(q.shape[-1], q.device).describe())),
                         "cuda": sdpa_where_faster(qk_row_ablation_cuda, "cuda")},
     "v_row_energies": {"torch": v_row_energies_torch, "triton": v_row_energies_torch, "cuda": v_row_energies_torch},
     # XᵀX is one GEMM: cuBLAS (through torch) is the CUDA implementation

@@ -203,19 +203,24 @@ def _per_document(score_document, segments, q, k, v, cos, sin, w_o, n_rep, scali
     return q_sq, k_sq
 
 
-def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None = None) -> Callable:
+def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None = None,
+                      tag: Callable[[torch.Tensor], str] | None = None) -> Callable:
     """``kernel`` (a flash launcher: the Triton or CUDA one) with each document routed to whichever of it and
     :func:`qk_row_ablation_sdpa` measured faster for documents of its length on the GPU at hand.
 
-    Why: on an H200 the kernels beat PyTorch's fused attention 1.8-2.2x at L = 512 but lose 1.5-1.8x at
-    L = 2048 (``benchmarks/bench_kernels.py``, 2026-11-27); both are exact, so each document goes to the
-    faster. The choice is made per (GPU, backend, dtype, heads, kv heads, head_dim, window, length bucket)
+    Why: on an H200 the kernels beat PyTorch's fused attention 1.8-2.2x at L = 512 but lost 1.5-1.8x at
+    L = 2048 (``benchmarks/bench_kernels.py``, 2026-11-27); after tuning its tiles on that GPU, the Triton
+    kernel wins at 2048 too (1.21x, ``benchmarks/tune_qk_attention.py``), but the margin depends on the
+    GPU, the shape and the configuration its table holds for the GPU. Both are exact, so each document goes
+    to the faster. The choice is made per (GPU, backend, dtype, heads, kv heads, head_dim, window, length bucket)
     by :func:`cusprun_kernels.cuda_tuning.choose` on the first document of that bucket, and stored: the
     implementation a document gets depends only on its own length, never on its batch (sdpa's scores are
     then batch-independent bit for bit; the kernels' are within their tolerance, as before).
-    ``CUSPRUN_CUDA_QK_ROW_ABLATION=kernel|sdpa`` forces one. ``.kernel`` is the unrouted launcher, which the
-    backend check verifies. Off CUDA devices (the Triton interpreter)
-    ``kernel`` runs alone unless a ``timer`` is given (tests).
+    ``CUSPRUN_CUDA_QK_ROW_ABLATION=kernel|sdpa`` forces one. ``tag(q)`` names the kernel's launch
+    configuration in the stored key, so that a choice measured with another configuration (an earlier
+    release's tiles) is measured again. ``.kernel`` is the unrouted launcher, which the backend check
+    verifies. Off CUDA devices (the Triton interpreter) ``kernel`` runs alone unless a ``timer`` is given
+    (tests).
     """
     candidates = {"kernel": kernel, "sdpa": qk_row_ablation_sdpa}
 
@@ -227,7 +232,8 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
             return kernel(q, k, v, cos, sin, w_o, segments, **kw)
         spans = segments.spans()
         lengths = [e - s for s, e in spans]
-        choice = _route(candidates, backend, timer, q, k, v, cos, sin, w_o, segments, kw)
+        case = backend if tag is None else f"{backend}|{tag(q)}"
+        choice = _route(candidates, case, timer, q, k, v, cos, sin, w_o, segments, kw)
         used = {choice[token_bucket(n)] for n in lengths if n}
         if len(used) == 1:  # one implementation for the whole batch: no gathering
             return candidates[used.pop()](q, k, v, cos, sin, w_o, segments, **kw)
@@ -247,7 +253,7 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
     return routed
 
 
-def _route(candidates, backend, timer, q, k, v, cos, sin, w_o, segments: Segments, kw) -> dict[int, str]:
+def _route(candidates, backend: str, timer, q, k, v, cos, sin, w_o, segments: Segments, kw) -> dict[int, str]:
     """{length bucket: implementation name} for the batch's non-empty documents, each bucket timed once on
     its first document (then cached by :func:`cusprun_kernels.cuda_tuning.choose`)."""
     _, nh, hd = q.shape
@@ -468,6 +474,13 @@ def _attention_tiles(segments: Segments, block, sliding_window):
     return tiles, key_lo.to(torch.int32)
 
 
+def triton_launch_config(head_dim: int, device: torch.device):
+    """The ``AttentionConfig`` the Triton launcher uses for ``head_dim`` on ``device``."""
+    from .triton_configs import attention_config, capability_of, shared_memory_of
+
+    return attention_config(head_dim, shared_memory_of(device), capability_of(device))
+
+
 def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
                            sliding_window: int | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                            block: int | None = None, block_n: int | None = None, config=None):
@@ -480,9 +493,9 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     identically and cancel exactly in ΔO.
 
     Tile sizes, warps and pipeline stages come from :func:`cusprun_kernels.triton_configs.attention_config`
-    for this head_dim and the device's shared memory; ``config`` (an ``AttentionConfig``) replaces that
-    choice, as ``benchmarks/tune_qk_attention.py`` does, and ``block`` / ``block_n`` override the tile
-    sizes, as the CPU tests do.
+    for this head_dim, the device's compute capability and its shared memory; ``config`` (an
+    ``AttentionConfig``) replaces that choice, as ``benchmarks/tune_qk_attention.py`` does, and ``block`` /
+    ``block_n`` override the tile sizes, as the CPU tests do.
 
     FLOPs per document of length L (causal band ≈ L²/2 score entries per pass): every q row
     (heads·hd of them) and every k row once per query head of its group (kv_heads·n_rep·hd = heads·hd)
@@ -490,13 +503,12 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     plus one unperturbed pass per head — about head_dim attention passes per head, twice.
     """
     from .devices import launch_on, require_same_device
-    from .triton_configs import attention_config, shared_memory_of
 
     segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     T, nh, hd = q.shape
     dev = q.device
     require_same_device(dev, k=k, v=v, cos=cos, sin=sin, w_o=w_o)
-    cfg = config or attention_config(hd, shared_memory_of(dev))
+    cfg = config or triton_launch_config(hd, dev)
     block, block_n = block or cfg.block_m, block_n or cfg.block_n
     tiles, key_lo = _attention_tiles(segments, block, sliding_window)
     meta = dict(WINDOWED=sliding_window is not None, PRECISION=cfg.precision, PRECISE_EXP=dev.type == "cuda", BM=block,

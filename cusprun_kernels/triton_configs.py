@@ -16,7 +16,7 @@ plain TF32 (10 mantissa bits) would swamp it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +32,10 @@ class AttentionConfig:
     num_stages: int
     precision: str
     budget: int  # bytes of shared memory, an upper bound of Triton's allocation (checked ahead of time)
+    # compute capabilities this entry was measured on and is chosen for; () = every GPU
+    capabilities: tuple[tuple[int, int], ...] = ()
+    # register spills ptxas may report on those capabilities: measured faster there than every spill-free one
+    spill_budget: int = 0
 
     def shared_bytes(self) -> int:
         return self.budget
@@ -60,11 +64,21 @@ class ProjectionConfig:
 
 # Measured with Triton 3.9 for sm_80, sm_86 and sm_90: with 3×TF32, 64×64 tiles need 255 registers and spill
 # kilobytes per thread at head_dim 128 (ptxas even falls back to 32 registers), and 32×16 tiles at head_dim
-# 128 still spill on sm_86 and sm_90; the tables hold the largest tiles that compile without spills on all
-# three. Shared memory is far below every limit at these sizes; the budgets still guard a smaller GPU.
+# 128 still spill on sm_86 and sm_90; the entries for every GPU hold the largest tiles that compile without
+# spills on all three. Shared memory is far below every limit at these sizes; the budgets still guard a
+# smaller GPU.
+# sm_90 entries: measured on an NVIDIA H200 by benchmarks/tune_qk_attention.py (results and logs in
+# benchmarks/results/tune_qk_attention-NVIDIA-H200/): of the configurations timed at 1024 tokens (57 at
+# head_dim 128, 29 at 64, each spilling at most 1 KB on sm_90), the fastest few were timed again at 512 and
+# 2048, and the entry is the one with the least time summed over the three. At head_dim 128 it spills 732 B
+# per thread and still runs 1.35 / 1.74 / 1.89x faster than the spill-free entry below it at 512 / 1024 /
+# 2048 tokens (6.65 / 13.5 / 42.7 against 8.99 / 23.5 / 80.7 ms; the fastest spill-free one timed took
+# 17.4 ms at 1024); at 64, 0.97 / 1.43 / 1.52x. Other GPUs keep the spill-free entries until measured.
 ATTENTION_CONFIGS = {
-    64: [AttentionConfig(64, 32, 16, 4, 2, "tf32x3", 32_768)],
-    128: [AttentionConfig(128, 16, 16, 4, 2, "tf32x3", 36_864)],
+    64: [AttentionConfig(64, 16, 64, 4, 1, "tf32x3", 24_576, capabilities=((9, 0),)),
+         AttentionConfig(64, 32, 16, 4, 2, "tf32x3", 32_768)],
+    128: [AttentionConfig(128, 32, 32, 4, 2, "tf32x3", 73_984, capabilities=((9, 0),), spill_budget=1024),
+          AttentionConfig(128, 16, 16, 4, 2, "tf32x3", 36_864)],
     256: [AttentionConfig(256, 16, 16, 4, 2, "ieee", 53_248)],
 }
 # keyed by the element size of x and W (4: float32 through 3×TF32; 2: float16 / bfloat16)
@@ -78,19 +92,21 @@ def head_dim_padded(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def attention_config(head_dim: int, shared_limit: int) -> AttentionConfig:
-    """The configuration of the ablated-attention kernel for ``head_dim`` on a GPU whose blocks may use
-    ``shared_limit`` bytes of shared memory (ValueError above head_dim 256, the largest table)."""
+def attention_config(head_dim: int, shared_limit: int, capability: tuple[int, int] | None = None) -> AttentionConfig:
+    """The configuration of the ablated-attention kernel for ``head_dim`` on a GPU of compute ``capability``
+    whose blocks may use ``shared_limit`` bytes of shared memory (ValueError above head_dim 256, the largest
+    table). Entries measured on other capabilities (or, without ``capability``, on any) are passed over."""
     hdp = head_dim_padded(head_dim)
     table = next((ATTENTION_CONFIGS[k] for k in sorted(ATTENTION_CONFIGS) if hdp <= k), None)
     if table is None:
         raise ValueError(f"qk_row_ablation (triton): head_dim {head_dim} is above the largest supported, "
                          f"{max(ATTENTION_CONFIGS)}")
-    cfg = next((c for c in table if c.budget <= shared_limit), None)
+    cfg = next((c for c in table if c.budget <= shared_limit
+                and (not c.capabilities or capability in c.capabilities)), None)
     if cfg is None:
         raise ValueError(f"qk_row_ablation (triton): every configuration for head_dim {head_dim} needs more than "
                          f"the {shared_limit} B of shared memory this GPU gives a block")
-    return AttentionConfig(hdp, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.precision, cfg.budget)
+    return replace(cfg, head_dim_padded=hdp)
 
 
 def projection_config(element_size: int, shared_limit: int) -> ProjectionConfig:
@@ -100,6 +116,15 @@ def projection_config(element_size: int, shared_limit: int) -> ProjectionConfig:
         raise ValueError(f"projection_energies (triton): every configuration needs more than the {shared_limit} B "
                          f"of shared memory this GPU gives a block")
     return cfg
+
+
+def capability_of(device: torch.device) -> tuple[int, int]:
+    """Compute capability of ``device``; the interpreter's CPU is an sm_80, as in :func:`shared_memory_of`."""
+    if device.type != "cuda":
+        return (8, 0)
+    from .devices import device_info
+
+    return device_info(device).capability
 
 
 def shared_memory_of(device: torch.device) -> int:

@@ -4,6 +4,7 @@ anchor): exact cancellation, batch independence, float64, and agreement with eac
 import pytest
 import torch
 
+from cusprun_kernels import cuda_tuning
 from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_shared, sdpa_where_faster
 from cusprun_kernels.segments import Segments
 
@@ -128,3 +129,23 @@ def test_documents_routed_by_length_match_each_implementation_alone(window, tmp_
     got = routed(*(t[:14] for t in (q, k, v, cos, sin)), w_o, short, **kw)
     assert not timed and all(torch.equal(g, w) for g, w in zip(got, qk_row_ablation_shared(
         *(t[:14] for t in (q, k, v, cos, sin)), w_o, short, **kw)))
+
+
+def test_a_routing_choice_is_measured_again_when_the_kernel_configuration_changes(tmp_path, monkeypatch):
+    """The stored choice names the kernel's launch configuration (``tag``): a release with other tiles must not
+    inherit a choice measured with the old ones, while the same configuration reads it back untimed."""
+    monkeypatch.setenv("CUSPRUN_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("CUSPRUN_CUDA_QK_ROW_ABLATION", raising=False)
+    timed = []
+
+    def timer(call):
+        timed.append(call.func.__name__)
+        return 1.0 if call.func is qk_row_ablation_sdpa else 2.0
+
+    q, k, v, cos, sin, w_o = inputs([30], 2, 1, 8, seed=4)
+    args = (q, k, v, cos, sin, w_o, [0, 30])
+    for tag, expect_timed in (("tiles A", True), ("tiles A", False), ("tiles B", True)):
+        timed.clear()
+        sdpa_where_faster(qk_row_ablation_shared, "test", timer=timer, tag=lambda q, tag=tag: tag)(*args, n_rep=2)
+        assert bool(timed) == expect_timed, tag
+        monkeypatch.setattr(cuda_tuning, "_chosen", {})  # as in a new process: only the stored file remembers

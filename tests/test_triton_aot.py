@@ -1,6 +1,6 @@
 """Every Triton kernel compiled ahead of time for sm_80, sm_86 and sm_90 at the configuration its launcher
 chooses there (head_dim 64, 128, 256), without a GPU: shared memory within the target's limit and the
-launcher's budget, no register spills (ptxas -v), exp through libdevice."""
+launcher's budget, no register spills (ptxas -v) beyond those a measured entry allows, exp through libdevice."""
 
 import json
 import os
@@ -54,3 +54,15 @@ def test_attention_config_follows_head_dim_and_shared_memory():
         attention_config(320, 232_448)
     with pytest.raises(ValueError, match="needs more than the 16384 B of shared memory"):
         attention_config(128, 16_384)
+
+
+def test_measured_entries_are_chosen_only_on_their_gpu_and_allow_only_their_spills():
+    hopper, ampere = attention_config(128, 232_448, (9, 0)), attention_config(128, 166_912, (8, 0))
+    assert (hopper.capabilities, hopper.spill_budget) == (((9, 0),), 1024)
+    assert ampere.capabilities == () and ampere.spill_budget == 0
+    assert attention_config(128, 232_448) == ampere  # no capability: the entry for every GPU
+    assert attention_config(64, 232_448, (9, 0)).head_dim_padded == 64
+    within = CompileReport("k", 90, "cfg", 70_000, shared_limit(90), 255, 732, 73_984, spill_budget=1024)
+    assert within.problems == []
+    over = CompileReport("k", 90, "cfg", 70_000, shared_limit(90), 255, 1100, 73_984, spill_budget=1024)
+    assert over.problems == ["1100 B of register spills (255 registers) (its table allows 1024 B)"]

@@ -7,6 +7,7 @@ pytest.importorskip("triton")
 
 from cusprun_kernels.projection_energy import projection_energies_torch, projection_energies_triton  # noqa: E402
 from cusprun_kernels.qk_ablation import qk_row_ablation_torch, qk_row_ablation_triton  # noqa: E402
+from cusprun_kernels.triton_configs import ATTENTION_CONFIGS, attention_config  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # relative to each output's largest magnitude
@@ -61,6 +62,24 @@ def test_qk_row_ablation(lengths, heads, kv, hd, window):
     for g, r in zip(got, ref):
         assert g.shape == r.shape and not g.isnan().any()
         assert rel_err(g, r) <= 1e-4
+
+
+# every table entry measured on one GPU (the CPU tests run the entry for every GPU, as an sm_80 would)
+MEASURED = [(hd, cap) for hd, table in ATTENTION_CONFIGS.items() for c in table for cap in c.capabilities]
+
+
+@pytest.mark.parametrize("hd, capability", MEASURED)
+def test_qk_row_ablation_at_every_measured_configuration(hd, capability):
+    cfg = attention_config(hd, 232_448, capability)
+    assert cfg.capabilities == (capability,)
+    # documents of 3 and 70 tokens: full and partial row tiles, partial key tiles of 64
+    args = qk_inputs([3, 70], 2, 1, hd, seed=hd)
+    for window in (None, 20):
+        got = qk_row_ablation_triton(*args, config=cfg, chunk_bytes=2**22, n_rep=2, sliding_window=window)
+        ref = qk_row_ablation_torch(*args, n_rep=2, sliding_window=window)
+        for g, r in zip(got, ref):
+            assert g.shape == r.shape and not g.isnan().any()
+            assert rel_err(g, r) <= 1e-4
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 kernels are checked on a GPU")
