@@ -6,11 +6,12 @@ whole op, checked against PyTorch's fused attention (``qk_row_ablation_sdpa``), 
                                            [--max-spill 0] [--top 6] [--budget-s 300] [--out DIR]
 
 Candidates: the ahead-of-time resource report (``--aot`` writes it, without a GPU: registers, spills and
-shared memory of each configuration compiled for sm_90), filtered to at most ``--max-spill`` spilled bytes,
-plus the configuration the launcher chooses today (``current``), in order of spilled bytes. Every candidate
-is timed at the first length (one k/v group of Llama-3 geometry for head_dim 128, of SmolLM2's for 64:
-the per-head cost is what a configuration changes); the ``--top``
-fastest, the current one and sdpa are timed again at every length.
+shared memory of each configuration compiled for sm_90, so on another GPU the spill filter reads sm_90's
+numbers), filtered to at most ``--max-spill`` spilled bytes (``--configs`` names candidates whatever they
+spill), plus the configuration the launcher chooses today (``current``), in order of spilled bytes.
+Every candidate is timed at the first length (one k/v group of Llama-3 geometry for head_dim 128, of
+SmolLM2's for 64: the per-head cost is what a configuration changes); the ``--top`` fastest, the current
+one and sdpa are timed again at every length.
 
 Each timing is the best of 3 calls after a warm-up (CUDA events, inputs drawn at random, never zeros); a
 candidate whose scores differ from sdpa's by more than 1e-4 relative (the float32 tolerance of the
@@ -84,8 +85,8 @@ def main():
         raise SystemExit("tune_qk_attention.py times GPU kernels: no CUDA device is available here (--aot needs none)")
     from cusprun_kernels.cuda_tuning import cuda_event_ms
     from cusprun_kernels.devices import device_info
-    from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_triton, triton_launch_config
-    from cusprun_kernels.triton_configs import AttentionConfig
+    from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_triton
+    from cusprun_kernels.triton_configs import AttentionConfig, attention_config_for
 
     dev = torch.device("cuda")
     shared = device_info(dev).shared_memory
@@ -137,7 +138,7 @@ def main():
                              + ("; rerun with the same --out to go on after it" if args.out else ""))
 
     for hd in args.head_dims:
-        current = triton_launch_config(hd, dev)
+        current = attention_config_for(hd, dev)
         configs = {"current " + current.describe(): current}
         for c in sorted(listed, key=lambda c: c.get("spill_bytes", 0)):  # a budget cut drops the most spilling
             if c["head_dim"] != hd or "error" in c or c["shared"] > shared:
@@ -146,7 +147,7 @@ def main():
                 continue
             cfg = AttentionConfig(current.head_dim_padded, c["block_m"], c["block_n"], c["num_warps"],
                                   c["num_stages"], c["precision"], c["shared"])
-            if args.configs is None or cfg.describe() in args.configs:
+            if cfg.describe() != current.describe() and (args.configs is None or cfg.describe() in args.configs):
                 configs.setdefault(cfg.describe(), cfg)
         L0 = args.lengths[0]
         qk, n_rep = inputs(hd, L0, 0)
@@ -170,7 +171,8 @@ def main():
 
     columns = ["head_dim", "L", "config", "ms", "vs sdpa", "rel err vs sdpa", "ok"]
     sdpa_ms = {(r["head_dim"], r["L"]): r["ms"] for r in results if r["config"] == "sdpa" and "ms" in r}
-    rows = [[r["head_dim"], r["L"], r["config"], r["ms"], f"{sdpa_ms[(r['head_dim'], r['L'])] / r['ms']:.2f}x",
+    rows = [[r["head_dim"], r["L"], r["config"], r["ms"],
+             f"{sdpa_ms[(r['head_dim'], r['L'])] / r['ms']:.2f}x" if (r["head_dim"], r["L"]) in sdpa_ms else "-",
              r["rel_err_vs_sdpa"], "ok" if r["ok"] else "WRONG"] if "ms" in r else
             [r["head_dim"], r["L"], r["config"], "-", "-", "-", "FAILED: " + r["error"]]
             for r in sorted(results, key=lambda r: (r["head_dim"], r["L"], r.get("ms", float("inf"))))]

@@ -42,7 +42,7 @@ from .qk_ablation import (
     qk_row_ablation_torch,
     qk_row_ablation_triton,
     sdpa_where_faster,
-    triton_launch_config,
+    triton_config_tag,
 )
 from .segments import Segments
 from .v_row_energy import v_row_energies_torch
@@ -57,8 +57,7 @@ IMPLEMENTATIONS: dict[str, dict[str, Callable]] = {
                             "cuda": projection_energies_cuda},
     # the flash kernels hand each document to PyTorch's fused attention where that measured faster
     "qk_row_ablation": {"torch": qk_row_ablation_torch,
-                        "triton": sdpa_where_faster(qk_row_ablation_triton, "triton", tag=lambda q: (
-                            triton_launch_config(q.shape[-1], q.device).describe())),
+                        "triton": sdpa_where_faster(qk_row_ablation_triton, "triton", tag=triton_config_tag),
                         "cuda": sdpa_where_faster(qk_row_ablation_cuda, "cuda")},
     "v_row_energies": {"torch": v_row_energies_torch, "triton": v_row_energies_torch, "cuda": v_row_energies_torch},
     # XᵀX is one GEMM: cuBLAS (through torch) is the CUDA implementation

@@ -232,8 +232,8 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
             return kernel(q, k, v, cos, sin, w_o, segments, **kw)
         spans = segments.spans()
         lengths = [e - s for s, e in spans]
-        case = backend if tag is None else f"{backend}|{tag(q)}"
-        choice = _route(candidates, case, timer, q, k, v, cos, sin, w_o, segments, kw)
+        kernel_key = backend if tag is None else f"{backend}|{tag(q)}"
+        choice = _route(candidates, kernel_key, timer, q, k, v, cos, sin, w_o, segments, kw)
         used = {choice[token_bucket(n)] for n in lengths if n}
         if len(used) == 1:  # one implementation for the whole batch: no gathering
             return candidates[used.pop()](q, k, v, cos, sin, w_o, segments, **kw)
@@ -253,11 +253,12 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
     return routed
 
 
-def _route(candidates, backend: str, timer, q, k, v, cos, sin, w_o, segments: Segments, kw) -> dict[int, str]:
+def _route(candidates, kernel_key: str, timer, q, k, v, cos, sin, w_o, segments: Segments, kw) -> dict[int, str]:
     """{length bucket: implementation name} for the batch's non-empty documents, each bucket timed once on
-    its first document (then cached by :func:`cusprun_kernels.cuda_tuning.choose`)."""
+    its first document (then cached by :func:`cusprun_kernels.cuda_tuning.choose` under ``kernel_key``, the
+    backend and its launch configuration, and the shape)."""
     _, nh, hd = q.shape
-    case = (f"{backend}|{str(q.dtype).removeprefix('torch.')}|heads={nh}|kv={k.shape[1]}|hd={hd}|"
+    case = (f"{kernel_key}|{str(q.dtype).removeprefix('torch.')}|heads={nh}|kv={k.shape[1]}|hd={hd}|"
             f"window={kw['sliding_window']}")
     device_name = torch.cuda.get_device_name(q.device) if q.device.type == "cuda" else str(q.device)
     choice: dict[int, str] = {}
@@ -474,11 +475,11 @@ def _attention_tiles(segments: Segments, block, sliding_window):
     return tiles, key_lo.to(torch.int32)
 
 
-def triton_launch_config(head_dim: int, device: torch.device):
-    """The ``AttentionConfig`` the Triton launcher uses for ``head_dim`` on ``device``."""
-    from .triton_configs import attention_config, capability_of, shared_memory_of
+def triton_config_tag(q: torch.Tensor) -> str:
+    """The Triton launcher's configuration for ``q``'s head_dim and device, as the routing's stored key names it."""
+    from .triton_configs import attention_config_for
 
-    return attention_config(head_dim, shared_memory_of(device), capability_of(device))
+    return attention_config_for(q.shape[-1], q.device).describe()
 
 
 def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scaling: float | None = None,
@@ -503,12 +504,13 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     plus one unperturbed pass per head — about head_dim attention passes per head, twice.
     """
     from .devices import launch_on, require_same_device
+    from .triton_configs import attention_config_for
 
     segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     T, nh, hd = q.shape
     dev = q.device
     require_same_device(dev, k=k, v=v, cos=cos, sin=sin, w_o=w_o)
-    cfg = config or triton_launch_config(hd, dev)
+    cfg = config or attention_config_for(hd, dev)
     block, block_n = block or cfg.block_m, block_n or cfg.block_n
     tiles, key_lo = _attention_tiles(segments, block, sliding_window)
     meta = dict(WINDOWED=sliding_window is not None, PRECISION=cfg.precision, PRECISE_EXP=dev.type == "cuda", BM=block,

@@ -32,9 +32,12 @@ class AttentionConfig:
     num_stages: int
     precision: str
     budget: int  # bytes of shared memory, an upper bound of Triton's allocation (checked ahead of time)
-    # compute capabilities this entry was measured on and is chosen for; () = every GPU
+    # compute capabilities this entry is chosen for, because it measured fastest on a GPU of one of them
+    # (not necessarily on every GPU of that capability: sm_90 was tuned on an H200, an H100 gets it too); () =
+    # every GPU
     capabilities: tuple[tuple[int, int], ...] = ()
-    # register spills ptxas may report on those capabilities: measured faster there than every spill-free one
+    # register spills ptxas may report for those capabilities: the spills of the configuration that was timed
+    # faster than every spill-free one (as compiled ahead of time by this repository's Triton)
     spill_budget: int = 0
 
     def shared_bytes(self) -> int:
@@ -68,16 +71,17 @@ class ProjectionConfig:
 # spills on all three. Shared memory is far below every limit at these sizes; the budgets still guard a
 # smaller GPU.
 # sm_90 entries: measured on an NVIDIA H200 by benchmarks/tune_qk_attention.py (results and logs in
-# benchmarks/results/tune_qk_attention-NVIDIA-H200/): of the configurations timed at 1024 tokens (57 at
-# head_dim 128, 29 at 64, each spilling at most 1 KB on sm_90), the fastest few were timed again at 512 and
-# 2048, and the entry is the one with the least time summed over the three. At head_dim 128 it spills 732 B
-# per thread and still runs 1.35 / 1.74 / 1.89x faster than the spill-free entry below it at 512 / 1024 /
-# 2048 tokens (6.65 / 13.5 / 42.7 against 8.99 / 23.5 / 80.7 ms; the fastest spill-free one timed took
-# 17.4 ms at 1024); at 64, 0.97 / 1.43 / 1.52x. Other GPUs keep the spill-free entries until measured.
+# benchmarks/results/tune_qk_attention-NVIDIA-H200/, Triton 3.6 there): of the configurations spilling at
+# most 1 KB on sm_90 (compiled ahead of time with Triton 3.9), all 60 at head_dim 128 and the 29 spilling
+# least of 117 at 64 (the time budget cut the rest) were timed at 1024 tokens, the fastest few again at 512
+# and 2048, and the entry is the one with the least time summed over the three. At head_dim 128 it spills
+# 732 B per thread and still runs 1.35 / 1.74 / 1.89x faster than the spill-free entry below it at 512 /
+# 1024 / 2048 tokens (6.65 / 13.5 / 42.7 against 8.99 / 23.5 / 80.7 ms; the fastest spill-free one timed
+# took 17.4 ms at 1024); at 64, 0.97 / 1.43 / 1.51x. Other GPUs keep the spill-free entries until measured.
 ATTENTION_CONFIGS = {
     64: [AttentionConfig(64, 16, 64, 4, 1, "tf32x3", 24_576, capabilities=((9, 0),)),
          AttentionConfig(64, 32, 16, 4, 2, "tf32x3", 32_768)],
-    128: [AttentionConfig(128, 32, 32, 4, 2, "tf32x3", 73_984, capabilities=((9, 0),), spill_budget=1024),
+    128: [AttentionConfig(128, 32, 32, 4, 2, "tf32x3", 73_984, capabilities=((9, 0),), spill_budget=732),
           AttentionConfig(128, 16, 16, 4, 2, "tf32x3", 36_864)],
     256: [AttentionConfig(256, 16, 16, 4, 2, "ieee", 53_248)],
 }
@@ -92,10 +96,10 @@ def head_dim_padded(head_dim: int) -> int:
     return max(16, 1 << (head_dim - 1).bit_length())
 
 
-def attention_config(head_dim: int, shared_limit: int, capability: tuple[int, int] | None = None) -> AttentionConfig:
+def attention_config(head_dim: int, shared_limit: int, capability: tuple[int, int]) -> AttentionConfig:
     """The configuration of the ablated-attention kernel for ``head_dim`` on a GPU of compute ``capability``
     whose blocks may use ``shared_limit`` bytes of shared memory (ValueError above head_dim 256, the largest
-    table). Entries measured on other capabilities (or, without ``capability``, on any) are passed over."""
+    table). Entries tuned for other capabilities are passed over."""
     hdp = head_dim_padded(head_dim)
     table = next((ATTENTION_CONFIGS[k] for k in sorted(ATTENTION_CONFIGS) if hdp <= k), None)
     if table is None:
@@ -118,20 +122,22 @@ def projection_config(element_size: int, shared_limit: int) -> ProjectionConfig:
     return cfg
 
 
-def capability_of(device: torch.device) -> tuple[int, int]:
-    """Compute capability of ``device``; the interpreter's CPU is an sm_80, as in :func:`shared_memory_of`."""
+def target_of(device: torch.device) -> tuple[tuple[int, int], int]:
+    """(compute capability, per-block shared memory, opt-in limit) of ``device``; the interpreter's CPU is
+    taken for an sm_80 (A100), so the CPU tests run the configurations an A100 would."""
     if device.type != "cuda":
-        return (8, 0)
+        return (8, 0), 166_912
     from .devices import device_info
 
-    return device_info(device).capability
+    info = device_info(device)
+    return info.capability, info.shared_memory
 
 
 def shared_memory_of(device: torch.device) -> int:
-    """Per-block shared memory of ``device`` (opt-in limit); the interpreter's CPU gets the sm_80 value,
-    so the CPU tests run the configuration an A100 would."""
-    if device.type != "cuda":
-        return 166_912
-    from .devices import device_info
+    return target_of(device)[1]
 
-    return device_info(device).shared_memory
+
+def attention_config_for(head_dim: int, device: torch.device) -> AttentionConfig:
+    """The configuration the Triton q/k launcher uses for ``head_dim`` on ``device``."""
+    capability, shared = target_of(device)
+    return attention_config(head_dim, shared, capability)

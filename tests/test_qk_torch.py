@@ -5,7 +5,12 @@ import pytest
 import torch
 
 from cusprun_kernels import cuda_tuning
-from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_shared, sdpa_where_faster
+from cusprun_kernels.qk_ablation import (
+    qk_row_ablation_sdpa,
+    qk_row_ablation_shared,
+    sdpa_where_faster,
+    triton_config_tag,
+)
 from cusprun_kernels.segments import Segments
 
 IMPLEMENTATIONS = pytest.mark.parametrize("ablation", [qk_row_ablation_shared, qk_row_ablation_sdpa],
@@ -129,6 +134,15 @@ def test_documents_routed_by_length_match_each_implementation_alone(window, tmp_
     got = routed(*(t[:14] for t in (q, k, v, cos, sin)), w_o, short, **kw)
     assert not timed and all(torch.equal(g, w) for g, w in zip(got, qk_row_ablation_shared(
         *(t[:14] for t in (q, k, v, cos, sin)), w_o, short, **kw)))
+
+
+def test_the_triton_routing_tag_names_the_launch_configuration():
+    pytest.importorskip("triton")
+    from cusprun_kernels.triton_configs import attention_config
+
+    q = torch.zeros(3, 2, 64)  # the CPU (Triton's interpreter) is taken for an A100
+    assert triton_config_tag(q) == attention_config(64, 166_912, (8, 0)).describe()
+    assert triton_config_tag(q) != triton_config_tag(torch.zeros(3, 2, 128))
 
 
 def test_a_routing_choice_is_measured_again_when_the_kernel_configuration_changes(tmp_path, monkeypatch):
