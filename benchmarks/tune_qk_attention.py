@@ -17,8 +17,9 @@ Each timing is the best of 3 calls after a warm-up (CUDA events, inputs drawn at
 candidate whose scores differ from sdpa's by more than 1e-4 relative (the float32 tolerance of the
 tests) is marked ``WRONG`` and never chosen. The time budget stops the first phase early, keeping what
 it measured. With ``--out``, every result is written there as it comes and a rerun with the same
-``--out`` goes on where the last stopped: a launch that faults loses the process's CUDA context, so
-the script records the fault, exits with code 1, and the next run starts after that configuration.
+``--out`` goes on where the last stopped. A launch that faults loses the process's CUDA context: the
+script records the fault and, with ``--out``, starts itself again to go on after that configuration
+(without, it exits with code 1).
 The table is appended to benchmarks/results/tune_qk_attention.csv naming the GPU, versions and commit.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -134,8 +136,11 @@ def main():
         print(row, flush=True)
         if "error" in row and "CUDA" in row["error"]:
             # a fault poisons the CUDA context: every later launch of this process would fail too
-            raise SystemExit(f"CUDA context lost at {name} (head_dim {hd}, L {L})"
-                             + ("; rerun with the same --out to go on after it" if args.out else ""))
+            print(f"CUDA context lost at {name} (head_dim {hd}, L {L})", flush=True)
+            if not args.out:
+                raise SystemExit(1)
+            # go on in a fresh process, which resumes from --out after this configuration
+            os.execv(sys.executable, [sys.executable, *sys.argv])
 
     for hd in args.head_dims:
         current = attention_config_for(hd, dev)

