@@ -78,7 +78,8 @@ def main():
                     help='time only these candidates, named as the table names them ("BM=32 BN=32 warps=4 ...")')
     ap.add_argument("--top", type=int, default=6)
     ap.add_argument("--budget-s", type=float, default=300.0, help="time budget of the first phase")
-    ap.add_argument("--out", type=Path, default=None, help="also write the table and JSON here")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write every result here as it comes (tune_qk_attention.json); a rerun resumes from it")
     args = ap.parse_args()
     if args.aot:
         AOT_FILE.write_text(json.dumps(aot_candidates(args.head_dims), indent=0))
@@ -86,16 +87,15 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("tune_qk_attention.py times GPU kernels: no CUDA device is available here (--aot needs none)")
     from cusprun_kernels.cuda_tuning import cuda_event_ms
-    from cusprun_kernels.devices import device_info
     from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_triton
-    from cusprun_kernels.triton_configs import AttentionConfig, attention_config_for
+    from cusprun_kernels.triton_configs import AttentionConfig, attention_config, target_of
 
     dev = torch.device("cuda")
-    shared = device_info(dev).shared_memory
+    capability, shared = target_of(dev)
     listed = json.loads(args.candidates.read_text()) if args.candidates.exists() else []
     done = args.out / "tune_qk_attention.json" if args.out else None
     results = json.loads(done.read_text()) if done and done.exists() else []
-    if args.out:
+    if done:
         args.out.mkdir(parents=True, exist_ok=True)
 
     def inputs(hd, L, seed):
@@ -111,10 +111,10 @@ def main():
         return max(((a.double() - b.double()).norm() / b.double().norm()).item() for a, b in zip(got, ref))
 
     def save():
-        if args.out:
-            tmp = args.out / "tune_qk_attention.json.tmp"
+        if done:
+            tmp = done.with_suffix(".json.tmp")
             tmp.write_text(json.dumps(results, indent=0))
-            tmp.replace(args.out / "tune_qk_attention.json")
+            tmp.replace(done)
 
     def measure(name, cfg, qk, n_rep, hd, L, ref):
         if any((r["head_dim"], r["L"], r["config"]) == (hd, L, name) for r in results):
@@ -137,13 +137,13 @@ def main():
         if "error" in row and "CUDA" in row["error"]:
             # a fault poisons the CUDA context: every later launch of this process would fail too
             print(f"CUDA context lost at {name} (head_dim {hd}, L {L})", flush=True)
-            if not args.out:
+            if not done:
                 raise SystemExit(1)
             # go on in a fresh process, which resumes from --out after this configuration
             os.execv(sys.executable, [sys.executable, *sys.argv])
 
     for hd in args.head_dims:
-        current = attention_config_for(hd, dev)
+        current = attention_config(hd, shared, capability)
         configs = {"current " + current.describe(): current}
         for c in sorted(listed, key=lambda c: c.get("spill_bytes", 0)):  # a budget cut drops the most spilling
             if c["head_dim"] != hd or "error" in c or c["shared"] > shared:

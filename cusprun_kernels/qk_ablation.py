@@ -212,10 +212,11 @@ def sdpa_where_faster(kernel: Callable, backend: str, *, timer: Callable | None 
     L = 2048 (``benchmarks/bench_kernels.py``, 2026-11-27); after tuning its tiles on that GPU, the Triton
     kernel wins at 2048 too (1.21x, ``benchmarks/tune_qk_attention.py``), but the margin depends on the
     GPU, the shape and the configuration its table holds for the GPU. Both are exact, so each document goes
-    to the faster. The choice is made per (GPU, backend, dtype, heads, kv heads, head_dim, window, length bucket)
-    by :func:`cusprun_kernels.cuda_tuning.choose` on the first document of that bucket, and stored: the
-    implementation a document gets depends only on its own length, never on its batch (sdpa's scores are
-    then batch-independent bit for bit; the kernels' are within their tolerance, as before).
+    to the faster. The choice is made per (GPU, backend and its launch configuration, dtype, heads, kv heads,
+    head_dim, window, length bucket) by :func:`cusprun_kernels.cuda_tuning.choose` on the first document of
+    that bucket, and stored: the implementation a document gets depends only on its own length, never on its
+    batch (sdpa's scores are then batch-independent bit for bit; the kernels' are within their tolerance, as
+    before).
     ``CUSPRUN_CUDA_QK_ROW_ABLATION=kernel|sdpa`` forces one. ``tag(q)`` names the kernel's launch
     configuration in the stored key, so that a choice measured with another configuration (an earlier
     release's tiles) is measured again. ``.kernel`` is the unrouted launcher, which the backend check
