@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_cuda_ops.py", "tests/test_triton_ops.py"]
 # the kernels' own tests, small enough for the sanitizers' slowdown
 SANITIZED_CUDA = ["tests/test_cuda_ops.py", "-k", "qk_row_ablation or segment_energies or fused_projection"]
-SANITIZED_TRITON = ["tests/test_triton_ops.py", "-k", "launcher_configuration"]
+SANITIZED_TRITON = ["tests/test_triton_ops.py", "-k", "launcher_configuration or every_measured_configuration"]
 
 
 def _python(*args: str) -> list[str]:
