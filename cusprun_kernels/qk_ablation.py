@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -505,7 +506,7 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     plus one unperturbed pass per head — about head_dim attention passes per head, twice.
     """
     from .devices import launch_on, require_same_device
-    from .triton_configs import attention_config_for
+    from .triton_configs import attention_config_for, known_fault, target_of
 
     segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     T, nh, hd = q.shape
@@ -513,6 +514,10 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     require_same_device(dev, k=k, v=v, cos=cos, sin=sin, w_o=w_o)
     cfg = config or attention_config_for(hd, dev)
     block, block_n = block or cfg.block_m, block_n or cfg.block_n
+    fault = known_fault(replace(cfg, block_m=block, block_n=block_n), target_of(dev)[0])
+    if fault:
+        raise ValueError(f"qk_row_ablation (triton): {cfg.describe()} at head_dim {hd} is known to fault on this "
+                         f"GPU: {fault}")
     tiles, key_lo = _attention_tiles(segments, block, sliding_window)
     meta = dict(WINDOWED=sliding_window is not None, PRECISION=cfg.precision, PRECISE_EXP=dev.type == "cuda", BM=block,
                 BN=block_n, HDP=cfg.head_dim_padded, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -85,6 +85,25 @@ ATTENTION_CONFIGS = {
           AttentionConfig(128, 16, 16, 4, 2, "tf32x3", 36_864)],
     256: [AttentionConfig(256, 16, 16, 4, 2, "ieee", 53_248)],
 }
+# Launch configurations that compile but fault on a GPU: (head_dim_padded, block_m, block_n, num_warps,
+# precision) -> (capability majors, why). BM 64, BN 16 and 8 warps at head_dim 128 with 3xTF32 faulted with an
+# illegal memory access at every stage count on an NVIDIA H200 (Triton 3.6.0), and compute-sanitizer memcheck
+# placed it in the kernel's P.V product: shared-memory reads of the tensor-core operands far past the 80 KiB the
+# kernel allocates (benchmarks/results/gpu_check-NVIDIA-H200/third-session/). A compiler defect, consistent with
+# the Hopper wgmma faults reported against Triton >= 3.6 (triton-lang/triton#10573, #11366); no table entry
+# uses it, and the launcher refuses it where it faulted, so a tuning run or a caller's config cannot lose the
+# CUDA context to it.
+KNOWN_FAULTS = {
+    (128, 64, 16, 8, "tf32x3"): ((9,), "illegal shared-memory reads in the P.V product (sm_90, Triton 3.6.0)"),
+}
+
+
+def known_fault(cfg: AttentionConfig, capability: tuple[int, int]) -> str | None:
+    """Why ``cfg`` must not be launched on a GPU of ``capability`` (None: no fault known)."""
+    entry = KNOWN_FAULTS.get((cfg.head_dim_padded, cfg.block_m, cfg.block_n, cfg.num_warps, cfg.precision))
+    return entry[1] if entry and capability[0] in entry[0] else None
+
+
 # keyed by the element size of x and W (4: float32 through 3×TF32; 2: float16 / bfloat16)
 PROJECTION_CONFIGS = {
     4: [ProjectionConfig(64, 64, 32, 8, 3, 53_248), ProjectionConfig(64, 32, 32, 4, 3, 36_864)],

@@ -13,7 +13,13 @@ import pytest
 pytest.importorskip("triton")
 
 from cusprun_kernels.triton_aot import HEAD_DIMS, TARGETS, CompileReport, shared_limit  # noqa: E402
-from cusprun_kernels.triton_configs import attention_config, head_dim_padded  # noqa: E402
+from cusprun_kernels.triton_configs import (  # noqa: E402
+    ATTENTION_CONFIGS,
+    AttentionConfig,
+    attention_config,
+    head_dim_padded,
+    known_fault,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,3 +75,12 @@ def test_measured_entries_are_chosen_only_on_their_gpu_and_allow_only_their_spil
     assert within.problems == []
     over = CompileReport("k", 90, "cfg", 70_000, shared_limit(90), 255, 740, 73_984, spill_budget=732)
     assert over.problems == ["740 B of register spills (255 registers) (its table allows 732 B)"]
+
+
+def test_no_table_entry_is_a_configuration_known_to_fault():
+    for table in ATTENTION_CONFIGS.values():
+        for cfg in table:
+            for capability in cfg.capabilities or [(8, 0), (8, 6), (9, 0), (10, 0)]:
+                assert known_fault(cfg, capability) is None, (cfg.describe(), capability)
+    faulty = AttentionConfig(128, 64, 16, 8, 1, "tf32x3", 81_920)
+    assert "P.V" in known_fault(faulty, (9, 0)) and known_fault(faulty, (8, 0)) is None

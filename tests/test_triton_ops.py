@@ -64,6 +64,16 @@ def test_qk_row_ablation(lengths, heads, kv, hd, window):
         assert rel_err(g, r) <= 1e-4
 
 
+def test_launcher_refuses_a_configuration_known_to_fault_on_the_gpu(monkeypatch):
+    """Refused before anything launches: a faulting kernel would lose the process's CUDA context."""
+    import cusprun_kernels.triton_configs as configs
+
+    monkeypatch.setattr(configs, "target_of", lambda device: ((9, 0), 232_448))
+    faulty = configs.AttentionConfig(128, 64, 16, 8, 1, "tf32x3", 81_920)
+    with pytest.raises(ValueError, match="known to fault on this GPU"):
+        qk_row_ablation_triton(*qk_inputs([5], 2, 1, 128), n_rep=2, config=faulty)
+
+
 # every table entry measured on one GPU (the CPU tests run the entry for every GPU, as an sm_80 would)
 MEASURED = [(hd, cap) for hd, table in ATTENTION_CONFIGS.items() for c in table for cap in c.capabilities]
 
