@@ -37,6 +37,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, report  # noqa: E402
 
+from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+
 COMPILED = ("sdpa", "triton", "cuda", "cuda fused")
 SHAPES = {  # hidden, heads, kv heads, head_dim, intermediate
     "8b": (4096, 32, 8, 128, 14336),
@@ -44,17 +46,19 @@ SHAPES = {  # hidden, heads, kv heads, head_dim, intermediate
 }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     ap.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--skip-torch-qk", action="store_true", help="skip the slow torch reference of the q/k op")
     ap.add_argument("--qk-kv-groups", type=int, default=None,
                     help="q/k ablation: score only the first N k/v groups (default: the whole layer)")
     ap.add_argument("--qk-reps", type=int, default=1, help="timed calls of the q/k ablation (best is kept)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if min(args.lengths) < 1 or args.qk_reps < 1 or (args.qk_kv_groups is not None and args.qk_kv_groups < 1):
+        raise CusprunError("--lengths, --qk-reps and --qk-kv-groups must be 1 or more")
     if not torch.cuda.is_available():
-        raise SystemExit("bench_kernels.py measures GPU kernels: no CUDA device is available here")
+        raise CusprunError("bench_kernels.py measures GPU kernels: no CUDA device is available here")
     import triton.testing
 
     from cusprun_kernels import qk_ablation
@@ -124,7 +128,8 @@ def main():
             # one table per shape, appended as it is measured: a run cut short keeps what it measured
             report("bench_kernels", columns, rows, environment())
             rows.clear()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -21,15 +21,20 @@ from bench_score import documents  # noqa: E402
 from common import environment, report  # noqa: E402
 
 from cusprun.engine import Scorer  # noqa: E402
+from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 from cusprun.models import load_model  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=None, help="score only the first N layers (default: all)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.tokens < 2:
+        raise CusprunError(f"--tokens {args.tokens}: must be 2 or more")
+    if args.layers is not None and args.layers < 1:
+        raise CusprunError(f"--layers {args.layers}: must be 1 or more")
     model, tokenizer, _ = load_model(args.model, quiet=True)
     if args.layers is not None:
         del model.model.layers[args.layers:]
@@ -45,7 +50,8 @@ def main():
     report("bench_long_document", ["tokens", "seconds", "tokens/s", "peak RSS GB", "[h,hd,L,L] GB per layer"],
            [[args.tokens, seconds, args.tokens / seconds, peak_gb, materialized_gb]],
            {**environment(), "model": scored})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

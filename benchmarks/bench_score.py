@@ -29,6 +29,7 @@ from common import environment, report  # noqa: E402
 import cusprun_kernels as ops  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.engine import Scorer  # noqa: E402
+from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 from cusprun.models import load_model  # noqa: E402
 from cusprun_kernels.backend import resolved_backends  # noqa: E402
 from cusprun_kernels.qk_ablation import attention_mask, qk_row_ablation_sdpa  # noqa: E402
@@ -125,8 +126,8 @@ def timed(fn, device, *args, **kwargs):
     return time.perf_counter() - start, out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--docs", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=512)
@@ -138,10 +139,18 @@ def main():
                     "Llama-3-8B geometry at hidden size N (4096 is Llama-3-8B's), random token ids")
     ap.add_argument("--layers", type=int, default=2, help="decoder layers of the --random-width model")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    for flag, value, least in (("--docs", args.docs, 1), ("--tokens", args.tokens, 2),
+                               ("--qk-layers", args.qk_layers, 0), ("--layers", args.layers, 1)):
+        if value < least:
+            raise CusprunError(f"{flag} {value}: must be {least} or more")
+    if args.batch_tokens is not None and args.batch_tokens < args.tokens:
+        raise CusprunError(f"--batch-tokens {args.batch_tokens}: must hold one document of --tokens {args.tokens}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CusprunError(f"--device {args.device}: no CUDA device is available here")
     if args.random_width:
         if args.random_width % 128 or args.random_width < 128:
-            raise SystemExit("--random-width must be a positive multiple of 128 (head_dim 128)")
+            raise CusprunError(f"--random-width {args.random_width}: must be a positive multiple of 128 (head_dim 128)")
         model = random_llama(args.random_width, args.layers, args.device)
         args.model = f"random-llama3-geometry-width{args.random_width}-layers{args.layers}"
         gen = torch.Generator().manual_seed(0)
@@ -204,7 +213,8 @@ def main():
               f"materialized")
     report("bench_score", columns, rows, {**environment(), "model": args.model})
     print(json.dumps({k: round(v, 3) for k, v in timings.items()}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -38,6 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, report  # noqa: E402
 
+from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+
 GEOMETRY = {128: (4, 1), 64: (3, 1)}  # head_dim: (query heads, k/v heads) of one k/v group
 AOT_FILE = RESULTS / "tune_qk_attention_aot.json"
 TOLERANCE = 1e-4
@@ -67,8 +69,8 @@ def aot_candidates(head_dims, target=90) -> list[dict]:
     return out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--aot", action="store_true", help=f"write the resource report to {AOT_FILE} and stop")
     ap.add_argument("--head-dims", type=int, nargs="+", default=[128, 64], choices=sorted(GEOMETRY))
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
@@ -80,12 +82,13 @@ def main():
     ap.add_argument("--budget-s", type=float, default=300.0, help="time budget of the first phase")
     ap.add_argument("--out", type=Path, default=None,
                     help="write every result here as it comes (tune_qk_attention.json); a rerun resumes from it")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.aot:
         AOT_FILE.write_text(json.dumps(aot_candidates(args.head_dims), indent=0))
-        return
+        return 0
     if not torch.cuda.is_available():
-        raise SystemExit("tune_qk_attention.py times GPU kernels: no CUDA device is available here (--aot needs none)")
+        raise CusprunError("tune_qk_attention.py times GPU kernels: no CUDA device is available here "
+                           "(--aot needs none)")
     from cusprun_kernels.cuda_tuning import cuda_event_ms
     from cusprun_kernels.qk_ablation import qk_row_ablation_sdpa, qk_row_ablation_triton
     from cusprun_kernels.triton_configs import AttentionConfig, attention_config, target_of
@@ -185,4 +188,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

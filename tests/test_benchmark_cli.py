@@ -1,0 +1,31 @@
+"""The benchmark scripts report bad input as the CLIs do: one line, exit code 2, no traceback, before any
+model is loaded or any kernel timed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bench_score.py", "--docs", "0"], "--docs 0: must be 1 or more"),
+    (["bench_score.py", "--docs", "1", "--model", "missing.gguf"], "GGUF file not found: missing.gguf"),
+    (["bench_score.py", "--random-width", "100"], "--random-width 100: must be a positive multiple of 128"),
+    (["bench_score.py", "--tokens", "64", "--batch-tokens", "32"], "--batch-tokens 32: must hold one document"),
+    (["bench_long_document.py", "--tokens", "1"], "--tokens 1: must be 2 or more"),
+    pytest.param(["bench_kernels.py"], "no CUDA device is available here", marks=NO_GPU),
+    pytest.param(["tune_qk_attention.py"], "no CUDA device is available here", marks=NO_GPU),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    script, *rest = args
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *rest], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+    assert not done.stdout.strip()
