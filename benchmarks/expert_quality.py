@@ -82,6 +82,7 @@ import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
 from cusprun.compensate import DEFAULT_RIDGE, compensate  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
+from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 from cusprun.evaluate import paired_prefill, parameter_count, perplexity  # noqa: E402
 from cusprun.files import atomic_write  # noqa: E402
 from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
@@ -204,7 +205,7 @@ class Bench:
         """The first ``n`` non-empty documents of ``path``, tokenized (all of them, if ``at_most`` and fewer)."""
         ids = [t for t in tokenize(read_corpus(path), self.tokenizer, self.s.max_tokens, vocab) if t][:n]
         if len(ids) < n and not at_most:
-            raise SystemExit(f"{path} holds {len(ids)} documents, {n} are needed")
+            raise CusprunError(f"{path} holds {len(ids)} documents, {n} are needed")
         return ids
 
     def scores(self, method: str, corpus: str, docs: list[list[int]], measure: str = "block",
@@ -622,8 +623,19 @@ def write_csv(rows: list[dict], env: dict, path: Path):
     atomic_write(path, write)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _listed(flag: str, value: str | None, known) -> tuple[str, ...] | None:
+    """The comma-separated names of ``value``, each one of ``known`` (None: not given)."""
+    if value is None:
+        return None
+    names = tuple(value.split(","))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CusprunError(f"{flag} {value!r}: unknown {unknown[0]!r} (known: {', '.join(known)})")
+    return names
+
+
+def main(argv=None) -> int:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny settings: every path in a few minutes (CI)")
     ap.add_argument("--out", help="folder for the results (default: benchmarks/results; with --quick a temporary "
                                   "folder)")
@@ -640,20 +652,35 @@ def main():
     ap.add_argument("--variants", help="comma-separated ablations to run (default: all; implies no sweep)")
     ap.add_argument("--docs", type=int, help="calibration documents per dimension, at most, instead of the settings'")
     ap.add_argument("--eval-docs", type=int, help="held-out documents per set instead of the settings'")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
     if args.ratios:
-        settings = replace(settings, ratios=tuple(float(r) for r in args.ratios.split(",")))
+        try:
+            ratios = tuple(float(r) for r in args.ratios.split(","))
+        except ValueError:
+            raise CusprunError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as "
+                               "0.25,0.45") from None
+        if not all(0 < r < 1 for r in ratios):
+            raise CusprunError(f"--ratios {args.ratios!r}: every ratio must lie strictly between 0 and 1")
+        settings = replace(settings, ratios=ratios)
     if args.experts:
-        settings = replace(settings, experts=tuple(tuple(e.split("+")) for e in args.experts.split(",")))
+        experts = tuple(tuple(e.split("+")) for e in args.experts.split(","))
+        unknown = [d for dims in experts for d in dims if d not in EVAL_SETS]
+        if unknown:
+            raise CusprunError(f"--experts {args.experts!r}: unknown dimension {unknown[0]!r} "
+                               f"(known: {', '.join(EVAL_SETS)})")
+        settings = replace(settings, experts=experts)
+    for flag, value in (("--docs", args.docs), ("--eval-docs", args.eval_docs)):
+        if value is not None and value < 1:
+            raise CusprunError(f"{flag} {value}: must be 1 or more")
     if args.docs:
         settings = replace(settings, docs=args.docs)
     if args.eval_docs:
         settings = replace(settings, eval_docs=args.eval_docs)
     if args.no_extras or args.variants:  # no sweep: German is scored over its first settings.docs documents only
         settings = replace(settings, sweep=(settings.docs,))
-    variants = tuple(args.variants.split(",")) if args.variants else None
-    methods = tuple(args.methods.split(",")) if args.methods else None
+    variants = _listed("--variants", args.variants, ABLATIONS)
+    methods = _listed("--methods", args.methods, [*TARGETED, *GENERAL_METHODS])
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="expert-quality-")) if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -669,7 +696,7 @@ def main():
         write_csv(rows, env, out / "expert_quality_ablations.csv")
         atomic_write(out / "expert_quality_ablations.md", lambda tmp: Path(tmp).write_text(table))
         print(f"wrote {out / 'expert_quality_ablations.csv'} and {out / 'expert_quality_ablations.md'}")
-        return
+        return 0
     table = markdown(rows, settings, env)
     print(table)
     write_csv(rows, env, out / "expert_quality.csv")
@@ -677,7 +704,8 @@ def main():
     for path in plot(rows, settings, out):
         print(f"wrote {path}")
     print(f"wrote {out / 'expert_quality.csv'} and {out / 'expert_quality.md'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))
