@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_score import documents  # noqa: E402
-from common import environment, report  # noqa: E402
+from common import at_least, environment, report  # noqa: E402
 
 from cusprun.engine import Scorer  # noqa: E402
-from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.errors import OneLineArgumentParser, run_cli  # noqa: E402
 from cusprun.models import load_model  # noqa: E402
 
 
@@ -31,10 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=None, help="score only the first N layers (default: all)")
     args = ap.parse_args(argv)
-    if args.tokens < 2:
-        raise CusprunError(f"--tokens {args.tokens}: must be 2 or more")
-    if args.layers is not None and args.layers < 1:
-        raise CusprunError(f"--layers {args.layers}: must be 1 or more")
+    at_least("--tokens", args.tokens, 2)
+    at_least("--layers", args.layers, 1)
     model, tokenizer, _ = load_model(args.model, quiet=True)
     if args.layers is not None:
         del model.model.layers[args.layers:]

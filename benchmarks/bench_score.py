@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, report  # noqa: E402
+from common import at_least, environment, report  # noqa: E402
 
 import cusprun_kernels as ops  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
@@ -142,8 +142,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     for flag, value, least in (("--docs", args.docs, 1), ("--tokens", args.tokens, 2),
                                ("--qk-layers", args.qk_layers, 0), ("--layers", args.layers, 1)):
-        if value < least:
-            raise CusprunError(f"{flag} {value}: must be {least} or more")
+        at_least(flag, value, least)
     if args.batch_tokens is not None and args.batch_tokens < args.tokens:
         raise CusprunError(f"--batch-tokens {args.batch_tokens}: must hold one document of --tokens {args.tokens}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():

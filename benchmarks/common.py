@@ -1,4 +1,5 @@
-"""Shared by the benchmark scripts: environment description, a printed table, an appended CSV row."""
+"""Shared by the benchmark scripts: a count check for their arguments, environment description, a printed table, an
+appended CSV row."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ from pathlib import Path
 
 import torch
 
+from cusprun.errors import CusprunError
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def at_least(flag: str, value: int | None, least: int) -> None:
+    """A one-line error (exit 2 through ``run_cli``) when ``value`` (None: not given) is below ``least``."""
+    if value is not None and value < least:
+        raise CusprunError(f"{flag} {value}: must be {least} or more")
 
 
 def environment() -> dict[str, str]:

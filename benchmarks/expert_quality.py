@@ -76,7 +76,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, environment  # noqa: E402
+from common import RESULTS, at_least, environment  # noqa: E402
 
 import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
@@ -623,6 +623,26 @@ def write_csv(rows: list[dict], env: dict, path: Path):
     atomic_write(path, write)
 
 
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """``--ratios``: comma-separated fractions, each strictly between 0 and 1."""
+    try:
+        ratios = tuple(float(r) for r in text.split(","))
+    except ValueError:
+        raise CusprunError(f"--ratios {text!r}: expected comma-separated numbers such as 0.25,0.45") from None
+    if not all(0 < r < 1 for r in ratios):
+        raise CusprunError(f"--ratios {text!r}: every ratio must lie strictly between 0 and 1")
+    return ratios
+
+
+def parse_experts(text: str, known) -> tuple[tuple[str, ...], ...]:
+    """``--experts``: comma-separated experts, each dimensions joined by '+', every dimension one of ``known``."""
+    experts = tuple(tuple(e.split("+")) for e in text.split(","))
+    unknown = [d for dims in experts for d in dims if d not in known]
+    if unknown:
+        raise CusprunError(f"--experts {text!r}: unknown dimension {unknown[0]!r} (known: {', '.join(known)})")
+    return experts
+
+
 def _listed(flag: str, value: str | None, known) -> tuple[str, ...] | None:
     """The comma-separated names of ``value``, each one of ``known`` (None: not given)."""
     if value is None:
@@ -655,24 +675,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
     if args.ratios:
-        try:
-            ratios = tuple(float(r) for r in args.ratios.split(","))
-        except ValueError:
-            raise CusprunError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as "
-                               "0.25,0.45") from None
-        if not all(0 < r < 1 for r in ratios):
-            raise CusprunError(f"--ratios {args.ratios!r}: every ratio must lie strictly between 0 and 1")
-        settings = replace(settings, ratios=ratios)
+        settings = replace(settings, ratios=parse_ratios(args.ratios))
     if args.experts:
-        experts = tuple(tuple(e.split("+")) for e in args.experts.split(","))
-        unknown = [d for dims in experts for d in dims if d not in EVAL_SETS]
-        if unknown:
-            raise CusprunError(f"--experts {args.experts!r}: unknown dimension {unknown[0]!r} "
-                               f"(known: {', '.join(EVAL_SETS)})")
-        settings = replace(settings, experts=experts)
-    for flag, value in (("--docs", args.docs), ("--eval-docs", args.eval_docs)):
-        if value is not None and value < 1:
-            raise CusprunError(f"{flag} {value}: must be 1 or more")
+        settings = replace(settings, experts=parse_experts(args.experts, list(EVAL_SETS)))
+    at_least("--docs", args.docs, 1)
+    at_least("--eval-docs", args.eval_docs, 1)
     if args.docs:
         settings = replace(settings, docs=args.docs)
     if args.eval_docs:

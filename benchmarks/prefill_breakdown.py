@@ -39,8 +39,18 @@ import torch  # noqa: E402
 from torch.profiler import profile  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, report  # noqa: E402
-from expert_quality import CACHE, FULL, QUICK, TARGETED, Bench, linear_flops, prefill_flops  # noqa: E402
+from common import at_least, environment, report  # noqa: E402
+from expert_quality import (  # noqa: E402
+    CACHE,
+    FULL,
+    QUICK,
+    TARGETED,
+    Bench,
+    linear_flops,
+    parse_experts,
+    parse_ratios,
+    prefill_flops,
+)
 
 import cusprun  # noqa: E402
 from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
@@ -91,26 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny settings for CI; nothing is appended to the CSV")
     args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    try:
-        ratios = [float(r) for r in args.ratios.split(",")]
-    except ValueError:
-        raise CusprunError(f"--ratios {args.ratios!r}: expected comma-separated numbers such as 0.25,0.45") from None
-    if not all(0 < r < 1 for r in ratios):
-        raise CusprunError(f"--ratios {args.ratios!r}: every ratio must lie strictly between 0 and 1")
-    experts = [tuple(e.split("+")) for e in args.experts.split(",")]
-    known = {d for e in settings.experts for d in e}
-    unknown = sorted({d for e in experts for d in e} - known)
-    if unknown:
-        raise CusprunError(f"--experts {args.experts!r}: unknown dimension {unknown[0]!r} "
-                           f"(known: {', '.join(sorted(known))})")
+    ratios = parse_ratios(args.ratios)
+    experts = parse_experts(args.experts, sorted({d for e in settings.experts for d in e}))
     try:
         aligns = [int(a) for a in args.align.split(",")]
     except ValueError:
         raise CusprunError(f"--align {args.align!r}: expected comma-separated whole numbers such as 1,16,64") from None
     if not all(a >= 1 for a in aligns):
         raise CusprunError(f"--align {args.align!r}: every alignment must be 1 or more")
-    if args.repetitions is not None and args.repetitions < 1:
-        raise CusprunError(f"--repetitions {args.repetitions}: must be 1 or more")
+    at_least("--repetitions", args.repetitions, 1)
     repetitions = args.repetitions or settings.repetitions
     bench = Bench(settings, True, Path(args.cache))
     dense, ids, tokens = bench.model, bench.speed_docs[0], settings.speed_tokens

@@ -506,15 +506,16 @@ def qk_row_ablation_triton(q, k, v, cos, sin, w_o, offsets, *, n_rep: int, scali
     plus one unperturbed pass per head — about head_dim attention passes per head, twice.
     """
     from .devices import launch_on, require_same_device
-    from .triton_configs import attention_config_for, known_fault, target_of
+    from .triton_configs import attention_config, known_fault, target_of
 
     segments = _check(q, k, v, cos, sin, w_o, offsets, n_rep)
     T, nh, hd = q.shape
     dev = q.device
     require_same_device(dev, k=k, v=v, cos=cos, sin=sin, w_o=w_o)
-    cfg = config or attention_config_for(hd, dev)
+    capability, shared = target_of(dev)
+    cfg = config or attention_config(hd, shared, capability)
     block, block_n = block or cfg.block_m, block_n or cfg.block_n
-    fault = known_fault(replace(cfg, block_m=block, block_n=block_n), target_of(dev)[0])
+    fault = known_fault(replace(cfg, block_m=block, block_n=block_n), capability)
     if fault:
         raise ValueError(f"qk_row_ablation (triton): {cfg.describe()} at head_dim {hd} is known to fault on this "
                          f"GPU: {fault}")
