@@ -156,8 +156,12 @@ def dense(model, plan: Plan):
     config_dict.update(num_hidden_layers=len(kept_layers), head_dim=geo.hd)
     config = config_cls(per_layer_config=per_layer, cusprun_source_layers=kept_layers, **config_dict)
     config.architectures = [model_cls.__name__]
-    with no_init_weights():
+    source = next(model.parameters())
+    # built on the source's device and cast before the copy: an 8B model's expert on a GPU never passes
+    # through host memory or float32
+    with no_init_weights(), torch.device(source.device):
         out = model_cls(config)
+    out = out.to(dtype=source.dtype)
     out.tie_weights()
     out.load_state_dict(state, strict=True)  # copies into the new parameters: model stays untouched
-    return out.to(dtype=next(model.parameters()).dtype).eval()
+    return out.eval()

@@ -46,28 +46,46 @@ def perplexity(model, documents: list[list[int]], on_doc=None, batch_tokens: int
     return (math.exp(nll / count) if count else float("nan")), count
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work: GPU launches return before they run, so a host clock read without
+    this times the launches, not the computation."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
-def prefill_tokens_per_s(model, documents: list[list[int]]) -> float:
+def prefill_tokens_per_s(model, documents: list[list[int]], batch: int = 1) -> float:
+    """Tokens/s of forwards over ``documents``, ``batch`` documents of one length per forward (one each
+    by default: a single request's prefill; on a GPU a larger batch moves a large model from Python's
+    launch overhead to its GEMMs)."""
     device = next(model.parameters()).device
-    docs = [d for d in documents if d]
+    by_length: dict[int, list[list[int]]] = {}
+    for ids in documents:
+        if ids:
+            by_length.setdefault(len(ids), []).append(ids)
+    _synchronize(device)
     start = time.perf_counter()
-    for ids in docs:
-        model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-    return sum(map(len, docs)) / (time.perf_counter() - start)
+    for docs in by_length.values():
+        for i in range(0, len(docs), batch):
+            model(input_ids=torch.tensor(docs[i:i + batch], device=device), use_cache=False)
+    _synchronize(device)
+    return sum(len(ids) for ids in documents) / (time.perf_counter() - start)
 
 
-def paired_prefill(model, documents: list[list[int]], repetitions: int, reference=None) -> tuple[float, float | None]:
+def paired_prefill(model, documents: list[list[int]], repetitions: int, reference=None,
+                   batch: int = 1) -> tuple[float, float | None]:
     """(median prefill tokens/s of ``model`` over ``repetitions``, and with a ``reference`` model the median of
-    the repetitions' speed ratios model / reference, else None), after one untimed warm-up forward.
+    the repetitions' speed ratios model / reference, else None), after one untimed warm-up forward;
+    ``batch`` documents of one length per forward (:func:`prefill_tokens_per_s`).
 
     The reference is timed right before the model in each repetition: a small CPU drifts by more than the
     differences measured (10-20% between runs), so speeds timed minutes apart would compare the machine's
     moods; the median of paired ratios cancels the drift."""
-    prefill_tokens_per_s(model, documents[:1])  # warm-up, not timed: the first forward of a model is slower
+    prefill_tokens_per_s(model, documents[:batch], batch)  # warm-up, not timed: a model's first forward is slower
     speeds, ratios = [], []
     for _ in range(repetitions):
-        base = prefill_tokens_per_s(reference, documents) if reference is not None else None
-        speeds.append(prefill_tokens_per_s(model, documents))
+        base = prefill_tokens_per_s(reference, documents, batch) if reference is not None else None
+        speeds.append(prefill_tokens_per_s(model, documents, batch))
         if base is not None:
             ratios.append(speeds[-1] / base)
     return statistics.median(speeds), (statistics.median(ratios) if ratios else None)
@@ -80,12 +98,14 @@ def decode_tokens_per_s(model, prompt: list[int], new_tokens: int = 32) -> float
     x = torch.tensor([prompt], device=device)
     kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)  # prefill and warm-up, excluded below
-    start = time.perf_counter()
-    model.generate(x, max_new_tokens=1 + new_tokens, min_new_tokens=1 + new_tokens, **kw)
-    full = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
-    prefill = time.perf_counter() - start
+
+    def seconds(tokens: int) -> float:
+        _synchronize(device)
+        start = time.perf_counter()
+        model.generate(x, max_new_tokens=tokens, min_new_tokens=tokens, **kw)
+        _synchronize(device)
+        return time.perf_counter() - start
+    full, prefill = seconds(1 + new_tokens), seconds(1)
     return new_tokens / max(full - prefill, 1e-9)
 
 

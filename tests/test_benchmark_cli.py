@@ -18,11 +18,16 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messag
     (["bench_score.py", "--random-width", "100"], "--random-width 100: must be a positive multiple of 128"),
     (["bench_score.py", "--tokens", "64", "--batch-tokens", "32"], "--batch-tokens 32: must hold one document"),
     (["bench_long_document.py", "--tokens", "1"], "--tokens 1: must be 2 or more"),
+    (["bench_expert_speed.py", "--shapes", "channels", "blocks"], "--shapes blocks: unknown"),
+    (["bench_expert_speed.py", "--width", "200", "--device", "cpu"], "--width 200: must be a multiple of 128"),
+    (["bench_expert_speed.py", "--batch", "0"], "--batch 0: must be 1 or more"),
+    (["bench_expert_speed.py", "--ratios", "0.5,2"], "every ratio must lie strictly between 0 and 1"),
     (["expert_quality.py", "--experts", "de,de+fr"], "--experts 'de,de+fr': unknown dimension 'fr'"),
     (["expert_quality.py", "--methods", "wanda-sp,sparsegpt"], "--methods 'wanda-sp,sparsegpt': unknown 'sparsegpt'"),
     (["expert_quality.py", "--ratios", "0.25,1"], "every ratio must lie strictly between 0 and 1"),
     pytest.param(["bench_kernels.py"], "no CUDA device is available here", marks=NO_GPU),
     pytest.param(["tune_qk_attention.py"], "no CUDA device is available here", marks=NO_GPU),
+    pytest.param(["bench_expert_speed.py", "--device", "cuda"], "no CUDA device is available here", marks=NO_GPU),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     script, *rest = args

@@ -161,3 +161,14 @@ def test_pairs_need_unit_granularity():
     score_set = cusprun.score(model, batch(model.config.vocab_size), progress=False)
     with pytest.raises(ValueError, match="needs granularity='unit'"):
         score_set.select(0.2, granularity="neuron", neurons="mlp+pairs")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dense_keeps_the_source_dtype_and_device(dtype):
+    """The expert is built where its source lives, in its dtype (bit-equal to the masked model's kept weights)."""
+    model = tiny_model("llama", seed=2).to(dtype)
+    geo = Geometry(model.config)
+    out = apply(model, unit_plan(geo, seed=2), "dense")
+    source = next(model.parameters())
+    assert {(p.dtype, p.device) for p in out.parameters()} == {(dtype, source.device)}
+    assert torch.equal(out.model.embed_tokens.weight, model.model.embed_tokens.weight)

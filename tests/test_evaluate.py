@@ -43,3 +43,21 @@ def test_batched_perplexity_is_each_document_alone(arch, batch_tokens, logits_bu
         assert tokens == expected_tokens == sum(max(n - 1, 0) for n in LENGTHS if n >= 2)
         assert ppl == pytest.approx(expected, rel=1e-5)  # perplexity() takes the loss of float32 logits
         assert sum(seen) == len(documents)  # progress counts every document, the skipped ones too
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_prefill_forwards_batches_of_one_length(batch):
+    """Documents of one length go ``batch`` rows per forward (none padded, none dropped); empty ones none."""
+    model = tiny_model("llama", seed=1)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
+    documents = [random_ids(n, vocab=61, seed=i) for i, n in enumerate(LENGTHS)]
+    speed = evaluate.prefill_tokens_per_s(model, documents, batch)
+    handle.remove()
+    expected = []
+    for length in dict.fromkeys(n for n in LENGTHS if n):  # lengths in order of first appearance
+        rows = LENGTHS.count(length)
+        expected += [(min(batch, rows - i), length) for i in range(0, rows, batch)]
+    assert seen == expected
+    assert math.isfinite(speed) and speed > 0

@@ -10,7 +10,8 @@ def test_without_a_gpu_only_the_steps_that_need_none():
     names = [s[0] for s in gpu_check.steps(gpu=True)]
     assert names[:11] == ["aot", "build", "resources", "tests", "bruteforce", "memcheck", "racecheck",
                           "memcheck-triton", "verify", "bench_kernels", "bench_score"]
-    assert names[11:] == ["bench_score-8b-width", "tune_qk"]  # --random-width 4096: Llama-3-8B geometry
+    # --random-width 4096: Llama-3-8B geometry
+    assert names[11:] == ["bench_score-8b-width", "bench_expert_speed", "tune_qk"]
     tune = dict((s[0], s[1]) for s in gpu_check.steps(gpu=True, gpu_slug="NVIDIA-H200"))["tune_qk"]
     assert tune[tune.index("--out") + 1] == "benchmarks/results/tune_qk_attention-NVIDIA-H200"
     assert sum(limit for _, _, limit, _ in gpu_check.steps(gpu=True)) > 0
