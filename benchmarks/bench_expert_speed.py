@@ -3,7 +3,8 @@ ideal, measured side by side in one run.
 
     python benchmarks/bench_expert_speed.py [--width 4096] [--layers 32] [--ratios 0.25,0.35,0.45]
                                             [--tokens 512] [--docs 8] [--batch 1] [--repetitions 10]
-                                            [--decode-tokens 32] [--dtype bfloat16] [--device cuda] [--quick]
+                                            [--logits all|last] [--decode-tokens 32] [--dtype bfloat16]
+                                            [--device cuda] [--quick]
 
 expert_quality.py times SmolLM2-135M's experts on the CPU; on a GPU that model is launch-bound, and a user's
 8B model is not. A dense expert's speed depends only on its shapes (every kept matrix is dense), so this
@@ -22,12 +23,15 @@ from it, through the same export as every expert (``cusprun.dense.dense``), one 
   (``--drop-layers``, the paper's section 4.5 hybrid).
 
 For each: prefill tokens/s over ``--docs`` documents of ``--tokens`` random token ids, ``--batch`` per
-forward (cusprun.evaluate.paired_prefill: the dense model timed right before the expert in every repetition, the
-median of the paired ratios), the ideal speed-up from the FLOP count (expert_quality.prefill_flops:
-projections, lm_head and attention), measured / ideal, and greedy decode tokens/s with the KV cache after a
-``--tokens`` prompt (median of 3; Hugging Face's generate loop, so launch-bound on a GPU at batch 1).
-Prints the table and appends it to benchmarks/results/bench_expert_speed.csv (not with ``--quick``, a tiny
-CPU setting for the tests).
+forward (cusprun.evaluate.paired_prefill: the dense model timed right before the expert in every repetition,
+the median of the paired ratios), with the logits of every token (``--logits all``, as perplexity and
+expert_quality.py take them) or of the last one only (``last``: a generation's prefill); the ideal speed-up
+from the FLOP count (expert_quality.prefill_flops: projections, lm_head for the tokens whose logits are
+taken, attention), measured / ideal, and greedy decode tokens/s with the KV cache after a ``--tokens``
+prompt (median of 3; Hugging Face's generate loop, so launch-bound on a GPU at batch 1). lm_head is a fixed
+cost the experts keep: for Llama-3-8B at 25 / 35 / 45% the ideal is 1.30 / 1.48 / 1.71x with every token's
+logits and 1.33 / 1.53 / 1.80x with the last one's. Prints the table and appends it to
+benchmarks/results/bench_expert_speed.csv (not with ``--quick``, a tiny setting for the tests).
 """
 
 from __future__ import annotations
@@ -118,13 +122,15 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=8, help="documents per timed prefill")
     ap.add_argument("--batch", type=int, default=1, help="documents per forward (1: one request's prefill)")
     ap.add_argument("--repetitions", type=int, default=10, help="paired prefill repetitions (median)")
+    ap.add_argument("--logits", choices=("all", "last"), default="all", help="the prefill's logits: every "
+                    "token's (as perplexity takes them) or the last one's (a generation's prefill)")
     ap.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens timed per decode (0: skip)")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="a tiny CPU setting that runs every path; no CSV row")
+    ap.add_argument("--quick", action="store_true", help="a tiny setting that runs every path; no CSV row")
     args = ap.parse_args(argv)
     if args.quick:
-        args.width, args.layers, args.tokens, args.docs, args.repetitions = 256, 3, 32, 2, 2
+        args.width, args.layers, args.tokens, args.docs, args.repetitions = 512, 3, 32, 2, 2
         args.decode_tokens = min(args.decode_tokens, 4)
     ratios = parse_ratios(args.ratios)
     unknown = sorted(set(args.shapes) - set(SHAPES))
@@ -134,8 +140,8 @@ def main(argv=None) -> int:
                                ("--tokens", args.tokens, 2), ("--docs", args.docs, 1), ("--batch", args.batch, 1),
                                ("--repetitions", args.repetitions, 1), ("--decode-tokens", args.decode_tokens, 0)):
         at_least(flag, value, least)
-    if args.width % 128:
-        raise CusprunError(f"--width {args.width}: must be a multiple of 128 (head_dim 128)")
+    if args.width % 512:
+        raise CusprunError(f"--width {args.width}: must be a multiple of 512 (heads of 128, 4 per k/v head)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CusprunError(f"--device {args.device}: no CUDA device is available here")
 
@@ -143,8 +149,13 @@ def main(argv=None) -> int:
     geo = Geometry(model.config)
     gen = torch.Generator().manual_seed(0)
     docs = torch.randint(0, model.config.vocab_size, (args.docs, args.tokens), generator=gen).tolist()
-    base_flops = prefill_flops(model, args.tokens)
-    dense_prefill, _ = paired_prefill(model, docs, args.repetitions, batch=args.batch)
+    keep = 1 if args.logits == "last" else 0
+
+    def flops(m) -> int:  # per document; lm_head for the tokens whose logits are taken
+        skipped = 0 if keep == 0 else (args.tokens - keep) * 2 * int(m.lm_head.weight.count_nonzero())
+        return prefill_flops(m, args.tokens) - skipped
+    base_flops = flops(model)
+    dense_prefill, _ = paired_prefill(model, docs, args.repetitions, batch=args.batch, logits_to_keep=keep)
 
     def decode(m) -> float:
         if not args.decode_tokens:
@@ -153,14 +164,15 @@ def main(argv=None) -> int:
     dense_decode = decode(model)
     columns = ["model", "ratio", "removed", "layers", "prefill tok/s", "speed-up", "ideal", "measured/ideal",
                "decode tok/s", "decode x"]
-    rows = [[f"dense ({args.dtype})", 0.0, 0.0, args.layers, dense_prefill, 1.0, 1.0, 1.0, dense_decode, 1.0]]
+    rows = [[f"dense ({args.dtype})", 0.0, 0.0, args.layers, dense_prefill, 1.0, 1.0, 1.0, dense_decode,
+             dense_decode / dense_decode]]  # nan without decode
     for ratio in ratios:
         for shape in args.shapes:
             plan = expert_plan(geo, shape, ratio)
             removed = 1 - kept_params(plan, geo) / geo.projection_params()
             expert = dense(model, plan)
-            ideal = base_flops / prefill_flops(expert, args.tokens)
-            prefill, speedup = paired_prefill(expert, docs, args.repetitions, model, args.batch)
+            ideal = base_flops / flops(expert)
+            prefill, speedup = paired_prefill(expert, docs, args.repetitions, model, args.batch, keep)
             dec = decode(expert)
             rows.append([shape, ratio, removed, expert.config.num_hidden_layers, prefill, speedup, ideal,
                          speedup / ideal, dec, dec / dense_decode])
@@ -168,8 +180,7 @@ def main(argv=None) -> int:
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
     env = {**environment(), "dtype": args.dtype, "width": args.width, "tokens": args.tokens, "docs": args.docs,
-           "batch": args.batch,
-           "repetitions": args.repetitions}
+           "batch": args.batch, "logits": args.logits, "repetitions": args.repetitions}
     report("bench_expert_speed", columns, rows, env, append=not args.quick)
     return 0
 

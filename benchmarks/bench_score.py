@@ -148,8 +148,9 @@ def main(argv=None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CusprunError(f"--device {args.device}: no CUDA device is available here")
     if args.random_width:
-        if args.random_width % 128 or args.random_width < 128:
-            raise CusprunError(f"--random-width {args.random_width}: must be a positive multiple of 128 (head_dim 128)")
+        if args.random_width % 512 or args.random_width < 512:
+            raise CusprunError(f"--random-width {args.random_width}: must be a positive multiple of 512 (heads of "
+                               "128, 4 per k/v head)")
         model = random_llama(args.random_width, args.layers, args.device)
         args.model = f"random-llama3-geometry-width{args.random_width}-layers{args.layers}"
         gen = torch.Generator().manual_seed(0)

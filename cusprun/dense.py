@@ -23,6 +23,8 @@ hidden-size columns or rows) are zero in its dense matrices, so the dense model 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from .modeling_cusprun import DENSE, rope_pair_dims
@@ -102,8 +104,19 @@ def _block_state(zeroed: dict, src: str, dst: str, norm: str, rows: dict, out_pr
     return state
 
 
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def dense(model, plan: Plan):
-    """A dense-format model computing exactly what ``masked(model, plan)`` computes (see module doc)."""
+    """A dense-format model computing exactly what ``masked(model, plan)`` computes (see module doc), on
+    ``model``'s device and in its dtype (a model on a GPU needs room there for its expert too)."""
     from transformers.initialization import no_init_weights
 
     arch = model.config.model_type
@@ -157,9 +170,9 @@ def dense(model, plan: Plan):
     config = config_cls(per_layer_config=per_layer, cusprun_source_layers=kept_layers, **config_dict)
     config.architectures = [model_cls.__name__]
     source = next(model.parameters())
-    # built on the source's device and cast before the copy: an 8B model's expert on a GPU never passes
-    # through host memory or float32
-    with no_init_weights(), torch.device(source.device):
+    # built on the source's device in its dtype: an 8B model's expert on a GPU never passes through host
+    # memory or float32 (the cast after it still casts floating buffers, as the source's own cast did)
+    with no_init_weights(), torch.device(source.device), _default_dtype(source.dtype):
         out = model_cls(config)
     out = out.to(dtype=source.dtype)
     out.tie_weights()

@@ -54,38 +54,42 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def prefill_tokens_per_s(model, documents: list[list[int]], batch: int = 1) -> float:
+def prefill_tokens_per_s(model, documents: list[list[int]], batch: int = 1, logits_to_keep: int = 0) -> float:
     """Tokens/s of forwards over ``documents``, ``batch`` documents of one length per forward (one each
     by default: a single request's prefill; on a GPU a larger batch moves a large model from Python's
-    launch overhead to its GEMMs)."""
+    launch overhead to its GEMMs), with the logits of every token (``logits_to_keep`` 0, as perplexity
+    needs them) or of the last ``logits_to_keep`` (1: a generation's prefill)."""
     device = next(model.parameters()).device
     by_length: dict[int, list[list[int]]] = {}
     for ids in documents:
         if ids:
             by_length.setdefault(len(ids), []).append(ids)
+    keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}  # the default: every token's logits
     _synchronize(device)
     start = time.perf_counter()
     for docs in by_length.values():
         for i in range(0, len(docs), batch):
-            model(input_ids=torch.tensor(docs[i:i + batch], device=device), use_cache=False)
+            model(input_ids=torch.tensor(docs[i:i + batch], device=device), use_cache=False, **keep)
     _synchronize(device)
     return sum(len(ids) for ids in documents) / (time.perf_counter() - start)
 
 
-def paired_prefill(model, documents: list[list[int]], repetitions: int, reference=None,
-                   batch: int = 1) -> tuple[float, float | None]:
+def paired_prefill(model, documents: list[list[int]], repetitions: int, reference=None, batch: int = 1,
+                   logits_to_keep: int = 0) -> tuple[float, float | None]:
     """(median prefill tokens/s of ``model`` over ``repetitions``, and with a ``reference`` model the median of
     the repetitions' speed ratios model / reference, else None), after one untimed warm-up forward;
-    ``batch`` documents of one length per forward (:func:`prefill_tokens_per_s`).
+    ``batch`` and ``logits_to_keep`` as in :func:`prefill_tokens_per_s`.
 
     The reference is timed right before the model in each repetition: a small CPU drifts by more than the
     differences measured (10-20% between runs), so speeds timed minutes apart would compare the machine's
     moods; the median of paired ratios cancels the drift."""
-    prefill_tokens_per_s(model, documents[:batch], batch)  # warm-up, not timed: a model's first forward is slower
+    # warm-up, not timed: a model's first forward is slower
+    prefill_tokens_per_s(model, documents[:batch], batch, logits_to_keep)
     speeds, ratios = [], []
     for _ in range(repetitions):
-        base = prefill_tokens_per_s(reference, documents, batch) if reference is not None else None
-        speeds.append(prefill_tokens_per_s(model, documents, batch))
+        base = (prefill_tokens_per_s(reference, documents, batch, logits_to_keep) if reference is not None
+                else None)
+        speeds.append(prefill_tokens_per_s(model, documents, batch, logits_to_keep))
         if base is not None:
             ratios.append(speeds[-1] / base)
     return statistics.median(speeds), (statistics.median(ratios) if ratios else None)

@@ -22,8 +22,9 @@ Steps, each with its own time limit, its output logged under ``benchmarks/result
 
 Without a GPU it says so in one line and runs only the steps that need none (aot, and the build's
 resource report when the extension is built). Prints a pass/fail table; exit 1 when a step failed.
-Steps 1-8 took about 13 minutes on one H200 (racecheck 4 of them: its slowdown on the q/k kernel at
-head_dim 128 and 256 is 60 and 150 s alone), ``tune_qk`` takes up to 6 more; ``--skip`` drops
+Steps 1-8 are estimated at about 13 minutes on one H200 from their times there (they ran in parts across
+four leases; racecheck about 4 of them: the q/k kernel at head_dim 128 and 256 took 60 and 150 s alone),
+``tune_qk`` takes up to 6 more; ``--skip`` drops
 steps, ``--only`` keeps some.
 """
 
@@ -42,6 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_cuda_ops.py", "tests/test_triton_ops.py"]
 # the kernels' own tests, small enough for the sanitizers' slowdown
 SANITIZED_CUDA = ["tests/test_cuda_ops.py", "-k", "qk_row_ablation or segment_energies or fused_projection"]
+# racecheck's slowdown grows with the blocks of a launch: the q/k kernel's two-tile head_dim-256 case stays out
+# (its one-tile case covers that shared-memory layout; three row tiles are covered at head_dim 24)
+RACECHECKED_CUDA = [*SANITIZED_CUDA[:-1], f"({SANITIZED_CUDA[-1]}) and not hd256-two-row-tiles"]
 SANITIZED_TRITON = ["tests/test_triton_ops.py", "-k", "launcher_configuration or every_measured_configuration"]
 
 
@@ -69,7 +73,7 @@ def steps(gpu: bool, gpu_slug: str = "unknown") -> list[tuple[str, list[str], in
         ("memcheck", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", *pytest,
                       *SANITIZED_CUDA], 240, no_interp),
         ("racecheck", ["compute-sanitizer", "--tool", "racecheck", "--error-exitcode", "3", *pytest,
-                       *SANITIZED_CUDA], 420, no_interp),
+                       *RACECHECKED_CUDA], 420, no_interp),
         ("memcheck-triton", ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3", *pytest,
                              *SANITIZED_TRITON], 180, no_interp),
         ("verify", _python("-m", "cusprun", "--verify"), 180, no_interp),

@@ -61,11 +61,13 @@ def test_shapes_remove_the_ratio_as_named(shape, ratio):
         assert set(heads) == {geo.heads} and max(channels) - min(channels) > 10 * ALIGN  # non-uniform
 
 
-def test_quick_run_prints_every_shape():
+@pytest.mark.parametrize("logits", ["all", "last"])
+def test_quick_run_prints_every_shape(logits):
     results = ROOT / "benchmarks" / "results" / "bench_expert_speed.csv"
     before = results.read_bytes() if results.exists() else None
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_expert_speed.py"), "--quick",
-                           "--ratios", "0.45", "--batch", "2"], capture_output=True, text=True, timeout=600)
+                           "--ratios", "0.45", "--batch", "2", "--logits", logits], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     header = re.split(r"\s{2,}", lines[-6].strip())

@@ -169,9 +169,10 @@ def test_segment_energies_read_strided_inputs(dtype):
     ([7, 11], 3, 1, 80, None),
     ([9], 2, 1, 128, None),
     ([13, 5], 4, 2, 10, 4),
-    # head_dim 256: shared memory above the default 48 KiB. One head and one row tile: racecheck's slowdown
-    # grows with the blocks (one per head, row tile and ablated dimension), 150 s for these 512 on an H200
+    # head_dim 256: shared memory above the default 48 KiB; one head and one row tile (512 blocks: racecheck
+    # took 150 s on an H200), then two heads and two row tiles of 64 (racecheck leaves it out: over 100 s)
     ([40], 1, 1, 256, None),
+    pytest.param([70], 2, 1, 256, None, id="hd256-two-row-tiles"),
     ([150, 3], 2, 1, 24, 40),  # 3 row tiles: warps skip key tiles past their rows and before their window
 ])
 def test_qk_row_ablation(lengths, heads, kv, hd, window):

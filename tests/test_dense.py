@@ -163,12 +163,22 @@ def test_pairs_need_unit_granularity():
         score_set.select(0.2, granularity="neuron", neurons="mlp+pairs")
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_dense_keeps_the_source_dtype_and_device(dtype):
-    """The expert is built where its source lives, in its dtype (bit-equal to the masked model's kept weights)."""
-    model = tiny_model("llama", seed=2).to(dtype)
+def test_dense_keeps_the_source_dtype_and_device(dtype, device):
+    """The expert is built where its source lives, in its dtype, without changing the default dtype; its
+    matrices are the masked model's kept rows and columns, bit for bit."""
+    model = tiny_model("llama", seed=2).to(device=device, dtype=dtype)
     geo = Geometry(model.config)
-    out = apply(model, unit_plan(geo, seed=2), "dense")
-    source = next(model.parameters())
-    assert {(p.dtype, p.device) for p in out.parameters()} == {(dtype, source.device)}
-    assert torch.equal(out.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    plan = propagate(unit_plan(geo, seed=2), geo)
+    out = apply(model, plan, "dense")
+    assert {(p.dtype, p.device.type) for p in out.parameters()} == {(dtype, device)}
+    assert torch.get_default_dtype() == torch.float32
+    source = out.config.cusprun_source_layers[0]
+    channels = plan[f"model.layers.{source}.mlp.down_proj.cols"].to(device)
+    masked = apply(model, plan, "masked").model.layers[source].mlp.down_proj.weight
+    assert 0 < int(channels.sum()) < channels.numel()
+    assert torch.equal(out.model.layers[0].mlp.down_proj.weight, masked[:, channels])

@@ -45,19 +45,20 @@ def test_batched_perplexity_is_each_document_alone(arch, batch_tokens, logits_bu
         assert sum(seen) == len(documents)  # progress counts every document, the skipped ones too
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3])
-def test_prefill_forwards_batches_of_one_length(batch):
-    """Documents of one length go ``batch`` rows per forward (none padded, none dropped); empty ones none."""
+@pytest.mark.parametrize("batch, logits_to_keep", [(1, 0), (2, 0), (3, 1)])
+def test_prefill_forwards_batches_of_one_length(batch, logits_to_keep):
+    """Documents of one length go ``batch`` rows per forward (none padded, none dropped; empty ones none), with
+    every token's logits or the last ``logits_to_keep``."""
     model = tiny_model("llama", seed=1)
     seen = []
-    handle = model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(tuple(kwargs["input_ids"].shape)),
-                                             with_kwargs=True)
+    handle = model.register_forward_hook(lambda m, args, kwargs, out: seen.append(
+        (tuple(kwargs["input_ids"].shape), out.logits.shape[1])), with_kwargs=True)
     documents = [random_ids(n, vocab=61, seed=i) for i, n in enumerate(LENGTHS)]
-    speed = evaluate.prefill_tokens_per_s(model, documents, batch)
+    speed = evaluate.prefill_tokens_per_s(model, documents, batch, logits_to_keep)
     handle.remove()
     expected = []
     for length in dict.fromkeys(n for n in LENGTHS if n):  # lengths in order of first appearance
         rows = LENGTHS.count(length)
-        expected += [(min(batch, rows - i), length) for i in range(0, rows, batch)]
+        expected += [((min(batch, rows - i), length), logits_to_keep or length) for i in range(0, rows, batch)]
     assert seen == expected
     assert math.isfinite(speed) and speed > 0
