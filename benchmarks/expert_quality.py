@@ -13,7 +13,10 @@ Methods at each ratio of projection parameters removed (every expert exported in
                    all-docs rule, every layer keeping a multiple of 64 channels (cusprun.units; every
                    cusprun method below keeps that default alignment unless it names another)
   cusprun-channels-comp  the same channels, down_proj refit over the kept channels (--compensate,
-                   cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats)
+                   cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats; each
+                   input's ridge relative to its own energy)
+  cusprun-channels-meanridge-comp  the same refit with one ridge for all inputs (--ridge-scale mean, the
+                   rule before); only when named in --methods
   cusprun-units    whole query heads and MLP channels, rank budget
   cusprun-channels-equal-comp  compensated channels, every layer losing the same number (--budget equal);
                    only when named in --methods
@@ -80,7 +83,7 @@ from common import RESULTS, at_least, environment  # noqa: E402
 
 import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
-from cusprun.compensate import DEFAULT_RIDGE, compensate  # noqa: E402
+from cusprun.compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, compensate  # noqa: E402
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 from cusprun.evaluate import paired_prefill, parameter_count, perplexity  # noqa: E402
@@ -117,6 +120,9 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
                                                   compensate=DEFAULT_RIDGE, align=16),
             "cusprun-channels-align64-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                                   compensate=DEFAULT_RIDGE, align=64),
+            # the default's channels refit with one ridge for all inputs (the rule before the per-input one)
+            "cusprun-channels-meanridge-comp": dict(granularity="unit", neurons="mlp", measure="local",
+                                                    compensate=DEFAULT_RIDGE, ridge_scale="mean"),
             "cusprun-more-layers-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                              compensate=DEFAULT_RIDGE, drop_share=2 / 3),
             # channels and RoPE pair slots of q and k, each kind losing the same share: pair scores from the
@@ -129,8 +135,8 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
 # measured once (benchmarks/results/expert_quality_{layers,pairs,align}.md) and run only when named
 # in --methods, which keeps the full benchmark under an hour
 BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-unaligned-comp", "cusprun-channels-align16-comp",
-                "cusprun-channels-align64-comp", "cusprun-more-layers-comp", "cusprun-pairs", "cusprun-pairs-local",
-                "cusprun-pairs-comp", "cusprun-pairs-local-comp")
+                "cusprun-channels-align64-comp", "cusprun-channels-meanridge-comp", "cusprun-more-layers-comp",
+                "cusprun-pairs", "cusprun-pairs-local", "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
 # the corpus-size sweep's method: the main job's expert, whose refit and selection gain from more calibration
 # documents (README, "Calibration size")
@@ -402,6 +408,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         n_docs = kw.pop("docs", settings.docs)
         measure = kw.pop("measure", "block")
         ridge = kw.pop("compensate", None)  # a ridge: refit the output projections (needs the Gram statistics)
+        ridge_scale = kw.pop("ridge_scale", DEFAULT_RIDGE_SCALE)
         if "drop_share" in kw:  # that share of the ratio as whole layers, the nearest whole number of them
             kw["drop_layers"] = math.floor(kw.pop("drop_share") * ratio * bench.model.config.num_hidden_layers + 0.5)
         if dims is None:  # general-corpus and data-free baselines: one model, reported for every expert
@@ -411,10 +418,13 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
             score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure, ridge is not None)
         start = time.perf_counter()
         selection = score_set.select(ratio, **kw)
-        source = bench.model if ridge is None else compensate(bench.model, selection.plan, score_set.stats, ridge)
+        source = (bench.model if ridge is None
+                  else compensate(bench.model, selection.plan, score_set.stats, ridge, ridge_scale))
         model = cusprun.apply(source, selection, format="dense")
         bench.seconds["building"] += time.perf_counter() - start
-        tag = "" if ridge is None else f"compensate toward W {ridge}"
+        # the per-input rule's tag names its scale; the mean rule's is the one its cached perplexities carry
+        tag = "" if ridge is None else f"compensate toward W {ridge}" + ("" if ridge_scale == "mean" else
+                                                                         f" {ridge_scale} ridge")
         if ridge is not None:  # the refit weights depend on the statistics' documents, not only on the plan
             tag += f" statistics of {bench.doc_counts(dims, n_docs)} documents"
         ppl = bench.evaluate(selection, model, tag, dims)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .apply import apply
-from .compensate import DEFAULT_RIDGE, refit_widths, thin_statistics_note
+from .compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, refit_widths, thin_statistics_note
 from .compensate import compensate as compensate_model
 from .errors import CusprunError
 from .export import save_model_dir
@@ -70,10 +70,11 @@ def _layer_norm_params(model) -> int:
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
                  out: Path, rule: str = "all-docs", neurons: str | None = None, granularity: str | None = None,
                  budget: str = "rank", compensate: bool = False, ridge: float = DEFAULT_RIDGE,
-                 drop_layers: int = 0, align: int | None = None) -> dict:
+                 ridge_scale: str = DEFAULT_RIDGE_SCALE, drop_layers: int = 0, align: int | None = None) -> dict:
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report.
     ``neurons``/``granularity`` None: the scoring method's defaults (:meth:`ScoreSet.select`). ``compensate``:
-    refit o_proj and down_proj over the kept columns first (:mod:`cusprun.compensate`; needs the sets' stats).
+    refit o_proj and down_proj over the kept columns first (:mod:`cusprun.compensate`, with ``ridge`` and
+    ``ridge_scale``; needs the sets' stats).
     ``drop_layers``: whole layers of lowest block influence removed first, ``align``: every layer's kept MLP
     channels a multiple of it (None: the default, :meth:`ScoreSet.resolved_align`; pruning.json records the
     number used)."""
@@ -86,7 +87,7 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
                           granularity=granularity, budget=budget, drop_layers=drop_layers, align=align)
     if compensate:
         check_stats(sets, score_paths)
-        model = compensate_model(model, sel, combined.stats, ridge)
+        model = compensate_model(model, sel, combined.stats, ridge, ridge_scale)
         note = thin_statistics_note(sum(combined.metadata.get("token_counts", [])), refit_widths(sel, geo.layers))
         if note:  # after the refit, so statistics it refuses give their one-line error alone
             print(note, file=sys.stderr)
@@ -99,7 +100,7 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
         "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
         "granularity": granularity, "budget": budget, "compensate": compensate, "drop_layers": drop_layers,
         "align": align, "dropped_layers": list(sel.dropped_layers),
-        **({"ridge": ridge} if compensate else {}),
+        **({"ridge": ridge, "ridge_scale": ridge_scale} if compensate else {}),
         "ratio_asked": ratio,
         "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
         "sigma": sel.sigma, "params_dense": dense_params, "params": params,

@@ -7,7 +7,7 @@ import math
 import sys
 
 from .apply import FORMATS
-from .compensate import DEFAULT_RIDGE
+from .compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, RIDGE_SCALES
 from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .expert import build_expert, check_against_model, check_ratio, check_stats, load_score_sets
 from .export import check_out_dir
@@ -113,7 +113,11 @@ def build_parser() -> OneLineArgumentParser:
                        help="keep the kept columns' weights even where the statistics exist")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                    help=f"with --compensate: how strongly the kept columns stay near their original weights, "
-                        f"relative to the mean kept Gram diagonal (default {DEFAULT_RIDGE})")
+                        f"relative to their inputs' energy on the calibration tokens (default {DEFAULT_RIDGE})")
+    p.add_argument("--ridge-scale", choices=RIDGE_SCALES, default=DEFAULT_RIDGE_SCALE,
+                   help="with --compensate: each kept input's ridge relative to its own energy (per-input, the "
+                        "default: lower target perplexity in every measured cell, README \"Closed-form "
+                        "compensation\") or one ridge relative to their mean energy (mean, the rule before)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
                               rule=args.rule, neurons=args.neurons, granularity=args.granularity,
                               budget=args.budget, compensate=compensate, ridge=args.ridge,
+                              ridge_scale=args.ridge_scale,
                               drop_layers=args.drop_layers, align=args.align)
     except ValueError as exc:  # a ratio the candidate neurons cannot reach, a stock plan from layer scores
         raise CusprunError(str(exc)) from None
@@ -173,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['ratio_achieved_all']:.4f} of all parameters")
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
     if compensate:
-        print(f"compensated    yes: pruned output projections refit on the calibration statistics (ridge {args.ridge})")
+        print(f"compensated    yes: pruned output projections refit on the calibration statistics (ridge "
+              f"{args.ridge}, {args.ridge_scale})")
     elif args.compensate is None and all(method_of(s.metadata).name == "cusprun" for s in sets):
         print("compensated    no: not every score file has its statistics (score with --stats for the refit)")
     if report["dropped_layers"]:

@@ -104,21 +104,54 @@ def test_statistics_are_read_and_written_one_matrix_at_a_time(tmp_path, monkeypa
     assert all(torch.equal(written[n], sets[0].stats[n] + sets[1].stats[n]) for n in sets[0].stats)
 
 
-def test_refit_is_the_ridge_least_squares_solution():
+@pytest.mark.parametrize("scale", ["per-input", "mean"])
+def test_refit_is_the_ridge_least_squares_solution(scale):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(50, 9, generator=gen, dtype=torch.float64)
+    x = torch.randn(50, 9, generator=gen, dtype=torch.float64) * torch.linspace(0.1, 3, 9, dtype=torch.float64)
     w = torch.randn(6, 9, generator=gen, dtype=torch.float64)
     keep = torch.tensor([True, False, True, True, False, True, True, True, False])
     ridge = 0.05
-    got = refit(w, x.T @ x, keep, ridge)
-    # independently: lstsq on the augmented system [X_K; sqrt(λ) I] W'ᵀ = [X Wᵀ; sqrt(λ) W_Kᵀ]
+    got = refit(w, x.T @ x, keep, ridge, scale)
+    # independently: lstsq on the augmented system [X_K; sqrt(Λ)] W'ᵀ = [X Wᵀ; sqrt(Λ) W_Kᵀ]
     xk = x[:, keep]
-    lam = ridge * (xk * xk).sum(0).mean()
-    a = torch.cat([xk, lam.sqrt() * torch.eye(int(keep.sum()), dtype=torch.float64)])
-    b = torch.cat([x @ w.T, lam.sqrt() * w[:, keep].T])
+    energy = (xk * xk).sum(0)
+    lam = ridge * (energy if scale == "per-input" else energy.mean().expand(len(energy)))
+    a = torch.cat([xk, torch.diag(lam.sqrt())])
+    b = torch.cat([x @ w.T, lam.sqrt()[:, None] * w[:, keep].T])
     want = torch.linalg.lstsq(a, b).solution.T
     assert torch.allclose(got[:, keep], want, atol=1e-10)
     assert torch.equal(got[:, ~keep], w[:, ~keep])
+
+
+def test_per_input_ridge_is_blind_to_how_an_input_is_scaled():
+    """Scaling input i by c and its weight column by 1/c is the same block: the per-input refit gives the same
+    block output on any input, the mean rule does not (its one λ weighs the rescaled input differently)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 7, generator=gen, dtype=torch.float64)
+    w = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([True, True, False, True, True, False, True])
+    c = torch.tensor([1, 50, 1, 0.02, 1, 1, 7], dtype=torch.float64)
+    probe = torch.randn(30, 7, generator=gen, dtype=torch.float64)
+    for scale, same in (("per-input", True), ("mean", False)):
+        plain = probe[:, keep] @ refit(w, x.T @ x, keep, 0.1, scale)[:, keep].T
+        xs, ws = x * c, w / c
+        scaled = (probe * c)[:, keep] @ refit(ws, xs.T @ xs, keep, 0.1, scale)[:, keep].T
+        assert torch.allclose(plain, scaled, atol=1e-9) == same
+
+
+def test_an_input_silent_on_the_calibration_tokens_keeps_its_weights():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 6, generator=gen, dtype=torch.float64)
+    x[:, 2] = 0
+    w = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([True, False, True, True, True, True])
+    got = refit(w, x.T @ x, keep, 0.1)
+    assert got.isfinite().all() and torch.allclose(got[:, 2], w[:, 2], atol=1e-12)
+
+
+def test_refit_refuses_an_unknown_scale():
+    with pytest.raises(ValueError, match="ridge scale 'max'"):
+        refit(torch.ones(2, 3), torch.eye(3), torch.tensor([True, False, True]), 0.1, "max")
 
 
 def test_refit_moves_from_least_squares_to_the_original_weights_as_the_ridge_grows():
@@ -186,6 +219,7 @@ def test_prune_compensate_cli(tmp_path):
         in res.stderr
     report = json.loads((tmp_path / "e2" / "pruning.json").read_text())
     assert report["compensate"] is True and report["ridge"] == pytest.approx(0.1)
+    assert report["ridge_scale"] == "per-input"
 
 
 def test_prune_compensates_by_default_where_the_statistics_exist(tmp_path):
