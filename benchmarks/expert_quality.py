@@ -14,7 +14,8 @@ Methods at each ratio of projection parameters removed (every expert exported in
                    cusprun method below keeps that default alignment unless it names another)
   cusprun-channels-comp  the same channels, down_proj refit over the kept channels (--compensate,
                    cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats; each
-                   input's ridge relative to its own energy)
+                   input's ridge relative to its own energy where they hold 4 tokens per input, --ridge-scale
+                   auto)
   cusprun-channels-meanridge-comp  the same refit with one ridge for all inputs (--ridge-scale mean, the
                    rule before); only when named in --methods
   cusprun-units    whole query heads and MLP channels, rank budget
@@ -83,7 +84,13 @@ from common import RESULTS, at_least, environment  # noqa: E402
 
 import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
-from cusprun.compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, compensate  # noqa: E402
+from cusprun.compensate import (  # noqa: E402
+    DEFAULT_RIDGE,
+    DEFAULT_RIDGE_SCALE,
+    compensate,
+    refit_widths,
+    resolved_ridge_scale,
+)
 from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 from cusprun.evaluate import paired_prefill, parameter_count, perplexity  # noqa: E402
@@ -418,6 +425,9 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
             score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure, ridge is not None)
         start = time.perf_counter()
         selection = score_set.select(ratio, **kw)
+        if ridge is not None:  # auto resolved as prune resolves it, from the statistics' token count
+            ridge_scale = resolved_ridge_scale(ridge_scale, sum(score_set.metadata.get("token_counts", [])),
+                                               refit_widths(selection.plan, bench.model.config.num_hidden_layers))
         source = (bench.model if ridge is None
                   else compensate(bench.model, selection.plan, score_set.stats, ridge, ridge_scale))
         model = cusprun.apply(source, selection, format="dense")

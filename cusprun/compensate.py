@@ -10,9 +10,11 @@ with G = XᵀX the Gram matrix of the projection's unpruned input summed over th
 input's λ_i = ``ridge`` × G[i, i], its own energy on the calibration tokens: the ridge of the inputs scaled
 to unit energy, so rescaling an input (and its column inversely) leaves the refit block output unchanged,
 and a quiet channel is held no tighter, relative to what it contributes, than a loud one. ``mean`` (the rule
-until this release) gives every input λ = ``ridge`` × the mean of diag(G[K, K]). Per input won on target
-perplexity in all 9 measured cells (2-8% lower), general perplexity within ±7% (README, "Closed-form
-compensation").
+before) gives every input λ = ``ridge`` × the mean of diag(G[K, K]). ``auto`` (the default) takes per-input
+where the statistics hold at least :data:`MIN_TOKENS_PER_INPUT` tokens per input of the widest refit
+projection and mean below: per input trusts each input's own energy, which few tokens estimate poorly.
+Measured on SmolLM2 (README, "Closed-form compensation"): with 4 and more tokens per input, per input had
+the lower target perplexity in all 9 cells (2-8%); with 0.8 and 2.1 it was worse on target and general.
 
 The ridge pulls the kept columns toward their original weights, not toward zero: λ → ∞ leaves the
 uncompensated expert, λ → 0 the plain least-squares fit to a few thousand calibration tokens. Measured on
@@ -35,8 +37,9 @@ from .neurons import tensor_name
 from .stats import STAT_PROJECTIONS, gram_name
 
 DEFAULT_RIDGE = 0.1
-RIDGE_SCALES = ("per-input", "mean")  # λ_i = ridge · G[i, i], or one λ = ridge · mean(diag G[K, K])
-DEFAULT_RIDGE_SCALE = "per-input"
+# λ_i = ridge · G[i, i], or one λ = ridge · mean(diag G[K, K]); auto: per-input on statistics of enough tokens
+RIDGE_SCALES = ("auto", "per-input", "mean")
+DEFAULT_RIDGE_SCALE = "auto"
 # Calibration tokens per input of the widest refit projection below which build_expert says so. Measured on
 # SmolLM2 (README, "Calibration size"): 3,200 tokens for down_proj's 1,536 inputs (2 per input) gave a clearly
 # worse German expert than 12,800 (8 per input), on target and on general text alike.
@@ -44,18 +47,19 @@ MIN_TOKENS_PER_INPUT = 4
 
 
 def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: float = DEFAULT_RIDGE,
-          scale: str = DEFAULT_RIDGE_SCALE) -> torch.Tensor:
+          scale: str = "per-input") -> torch.Tensor:
     """weight [out, n], gram [n, n], keep bool [n] -> the refit weight [out, n] (float64): kept columns solved
-    for, removed columns as they were (the plan zeroes them). ``scale``: one of :data:`RIDGE_SCALES`."""
-    if scale not in RIDGE_SCALES:
-        raise ValueError(f"ridge scale {scale!r}: expected one of {', '.join(RIDGE_SCALES)}")
+    for, removed columns as they were (the plan zeroes them). ``scale``: ``per-input`` or ``mean`` (``auto`` is
+    resolved by :func:`resolved_ridge_scale`, which needs the token count)."""
+    if scale not in RIDGE_SCALES[1:]:
+        raise ValueError(f"ridge scale {scale!r}: expected one of {', '.join(RIDGE_SCALES[1:])}")
     w = weight.double()
     kept = keep.to(weight.device).nonzero().flatten()
     g_k = gram.to(weight.device)[kept].double()  # [K, n]: rows sliced before widening, one float64 copy
     g_kk = g_k[:, kept]
     mean = g_kk.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
     # per input, floored at 1e-12 of the mean: an input silent on every calibration token keeps its weights
-    # (its row of G is zero, so only λ_i holds it) and the solve stays well conditioned
+    # (its row of G is zero, so only λ_i holds it, decoupled from the others) and the solve stays nonsingular
     energy = g_kk.diagonal().clamp_min(1e-12 * mean) if scale == "per-input" else mean.expand(len(kept))
     lam = ridge * energy  # [K]
     rhs = g_k @ w.T + lam[:, None] * w[:, kept].T  # [K, out] = G[K, :] Wᵀ + Λ W_Kᵀ
@@ -68,11 +72,14 @@ def refit(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, ridge: f
 
 
 def compensate(model, plan, grams: Mapping[str, torch.Tensor], ridge: float = DEFAULT_RIDGE,
-               scale: str = DEFAULT_RIDGE_SCALE):
+               scale: str = DEFAULT_RIDGE_SCALE, tokens: int = 0):
     """A copy of ``model`` whose o_proj and down_proj are refit over the columns ``plan`` (a
     :class:`~cusprun.selection.Selection` or keep masks) keeps; layers and projections that lose no column,
-    or every column, are left as they are. ``ridge``, ``scale``: as in :func:`refit`."""
+    or every column, are left as they are. ``ridge``: as in :func:`refit`; ``scale``: one of
+    :data:`RIDGE_SCALES`, ``auto`` resolved from ``tokens``, the calibration tokens the ``grams`` sum over
+    (:func:`resolved_ridge_scale`)."""
     plan = getattr(plan, "plan", plan)
+    scale = resolved_ridge_scale(scale, tokens, refit_widths(plan, len(model.model.layers)))
     out = copy.deepcopy(model)
     with torch.no_grad():
         for index, proj, keep in _refit_targets(plan, len(out.model.layers)):
@@ -96,6 +103,18 @@ def refit_widths(plan, layers: int) -> dict[str, int]:
     """{projection: inputs} of the projections the refit changes in some layer, e.g. {"down_proj": 1536}."""
     plan = getattr(plan, "plan", plan)
     return {proj.rsplit(".", 1)[-1]: len(keep) for _, proj, keep in _refit_targets(plan, layers)}
+
+
+def resolved_ridge_scale(scale: str, tokens: int, inputs: dict[str, int]) -> str:
+    """``scale`` itself, or for ``auto``: ``per-input`` when ``tokens`` calibration tokens are at least
+    :data:`MIN_TOKENS_PER_INPUT` per input of the widest refit projection (``inputs``: :func:`refit_widths`),
+    ``mean`` when they are fewer or unknown (0)."""
+    if scale not in RIDGE_SCALES:
+        raise ValueError(f"ridge scale {scale!r}: expected one of {', '.join(RIDGE_SCALES)}")
+    if scale != "auto":
+        return scale
+    widest = max(inputs.values(), default=0)
+    return "per-input" if tokens and tokens >= MIN_TOKENS_PER_INPUT * widest else "mean"
 
 
 def thin_statistics_note(tokens: int, inputs: dict[str, int]) -> str | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import __version__
 from .apply import apply
-from .compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, refit_widths, thin_statistics_note
+from .compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, refit_widths, resolved_ridge_scale, thin_statistics_note
 from .compensate import compensate as compensate_model
 from .errors import CusprunError
 from .export import save_model_dir
@@ -74,7 +74,7 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
     """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report.
     ``neurons``/``granularity`` None: the scoring method's defaults (:meth:`ScoreSet.select`). ``compensate``:
     refit o_proj and down_proj over the kept columns first (:mod:`cusprun.compensate`, with ``ridge`` and
-    ``ridge_scale``; needs the sets' stats).
+    ``ridge_scale``, ``auto`` resolved from the sets' token counts; needs the sets' stats).
     ``drop_layers``: whole layers of lowest block influence removed first, ``align``: every layer's kept MLP
     channels a multiple of it (None: the default, :meth:`ScoreSet.resolved_align`; pruning.json records the
     number used)."""
@@ -87,8 +87,10 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
                           granularity=granularity, budget=budget, drop_layers=drop_layers, align=align)
     if compensate:
         check_stats(sets, score_paths)
+        tokens, widths = sum(combined.metadata.get("token_counts", [])), refit_widths(sel, geo.layers)
+        ridge_scale = resolved_ridge_scale(ridge_scale, tokens, widths)  # pruning.json records the rule used
         model = compensate_model(model, sel, combined.stats, ridge, ridge_scale)
-        note = thin_statistics_note(sum(combined.metadata.get("token_counts", [])), refit_widths(sel, geo.layers))
+        note = thin_statistics_note(tokens, widths)
         if note:  # after the refit, so statistics it refuses give their one-line error alone
             print(note, file=sys.stderr)
     pruned = apply(model, sel, format)

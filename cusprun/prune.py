@@ -115,9 +115,10 @@ def build_parser() -> OneLineArgumentParser:
                    help=f"with --compensate: how strongly the kept columns stay near their original weights, "
                         f"relative to their inputs' energy on the calibration tokens (default {DEFAULT_RIDGE})")
     p.add_argument("--ridge-scale", choices=RIDGE_SCALES, default=DEFAULT_RIDGE_SCALE,
-                   help="with --compensate: each kept input's ridge relative to its own energy (per-input, the "
-                        "default: lower target perplexity in every measured cell, README \"Closed-form "
-                        "compensation\") or one ridge relative to their mean energy (mean, the rule before)")
+                   help="with --compensate: each kept input's ridge relative to its own energy (per-input) or "
+                        "one ridge relative to their mean energy (mean, the rule before); auto (default): "
+                        "per-input where the statistics hold 4 or more tokens per input of the widest refit "
+                        "projection, mean below (README \"Closed-form compensation\")")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
     if compensate:
         print(f"compensated    yes: pruned output projections refit on the calibration statistics (ridge "
-              f"{args.ridge}, {args.ridge_scale})")
+              f"{args.ridge}, {report['ridge_scale']})")
     elif args.compensate is None and all(method_of(s.metadata).name == "cusprun" for s in sets):
         print("compensated    no: not every score file has its statistics (score with --stats for the refit)")
     if report["dropped_layers"]:

@@ -13,7 +13,14 @@ from transformers import AutoConfig
 
 import cusprun
 from cusprun import stats as stats_module
-from cusprun.compensate import MIN_TOKENS_PER_INPUT, compensate, refit, refit_widths, thin_statistics_note
+from cusprun.compensate import (
+    MIN_TOKENS_PER_INPUT,
+    compensate,
+    refit,
+    refit_widths,
+    resolved_ridge_scale,
+    thin_statistics_note,
+)
 from cusprun.neurons import tensor_name
 from cusprun.stats import gram_name, save_stats, stats_path
 from tests.conftest import write_ids_corpus
@@ -219,7 +226,14 @@ def test_prune_compensate_cli(tmp_path):
         in res.stderr
     report = json.loads((tmp_path / "e2" / "pruning.json").read_text())
     assert report["compensate"] is True and report["ridge"] == pytest.approx(0.1)
-    assert report["ridge_scale"] == "per-input"
+    assert report["ridge_scale"] == "mean"  # auto on 19 tokens for inter inputs: too few for per-input ridges
+    assert "(ridge 0.1, mean)" in res.stdout
+    res = cli(*common, "--scores", tmp_path / "stats" / "a.safetensors", "--out", tmp_path / "e3",
+              "--ridge-scale", "per-input")
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "e3" / "pruning.json").read_text())["ridge_scale"] == "per-input"
+    auto, per_input = (load_file(tmp_path / name / "model.safetensors") for name in ("e2", "e3"))
+    assert any(not torch.equal(auto[k], per_input[k]) for k in auto)  # the scale reaches the refit
 
 
 def test_prune_compensates_by_default_where_the_statistics_exist(tmp_path):
@@ -294,6 +308,17 @@ def test_prune_refuses_damaged_statistics_in_one_line(damage, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and name in lines[0] and problem in lines[0], res.stderr
     assert not (tmp_path / "e" / "pruning.json").exists()
+
+
+def test_auto_takes_per_input_ridges_from_the_tokens_per_input_floor_on():
+    inputs = {"down_proj": 1536, "o_proj": 576}
+    assert resolved_ridge_scale("auto", MIN_TOKENS_PER_INPUT * 1536, inputs) == "per-input"
+    assert resolved_ridge_scale("auto", MIN_TOKENS_PER_INPUT * 1536 - 1, inputs) == "mean"
+    assert resolved_ridge_scale("auto", 0, inputs) == "mean"  # unknown count
+    assert resolved_ridge_scale("mean", 10**9, inputs) == "mean"
+    assert resolved_ridge_scale("per-input", 1, inputs) == "per-input"
+    with pytest.raises(ValueError, match="ridge scale 'max'"):
+        resolved_ridge_scale("max", 1, inputs)
 
 
 def test_thin_statistics_are_noted_below_the_tokens_per_input_floor():
