@@ -80,7 +80,6 @@ def expert_plan(geo: Geometry, shape: str, ratio: float, seed: int = 0) -> dict[
     Which channels or heads go does not matter for speed; the first ones of each layer do."""
     plan = geo.full_plan()
     per_channel = 3 * geo.hidden  # its gate row, up row and down column
-    budget = ratio * geo.projection_params()
     layers = list(range(geo.layers))
     if shape == "layers+channels":
         n = max(1, round(ratio / 3 * geo.layers))
@@ -89,7 +88,6 @@ def expert_plan(geo: Geometry, shape: str, ratio: float, seed: int = 0) -> dict[
             for name in plan:
                 if name.startswith(f"model.layers.{layer}."):
                     plan[name][:] = False
-        budget -= geo.projection_params() - kept_params(propagate(plan, geo), geo)
         layers = [layer for layer in layers if layer not in dropped]
     if shape == "heads+channels":
         attention = sum(o * i for p, (o, i) in geo.shape.items() if p.startswith("self_attn"))
@@ -99,7 +97,8 @@ def expert_plan(geo: Geometry, shape: str, ratio: float, seed: int = 0) -> dict[
             o_cols = plan[tensor_name(layer, "self_attn.o_proj", "cols")].view(geo.kv, geo.rep, geo.hd)
             for h in range(heads):  # round-robin over the k/v groups: group h % kv loses its next head
                 o_cols[h % geo.kv, h // geo.kv] = False
-        budget -= geo.projection_params() - kept_params(propagate(plan, geo), geo)
+    # what the layers or heads removed comes off the ratio; channels take the rest
+    budget = ratio * geo.projection_params() - (geo.projection_params() - kept_params(propagate(plan, geo), geo))
     if shape == "channels":
         gen = torch.Generator().manual_seed(seed)
         weights = (0.5 + torch.rand(len(layers), generator=gen)).tolist()

@@ -6,7 +6,7 @@ block's output on the calibration tokens, Y = X Wᵀ, is best reproduced from th
     W'_K = argmin ‖X_K W'_Kᵀ − X Wᵀ‖² + Σ_{i∈K} λ_i ‖W'_i − W_i‖²  =  (W G[:, K] + W_K Λ) (G[K, K] + Λ)⁻¹,
 
 with G = XᵀX the Gram matrix of the projection's unpruned input summed over the calibration documents
-(:mod:`cusprun.stats`, written by ``score --stats``) and Λ = diag(λ_i). By default (``per-input``) each kept
+(:mod:`cusprun.stats`, written by ``score --stats``) and Λ = diag(λ_i). With ``per-input`` each kept
 input's λ_i = ``ridge`` × G[i, i], its own energy on the calibration tokens: the ridge of the inputs scaled
 to unit energy, so rescaling an input (and its column inversely) leaves the refit block output unchanged,
 and a quiet channel is held no tighter, relative to what it contributes, than a loud one. ``mean`` (the rule

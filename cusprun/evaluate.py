@@ -15,6 +15,14 @@ from .progress import item_bar
 LOGITS_BUDGET = 1 << 26  # float32 logits of one forward in perplexity(): 256 MB
 
 
+def _by_length(documents: list[list[int]]) -> dict[int, list[list[int]]]:
+    """length -> the documents of that length, in order: rows of one length batch without padding."""
+    groups: dict[int, list[list[int]]] = {}
+    for ids in documents:
+        groups.setdefault(len(ids), []).append(ids)
+    return groups
+
+
 @torch.inference_mode()
 def perplexity(model, documents: list[list[int]], on_doc=None, batch_tokens: int = 4096) -> tuple[float, int]:
     """Token-weighted perplexity over documents: exp(Σ NLL / Σ predicted tokens). Returns (ppl, tokens).
@@ -25,11 +33,8 @@ def perplexity(model, documents: list[list[int]], on_doc=None, batch_tokens: int
     document), and a batch of short documents reads the weights once instead of once per document."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    by_length: dict[int, list[list[int]]] = {}
-    for ids in documents:
-        by_length.setdefault(len(ids), []).append(ids)
     nll, count = 0.0, 0
-    for length, docs in by_length.items():
+    for length, docs in _by_length(documents).items():
         # the logits are the largest tensor: a few copies of [rows, length, vocab] floats (Llama-3's vocabulary
         # makes 4096 tokens 2 GB each), so rows stop at LOGITS_BUDGET elements as well as at batch_tokens
         rows = max(1, min(batch_tokens // max(length, 1), LOGITS_BUDGET // max(length * vocab, 1)))
@@ -60,14 +65,11 @@ def prefill_tokens_per_s(model, documents: list[list[int]], batch: int = 1, logi
     launch overhead to its GEMMs), with the logits of every token (``logits_to_keep`` 0, as perplexity
     needs them) or of the last ``logits_to_keep`` (1: a generation's prefill)."""
     device = next(model.parameters()).device
-    by_length: dict[int, list[list[int]]] = {}
-    for ids in documents:
-        if ids:
-            by_length.setdefault(len(ids), []).append(ids)
+    groups = {length: docs for length, docs in _by_length(documents).items() if length}
     keep = {"logits_to_keep": logits_to_keep} if logits_to_keep else {}  # the default: every token's logits
     _synchronize(device)
     start = time.perf_counter()
-    for docs in by_length.values():
+    for docs in groups.values():
         for i in range(0, len(docs), batch):
             model(input_ids=torch.tensor(docs[i:i + batch], device=device), use_cache=False, **keep)
     _synchronize(device)
