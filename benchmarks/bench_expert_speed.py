@@ -54,6 +54,7 @@ from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa:
 from cusprun.evaluate import decode_tokens_per_s, paired_prefill  # noqa: E402
 from cusprun.neurons import Geometry, tensor_name  # noqa: E402
 from cusprun.plan import kept_params, propagate  # noqa: E402
+from cusprun.scoring import check_device  # noqa: E402
 
 SHAPES = ("channels", "channels-uniform", "heads+channels", "layers+channels")
 ALIGN = 64  # the default expert's channel alignment
@@ -141,8 +142,7 @@ def main(argv=None) -> int:
         at_least(flag, value, least)
     if args.width % 512:
         raise CusprunError(f"--width {args.width}: must be a multiple of 512 (heads of 128, 4 per k/v head)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CusprunError(f"--device {args.device}: no CUDA device is available here")
+    check_device(args.device)
 
     model = random_llama(args.width, args.layers, args.device).to(DTYPES[args.dtype])
     geo = Geometry(model.config)

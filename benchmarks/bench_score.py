@@ -31,6 +31,7 @@ from cusprun.corpus import read_corpus, tokenize  # noqa: E402
 from cusprun.engine import Scorer  # noqa: E402
 from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 from cusprun.models import load_model  # noqa: E402
+from cusprun.scoring import check_device  # noqa: E402
 from cusprun_kernels.backend import resolved_backends  # noqa: E402
 from cusprun_kernels.qk_ablation import attention_mask, qk_row_ablation_sdpa  # noqa: E402
 from cusprun_kernels.rope import apply_rope  # noqa: E402
@@ -145,8 +146,7 @@ def main(argv=None) -> int:
         at_least(flag, value, least)
     if args.batch_tokens is not None and args.batch_tokens < args.tokens:
         raise CusprunError(f"--batch-tokens {args.batch_tokens}: must hold one document of --tokens {args.tokens}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise CusprunError(f"--device {args.device}: no CUDA device is available here")
+    check_device(args.device)
     if args.random_width:
         if args.random_width % 512 or args.random_width < 512:
             raise CusprunError(f"--random-width {args.random_width}: must be a positive multiple of 512 (heads of "

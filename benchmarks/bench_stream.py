@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -22,7 +23,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, report  # noqa: E402
+from common import at_least, environment, report  # noqa: E402
+
+from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 WIDTH = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
@@ -102,13 +105,19 @@ def run(model: Path, corpus: Path, out: Path, extra: list[str]) -> tuple[float, 
     return float(seconds), int(rss)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ram-multiple", type=float, default=1.5)
-    ap.add_argument("--docs", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=64)
+def main(argv=None) -> int:
+    ap = OneLineArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ram-multiple", type=float, default=1.5,
+                    help="the streamed model's weights as a multiple of this machine's RAM (more than 1)")
+    ap.add_argument("--docs", type=int, default=4, help="documents scored")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per document")
     ap.add_argument("--measure", default="block", choices=["block", "local"])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # checked before a model larger than RAM is written to disk
+    if not (math.isfinite(args.ram_multiple) and args.ram_multiple > 1):
+        raise CusprunError(f"--ram-multiple {args.ram_multiple}: must be a number above 1 (weights larger than RAM)")
+    at_least("--docs", args.docs, 1)
+    at_least("--tokens", args.tokens, 2)
     ram = ram_bytes()
     layers = int(-(-(args.ram_multiple * ram - 2 * 2 * WIDTH["vocab_size"] * WIDTH["hidden_size"]) // layer_bytes()))
     big = build(CACHE / f"llama-8192-{layers}L", layers)
@@ -131,7 +140,8 @@ def main():
     report("bench_stream", ["run", "layers", "weights GB", "x RAM", "peak RSS GB", "RSS / RAM", "seconds",
                             "tokens/s", "token-layers/s"], rows,
            {**environment(), "ram_gb": f"{ram / 1e9:.1f}", "measure": args.measure, "dtype": "float32"})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -98,6 +98,7 @@ from cusprun.files import atomic_write  # noqa: E402
 from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
 from cusprun.neurons import influence_name  # noqa: E402
 from cusprun.scoreset import ScoreSet  # noqa: E402
+from cusprun.scoring import prepare_out  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CACHE = Path(__file__).resolve().parent / ".cache" / "expert_quality"
@@ -694,9 +695,9 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-docs", type=int, help="held-out documents per set instead of the settings'")
     args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    if args.ratios:
+    if args.ratios is not None:  # "" is a mistake, not "the settings' ratios"
         settings = replace(settings, ratios=parse_ratios(args.ratios))
-    if args.experts:
+    if args.experts is not None:
         settings = replace(settings, experts=parse_experts(args.experts, list(EVAL_SETS)))
     at_least("--docs", args.docs, 1)
     at_least("--eval-docs", args.eval_docs, 1)
@@ -708,8 +709,8 @@ def main(argv=None) -> int:
         settings = replace(settings, sweep=(settings.docs,))
     variants = _listed("--variants", args.variants, ABLATIONS)
     methods = _listed("--methods", args.methods, [*TARGETED, *GENERAL_METHODS])
-    out = Path(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="expert-quality-")) if args.quick else RESULTS)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_out(args.out) if args.out else (Path(tempfile.mkdtemp(prefix="expert-quality-")) if args.quick
+                                                  else RESULTS)
     torch.manual_seed(0)
     start = time.perf_counter()
     rows, seconds = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations, methods=methods,

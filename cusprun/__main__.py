@@ -3,9 +3,10 @@ the cached verdicts of the backends' checks); ``--verify`` checks every availabl
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import sys
+
+from .errors import OneLineArgumentParser, run_cli
 
 
 def _version(dist: str) -> str:
@@ -16,7 +17,7 @@ def _version(dist: str) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cusprun", description=__doc__)
+    ap = OneLineArgumentParser(prog="python -m cusprun", description=__doc__)
     ap.add_argument("--verify", action="store_true",
                     help="check every available compiled backend against the torch reference now, caching verdicts")
     args = ap.parse_args(argv)
@@ -56,4 +57,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -19,7 +19,8 @@ class Document:
     input_ids: tuple[int, ...] | None = None
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
+    """A corpus file's text, or a one-line error (not UTF-8, unreadable)."""
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -42,6 +43,10 @@ def _jsonl_document(path: Path, lineno: int, line: str) -> Document:
             raise CusprunError(f"{where}: 'input_ids' must be a list of non-negative integers")
         return Document(where, input_ids=tuple(ids))
     if isinstance(record.get("text"), str):
+        try:  # JSON escapes can spell a lone surrogate ("\\ud800"), which no tokenizer takes
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise CusprunError(f"{where}: 'text' is not valid Unicode ({exc.reason} at {exc.start})") from None
         return Document(where, text=record["text"])
     raise CusprunError(f"{where}: expected a string field 'text' or a list field 'input_ids'")
 
@@ -53,13 +58,13 @@ def read_corpus(path: str | Path) -> list[Document]:
         files = sorted(f for f in p.iterdir() if f.suffix == ".txt" and f.is_file())
         if not files:
             raise CusprunError(f"corpus folder {p} holds no .txt files")
-        return [Document(str(f), text=_read_text(f)) for f in files]
+        return [Document(str(f), text=read_text_file(f)) for f in files]
     if not p.exists():
         raise CusprunError(f"corpus not found: {p}")
     if p.suffix == ".jsonl":
-        return [_jsonl_document(p, n, line) for n, line in enumerate(_read_text(p).splitlines(), 1) if line.strip()]
+        return [_jsonl_document(p, n, line) for n, line in enumerate(read_text_file(p).splitlines(), 1) if line.strip()]
     if p.suffix == ".txt":
-        blocks = [b.strip() for b in _read_text(p).replace("\r\n", "\n").split("\n\n")]
+        blocks = [b.strip() for b in read_text_file(p).replace("\r\n", "\n").split("\n\n")]
         return [Document(f"{p}#{i}", text=b) for i, b in enumerate(blocks) if b]
     raise CusprunError(f"corpus {p}: expected a .jsonl file, a .txt file or a folder of .txt files")
 

@@ -135,8 +135,8 @@ def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int
     tokenized = {}
     for path, documents in texts.items():
         docs = [d for d in tokenize(documents, tokenizer, max_tokens, model.config.vocab_size) if d]
-        if not docs:
-            raise CusprunError(f"{path}: no document with tokens")
+        if not any(len(d) >= 2 for d in docs):  # perplexity needs a token to predict from the one before
+            raise CusprunError(f"{path}: no document with at least 2 tokens")
         tokenized[path] = docs
     with item_bar(sum(map(len, tokenized.values())), f"eval {model_name}", "doc", quiet) as bar:
         for path, docs in tokenized.items():

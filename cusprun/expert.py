@@ -8,6 +8,7 @@ ratio, applies the plan in the asked format and writes the folder with its ``pru
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -16,9 +17,11 @@ from .compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, refit_widths, resolv
 from .compensate import compensate as compensate_model
 from .errors import CusprunError
 from .export import save_model_dir
+from .methods import methods
 from .neurons import Geometry, config_hash
 from .plan import kept_counts
 from .scoreset import ScoreSet, intersect
+from .selection import Selection
 from .stats import stats_path
 
 
@@ -33,9 +36,18 @@ def load_score_sets(paths: list[str], stats: bool = False) -> list[ScoreSet]:
     ``stats``, their statistics files too where they exist (see :func:`check_stats`)."""
     sets = []
     for path in paths:
+        if Path(path).is_dir():
+            raise CusprunError(f"--scores {path} is a folder: give its score files (NAME.safetensors)")
         if not Path(path).is_file():
             raise CusprunError(f"score file not found: {path}")
         sets.append(ScoreSet.load(path, stats=stats))
+    known = methods()
+    for score_set, path in zip(sets, paths):
+        if score_set.metadata.get("method", "cusprun") not in known:
+            raise CusprunError(f"{path}: score file of unknown method {score_set.metadata['method']!r}")
+    names = {str(s.metadata.get("method", "cusprun")) for s in sets}
+    if len(names) > 1:
+        raise CusprunError(f"score files mix methods ({', '.join(sorted(names))}): give score files of one method")
     measures = {s.metadata.get("measure") for s in sets}
     if len(measures) > 1:
         raise CusprunError(f"score files mix measures ({', '.join(sorted(map(str, measures)))}): score all corpora "
@@ -58,6 +70,10 @@ def check_against_model(sets: list[ScoreSet], paths, config) -> None:
 def check_stats(sets: list[ScoreSet], paths) -> None:
     """--compensate needs the statistics beside every score file: one line naming the first missing one."""
     for score_set, path in zip(sets, paths):
+        method = score_set.metadata.get("method", "cusprun")
+        if method != "cusprun":  # score --stats refuses baseline methods: there is nothing to advise
+            raise CusprunError(f"--compensate needs Cus-Prun's calibration statistics; {path} holds {method} scores, "
+                               "which have none (prune without --compensate)")
         if score_set.stats is None:
             raise CusprunError(f"--compensate needs {stats_path(path)}: score with python -m cusprun.score ... "
                                "--stats to write it")
@@ -67,24 +83,50 @@ def _layer_norm_params(model) -> int:
     return sum(p.numel() for name, p in model.model.layers.named_parameters() if "layernorm" in name)
 
 
+@dataclass(frozen=True)
+class ExpertSelection:
+    """What :func:`select_expert` chose: the selection and the settings it resolved (pruning.json's)."""
+
+    selection: Selection
+    neurons: str
+    granularity: str
+    align: int
+
+
+def select_expert(sets: list[ScoreSet], config, ratio: float, format: str, rule: str = "all-docs",
+                  neurons: str | None = None, granularity: str | None = None, budget: str = "rank",
+                  drop_layers: int = 0, align: int | None = None) -> ExpertSelection:
+    """The selection at ``ratio`` from the score files and the model's config alone, so a ratio the units
+    cannot reach fails before any weights load (``ValueError`` naming the largest reachable ratio).
+    ``neurons``/``granularity`` None: the scoring method's defaults (:meth:`ScoreSet.select`);
+    ``drop_layers``: whole layers of lowest block influence removed first; ``align``: every layer's kept MLP
+    channels a multiple of it (None: the default, :meth:`ScoreSet.resolved_align`)."""
+    combined = intersect(*sets)
+    neurons, granularity = combined.selection_settings(neurons, granularity, uniform=format == "stock")
+    align = combined.resolved_align(align, config, format == "stock", granularity, neurons)
+    sel = combined.select(ratio, config, uniform=format == "stock", rule=rule, neurons=neurons,
+                          granularity=granularity, budget=budget, drop_layers=drop_layers, align=align)
+    return ExpertSelection(sel, neurons, granularity, align)
+
+
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
                  out: Path, rule: str = "all-docs", neurons: str | None = None, granularity: str | None = None,
                  budget: str = "rank", compensate: bool = False, ridge: float = DEFAULT_RIDGE,
-                 ridge_scale: str = DEFAULT_RIDGE_SCALE, drop_layers: int = 0, align: int | None = None) -> dict:
-    """Select at ``ratio``, apply, and save the expert to ``out`` with its pruning.json; returns the report.
-    ``neurons``/``granularity`` None: the scoring method's defaults (:meth:`ScoreSet.select`). ``compensate``:
-    refit o_proj and down_proj over the kept columns first (:mod:`cusprun.compensate`, with ``ridge`` and
-    ``ridge_scale``, ``auto`` resolved from the sets' token counts; needs the sets' stats).
-    ``drop_layers``: whole layers of lowest block influence removed first, ``align``: every layer's kept MLP
-    channels a multiple of it (None: the default, :meth:`ScoreSet.resolved_align`; pruning.json records the
-    number used)."""
+                 ridge_scale: str = DEFAULT_RIDGE_SCALE, drop_layers: int = 0, align: int | None = None,
+                 selected: ExpertSelection | None = None) -> dict:
+    """Select at ``ratio`` (:func:`select_expert`, with these settings), apply, and save the expert to ``out``
+    with its pruning.json (which records the resolved settings); returns the report. ``compensate``: refit
+    o_proj and down_proj over the kept columns first (:mod:`cusprun.compensate`, with ``ridge`` and
+    ``ridge_scale``, ``auto`` resolved from the sets' token counts; needs the sets' stats). ``selected``:
+    :func:`select_expert`'s result for these same arguments, where the caller made it before loading the
+    weights (``prune`` does)."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
     combined = intersect(*sets)
-    neurons, granularity = combined.selection_settings(neurons, granularity, uniform=format == "stock")
-    align = combined.resolved_align(align, model.config, format == "stock", granularity, neurons)
-    sel = combined.select(ratio, model.config, uniform=format == "stock", rule=rule, neurons=neurons,
-                          granularity=granularity, budget=budget, drop_layers=drop_layers, align=align)
+    if selected is None:
+        selected = select_expert(sets, model.config, ratio, format, rule, neurons, granularity, budget,
+                                 drop_layers, align)
+    sel, neurons, granularity, align = selected.selection, selected.neurons, selected.granularity, selected.align
     if compensate:
         check_stats(sets, score_paths)
         tokens, widths = sum(combined.metadata.get("token_counts", [])), refit_widths(sel, geo.layers)

@@ -14,7 +14,12 @@ from .files import atomic_folder
 
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:  # --overwrite would replace the folder we are in
+        raise CusprunError(f"--out {out}: the current folder or one above it; name a new folder for the model")
+    if out.exists() and not out.is_dir():
+        raise CusprunError(f"--out {out} is a file, not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise CusprunError(f"--out {out} exists and is not empty (pass --overwrite to replace it)")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

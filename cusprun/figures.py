@@ -149,17 +149,36 @@ def load_sets(paths: list[str]) -> list[ScoreSet]:
     return sets
 
 
+def expert_report(expert: Path, scores: ScoreSet) -> dict:
+    """An expert folder's pruning.json, checked to be readable and to come from the model ``scores`` were
+    made on (else the plot would draw one model's plan over another's scores)."""
+    path = expert / "pruning.json"
+    if not path.is_file():
+        raise CusprunError(f"--expert {expert}: no pruning.json (not a cusprun expert folder)")
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CusprunError(f"{path}: not valid JSON (a damaged expert folder?)") from None
+    missing = [k for k in ("kept", "sigma", "ratio_achieved_projection", "config_hash")
+               if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise CusprunError(f"{path}: lacks {', '.join(missing)} (not a cusprun expert's pruning.json)")
+    if report["config_hash"] != scores.metadata.get("config_hash"):
+        raise CusprunError(f"--expert {expert} was pruned from another model than the score files were made on "
+                           f"({report.get('model')}, config hash differs)")
+    return report
+
+
 def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Path | None = None,
                 layer: int | None = None) -> list[Path]:
     """The three PNGs for ``sets`` (and ``expert``'s plan if given) into ``out``; returns their paths."""
     plt = _pyplot()
     combined = intersect(*sets)
     geo = combined.geometry()
+    if out.exists() and not out.is_dir():
+        raise CusprunError(f"--out {out} is a file, not a folder")
     if expert is not None:
-        report_path = Path(expert) / "pruning.json"
-        if not report_path.is_file():
-            raise CusprunError(f"--expert {expert}: no pruning.json (not a cusprun expert folder)")
-        report = json.loads(report_path.read_text())
+        report = expert_report(Path(expert), combined)
         kept, sigma, ratio = report["kept"], report["sigma"], report["ratio_achieved_projection"]
         settings = (report.get("neurons"), report.get("granularity"))
         budget, drop_layers, align = report.get("budget", "rank"), report.get("drop_layers", 0), report.get("align", 1)

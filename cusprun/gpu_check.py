@@ -39,6 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import CusprunError, OneLineArgumentParser, run_cli
+from .files import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_cuda_ops.py", "tests/test_triton_ops.py"]
 # the kernels' own tests, small enough for the sanitizers' slowdown
@@ -125,11 +128,17 @@ def run_step(name: str, cmd: list[str], limit: int, env_changes: dict, log_dir: 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cusprun.gpu_check", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--skip", nargs="*", default=[], help="steps to leave out")
-    ap.add_argument("--only", nargs="*", default=None, help="run only these steps")
+    known = list(dict.fromkeys(step for gpu in (True, False) for step, *_ in steps(gpu)))
+    ap = OneLineArgumentParser(prog="python -m cusprun.gpu_check", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip", nargs="*", default=[], metavar="STEP", help="steps to leave out")
+    ap.add_argument("--only", nargs="*", default=None, metavar="STEP",
+                    help=f"run only these steps (steps: {', '.join(known)})")
     args = ap.parse_args(argv)
+    for flag, names in (("--skip", args.skip), ("--only", args.only or [])):
+        unknown = [n for n in names if n not in known]
+        if unknown:  # a typo would otherwise run nothing, or everything, and still pass
+            raise CusprunError(f"{flag} {unknown[0]}: unknown step (steps: {', '.join(known)})")
     import torch
 
     gpu = torch.cuda.is_available()
@@ -157,7 +166,7 @@ def main(argv=None) -> int:
         ran.append(step)
         print(f"gpu_check: {step:<16} {verdict} ({seconds:.0f} s; log {log_dir.relative_to(ROOT)}/{step}.log)",
               flush=True)
-    summary.write_text(json.dumps({"gpu": name, "steps": results}, indent=1) + "\n")
+    atomic_write_text(summary, json.dumps({"gpu": name, "steps": results}, indent=1) + "\n")
     failed = [s for s in ran if results[s]["verdict"] != "PASS"]
     print(f"gpu_check on {name}: {len(ran) - len(failed)} passed, {len(failed)} failed"
           f"{': ' + ', '.join(failed) if failed else ''}")
@@ -165,4 +174,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .corpus import corpus_sha256, read_corpus
+from .corpus import corpus_sha256, read_corpus, read_text_file
 from .engine import Scorer
 from .errors import CusprunError
 from .evaluate import evaluate, read_texts
@@ -30,7 +30,7 @@ from .models import load_model
 from .neurons import Geometry, config_hash
 from .scorefile import load_scores
 from .scoreset import ScoreSet
-from .scoring import CorpusSpec, prepare_out, score_corpus
+from .scoring import CorpusSpec, prepare_out, score_corpus, tokenize_corpus
 from .units import reachable
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -57,6 +57,9 @@ class MainJob:
 
     def check(self) -> None:
         """Every input checked before the model loads."""
+        for expert in self.experts:
+            if not all(expert.split("+")):
+                raise CusprunError(f"--expert {expert!r}: expected corpus names joined by '+', e.g. de+medical")
         for name in self.dimensions():
             if not (self.data / "corpora" / f"{name}.jsonl").is_file():
                 raise CusprunError(f"no calibration corpus {self.data / 'corpora' / name}.jsonl")
@@ -77,7 +80,7 @@ class MainJob:
 
 def subset_corpus(src: Path, dst: Path, n: int) -> None:
     """The first ``n`` documents of ``src`` as ``dst`` (rewritten only when they differ, so hashes stay put)."""
-    lines = [line for line in src.read_text().splitlines() if line.strip()][:n]
+    lines = [line for line in read_text_file(src).splitlines() if line.strip()][:n]
     text = "".join(line + "\n" for line in lines)
     if not dst.exists() or dst.read_text() != text:
         atomic_write_text(dst, text)
@@ -103,6 +106,13 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
     dims = job.dimensions()
     for sub in ("corpora", "scores", "experts"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    # every corpus and held-out set read (and so checked) before the model loads
+    specs = {}
+    for name in dims:
+        corpus = out / "corpora" / f"{name}.jsonl"
+        subset_corpus(data / "corpora" / f"{name}.jsonl", corpus, job.docs)
+        specs[name] = CorpusSpec(name, str(corpus), read_corpus(corpus))
+    texts = read_texts([str(data / "heldout" / f"{name}.jsonl") for name in evals])
     started = time.perf_counter()
     model, tokenizer, source = load_model(job.model, quiet=quiet)
     largest = reachable(Geometry(model.config), ("channels",))
@@ -117,18 +127,17 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
     scorer = Scorer(model, job.measure, stats=job.compensate)
     options = {"max_tokens": job.max_tokens, "dtype": "float32", "backend": cusprun_kernels.resolve_backend("cpu"),
                "stats": job.compensate}
+    # every corpus tokenized before the first is scored
+    corpora = {name: tokenize_corpus(spec, tokenizer, job.max_tokens, model.config.vocab_size)
+               for name, spec in specs.items()}
     score_files = {}
-    for name in dims:
-        corpus = out / "corpora" / f"{name}.jsonl"
-        subset_corpus(data / "corpora" / f"{name}.jsonl", corpus, job.docs)
+    for name, tokenized in corpora.items():
         target = out / "scores" / f"{name}.safetensors"
-        if reusable(target, corpus, job.measure, options, config_hash(model.config)):
+        if reusable(target, Path(tokenized.spec.path), job.measure, options, config_hash(model.config)):
             print(f"scores for {name}: reusing {target}", file=sys.stderr)
         else:
-            spec = CorpusSpec(name, str(corpus), read_corpus(corpus))
-            score_corpus(scorer, tokenizer, source, spec, out / "scores", options, quiet)
+            score_corpus(scorer, tokenized, source, out / "scores", options, quiet)
         score_files[name] = target
-    texts = read_texts([str(data / "heldout" / f"{name}.jsonl") for name in evals])
     rows = [("dense", evaluate(model, tokenizer, texts, job.eval_max_tokens, 32, "dense", quiet), None)]
     plots = importlib.util.find_spec("matplotlib") is not None
     if not plots:

@@ -9,7 +9,7 @@ import sys
 from .apply import FORMATS
 from .compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, RIDGE_SCALES
 from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .expert import build_expert, check_against_model, check_ratio, check_stats, load_score_sets
+from .expert import build_expert, check_against_model, check_ratio, check_stats, load_score_sets, select_expert
 from .export import check_out_dir
 from .methods import method_of
 from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
@@ -141,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.compensate is None and ".stats." in str(exc):  # a damaged or foreign statistics file
             raise CusprunError(f"{exc} (or prune with --no-compensate)") from None
         raise
+    if args.compensate is False and (args.ridge != DEFAULT_RIDGE or args.ridge_scale != DEFAULT_RIDGE_SCALE):
+        raise CusprunError("--ridge and --ridge-scale set the refit, which --no-compensate turns off")
+    if args.budget != "rank":
+        _, granularity = sets[0].selection_settings(args.neurons, args.granularity, uniform=args.format == "stock")
+        method = method_of(sets[0].metadata)
+        if granularity != "unit" or args.format == "stock" or method.granularity == "layer" or method.prunable:
+            raise CusprunError(f"--budget {args.budget} would have no effect: only a --granularity unit selection "
+                               "shares the ratio by budget (not --format stock, whole-layer or prunable-list methods)")
     if args.compensate:
         check_stats(sets, args.scores)
     compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
@@ -158,14 +166,17 @@ def main(argv: list[str] | None = None) -> int:
                                 args.ratio)
         except ValueError as exc:
             raise CusprunError(str(exc)) from None
+    try:  # before the weights load: a ratio the candidate neurons cannot reach, a stock plan from layer scores
+        selected = select_expert(sets, config, args.ratio, args.format, args.rule, args.neurons, args.granularity,
+                                 args.budget, args.drop_layers, args.align)
+    except ValueError as exc:
+        raise CusprunError(str(exc)) from None
     model = load_weights(source, args.dtype, quiet=args.quiet)
     try:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
-                              rule=args.rule, neurons=args.neurons, granularity=args.granularity,
-                              budget=args.budget, compensate=compensate, ridge=args.ridge,
-                              ridge_scale=args.ridge_scale,
-                              drop_layers=args.drop_layers, align=args.align)
-    except ValueError as exc:  # a ratio the candidate neurons cannot reach, a stock plan from layer scores
+                              rule=args.rule, compensate=compensate, ridge=args.ridge, ridge_scale=args.ridge_scale,
+                              drop_layers=args.drop_layers, selected=selected)
+    except ValueError as exc:
         raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")
     print(f"corpora        {', '.join(str(c['corpus']) for c in report['corpora'])}")

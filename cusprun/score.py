@@ -9,7 +9,7 @@ import sys
 from .engine import MEASURES
 from .errors import CusprunError, OneLineArgumentParser, run_cli
 from .methods import methods
-from .models import ALIASES, DEFAULT_MODEL, DTYPES
+from .models import ALIASES, DEFAULT_MODEL, DTYPES, open_model
 from .parallel import Parallel
 from .scoring import (
     check_device,
@@ -20,6 +20,7 @@ from .scoring import (
     print_summary,
     score_baseline,
     score_corpus,
+    tokenize_corpus,
 )
 
 DESCRIPTION = """\
@@ -90,12 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     max_memory = parse_bytes(args.max_memory) if args.max_memory else None
     if not args.corpus and methods()[args.method].data != "none":
         raise CusprunError(f"--corpus is required (method {args.method})")
+    if args.corpus and methods()[args.method].data == "none":
+        raise CusprunError(f"--corpus: method {args.method} needs no data (it writes OUT/{args.method}.safetensors)")
     corpora = parse_corpora(args.corpus)
     out = prepare_out(args.out)
     check_device(args.device)
     if args.method != "cusprun":
         if args.stats:
             raise CusprunError("--stats: statistics come from Cus-Prun's own scoring pass (--method cusprun)")
+        engine_only = (("--measure", args.measure, "block"), ("--stream", args.stream, False),
+                       ("--max-memory", args.max_memory, None), ("--batch-tokens", args.batch_tokens, None))
+        given = [flag for flag, value, default in engine_only if value != default]
+        if given:  # baselines score in memory, one document at a time, by their own definition
+            raise CusprunError(f"{given[0]}: applies to Cus-Prun's scoring only, not --method {args.method}")
         print_summary(score_baseline(args.model, args.method, corpora, out, seed=args.seed, max_tokens=args.max_tokens,
                                      dtype=args.dtype, device=args.device, quiet=args.quiet))
         return 0
@@ -106,15 +114,18 @@ def main(argv: list[str] | None = None) -> int:
         backend = cusprun_kernels.resolve_backend(args.device.split(":")[0], announce=False)
     except cusprun_kernels.BackendUnavailable as exc:
         raise CusprunError(str(exc)) from None
+    opened = open_model(args.model, quiet=args.quiet)
+    config, tokenizer, source = opened
+    # every corpus checked before the weights load and the first is scored
+    tokenized = [tokenize_corpus(spec, tokenizer, args.max_tokens, config.vocab_size) for spec in corpora]
     parallel = Parallel()
     try:
-        scorer, tokenizer, source, budget, streamed = open_scorer(args.model, args.measure, args.dtype, args.device,
-                                                                  args.stream, max_memory, parallel, args.quiet,
-                                                                  args.batch_tokens, args.stats)
+        scorer, budget, streamed = open_scorer(opened, args.measure, args.dtype, args.device, args.stream, max_memory,
+                                               parallel, args.quiet, args.batch_tokens, args.stats)
         # "stats" in the options: part of the metadata, so a checkpoint without Gram matrices is not resumed
         options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend, "stats": args.stats}
-        results = [score_corpus(scorer, tokenizer, source, spec, out, options, args.quiet, parallel, budget)
-                   for spec in corpora]
+        results = [score_corpus(scorer, corpus, source, out, options, args.quiet, parallel, budget)
+                   for corpus in tokenized]
     except cusprun_kernels.BackendUnavailable as exc:  # a named backend that failed its check at first use
         raise CusprunError(str(exc)) from None
     finally:

@@ -98,5 +98,22 @@ def load_scores(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise CusprunError(f"{path} is not a {FORMAT} score file (format={meta.get('format')!r})")
     for key in JSON_FIELDS:
         if key in meta:
-            meta[key] = json.loads(meta[key])
+            try:
+                meta[key] = json.loads(meta[key])
+            except json.JSONDecodeError:
+                raise CusprunError(f"{path}: damaged score file (metadata {key} is not JSON)") from None
+    _check_scores(path, tensors, meta)
     return tensors, meta
+
+
+def _check_scores(path, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
+    """What every reader relies on: a document count, one row per document (or per pooled corpus) in every
+    tensor, and finite scores (a NaN would rank arbitrarily and silently pick the neurons to remove)."""
+    if not str(meta.get("n_docs", "")).isdigit():
+        raise CusprunError(f"{path}: damaged score file (n_docs {meta.get('n_docs')!r} is not a count)")
+    rows = {t.shape[0] if t.dim() == 2 else None for t in tensors.values()}
+    if not tensors or len(rows) != 1 or None in rows:
+        raise CusprunError(f"{path}: damaged score file (tensors are not all [rows, features] with one row count)")
+    bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise CusprunError(f"{path}: {bad} holds NaN or infinite scores (score again, in float32)")

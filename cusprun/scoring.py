@@ -80,13 +80,16 @@ def check_device(device: str) -> None:
 
 
 def parse_bytes(text: str) -> int:
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?)?B?\s*", text, re.IGNORECASE)
-    if not match:
-        raise CusprunError(f"--max-memory {text!r}: expected a size such as 60GiB, 500MB or 1e9")
-    unit = (match.group(2) or "").upper()
+    """``60GiB``, ``500MB``, ``1e9`` -> bytes (a positive, finite size), or a one-line error."""
+    match = re.fullmatch(r"\s*((?:\d+\.?\d*|\.\d+)(?:e\+?\d+)?)\s*([KMGT]i?)?B?\s*", text, re.IGNORECASE)
+    unit = (match.group(2) or "").upper() if match else ""
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    return int(float(match.group(1)) * scale)
+    size = float(match.group(1)) * scale if match else 0.0
+    # zero would quietly stream every weight from disk, and a size past any machine's memory is a typo
+    if not (1 <= size < 2**62):
+        raise CusprunError(f"--max-memory {text!r}: expected a positive size such as 60GiB, 500MB or 1e9")
+    return int(size)
 
 
 def default_budget(device: str) -> int:
@@ -101,13 +104,14 @@ def default_budget(device: str) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024 // 2
 
 
-def open_scorer(model: str, measure: str, dtype: str, device: str, stream: bool, max_memory: int | None,
+def open_scorer(opened, measure: str, dtype: str, device: str, stream: bool, max_memory: int | None,
                 parallel: Parallel, quiet: bool = False, batch_tokens: int | None = None, stats: bool = False):
-    """An in-memory or a streaming scorer, as the model's size, ``stream`` and ``max_memory`` decide.
-    Returns (scorer, tokenizer, source, memory budget, streamed)."""
+    """An in-memory or a streaming scorer of ``opened`` (``open_model``'s (config, tokenizer, source)), as the
+    model's size, ``stream`` and ``max_memory`` decide. Returns (scorer, memory budget, streamed)."""
     from .layers import StreamedLayers, weights_bytes
 
-    config, tokenizer, source = open_model(model, quiet=quiet)
+    config, _, source = opened
+    model = source.model_id
     device = parallel.device(device)
     folder = local_folder(source)
     budget = max_memory if max_memory is not None else default_budget(device)
@@ -115,10 +119,9 @@ def open_scorer(model: str, measure: str, dtype: str, device: str, stream: bool,
         if folder is None:
             raise CusprunError(f"--stream needs a model in safetensors format; {model} is a GGUF file")
         layers = StreamedLayers(folder, config, DTYPES[dtype], device)
-        return (Scorer(measure=measure, layers=layers, batch_tokens=batch_tokens, stats=stats), tokenizer, source,
-                budget, True)
+        return Scorer(measure=measure, layers=layers, batch_tokens=batch_tokens, stats=stats), budget, True
     weights = load_weights(source, dtype, device, quiet)
-    return Scorer(weights, measure, batch_tokens=batch_tokens, stats=stats), tokenizer, source, budget, False
+    return Scorer(weights, measure, batch_tokens=batch_tokens, stats=stats), budget, False
 
 
 @dataclass
@@ -131,17 +134,33 @@ class CorpusResult:
     path: Path
 
 
-def score_corpus(scorer: Scorer, tokenizer, source, spec: CorpusSpec, out: Path, options: dict,
-                 quiet: bool = False, parallel: Parallel | None = None, budget: float = float("inf")):
-    """Score one corpus and write ``out/NAME.safetensors`` atomically (rank 0). Resumable: per-layer
-    checkpoints live in ``out/.cusprun-checkpoint/NAME`` until the score file is written."""
-    parallel = parallel or Parallel()
-    config = scorer.config
-    ids = tokenize(spec.documents, tokenizer, options["max_tokens"], config.vocab_size)
-    skipped = [doc.where for doc, t in zip(spec.documents, ids) if not t]
+@dataclass
+class TokenizedCorpus:
+    """A corpus's documents as token ids (``kept``), and where those without tokens were (``skipped``)."""
+
+    spec: CorpusSpec
+    kept: list[list[int]]
+    skipped: list[str]
+
+
+def tokenize_corpus(spec: CorpusSpec, tokenizer, max_tokens: int, vocab_size: int) -> TokenizedCorpus:
+    """Every check a corpus needs (token ids in the vocabulary, a tokenizer for text, some document with
+    tokens), with the model's config and tokenizer only: callers tokenize all corpora before the weights load."""
+    ids = tokenize(spec.documents, tokenizer, max_tokens, vocab_size)
     kept = [t for t in ids if t]
     if not kept:
         raise CusprunError(f"corpus {spec.name} ({spec.path}) has no document with tokens")
+    return TokenizedCorpus(spec, kept, [doc.where for doc, t in zip(spec.documents, ids) if not t])
+
+
+def score_corpus(scorer: Scorer, corpus: TokenizedCorpus, source, out: Path, options: dict,
+                 quiet: bool = False, parallel: Parallel | None = None, budget: float = float("inf")):
+    """Score one corpus (:func:`tokenize_corpus` with ``options["max_tokens"]``) and write
+    ``out/NAME.safetensors`` atomically (rank 0). Resumable: per-layer checkpoints live in
+    ``out/.cusprun-checkpoint/NAME`` until the score file is written."""
+    parallel = parallel or Parallel()
+    config = scorer.config
+    spec, kept, skipped = corpus.spec, corpus.kept, corpus.skipped
     if parallel.is_main:
         for where in skipped:
             print(f"warning: {where}: document has no tokens, skipped", file=sys.stderr)
@@ -174,12 +193,12 @@ def score_baseline(model_spec: str, method: str, corpora: list[CorpusSpec], out:
     """Score files of a baseline method (:mod:`cusprun.baselines`): one per corpus, or OUT/METHOD.safetensors
     for methods that need no data."""
     config, tokenizer, source = open_model(model_spec, quiet=quiet)
+    # every corpus checked before the weights load; a method that needs no data scores no documents
+    tokenized = ([(spec, tokenize_corpus(spec, tokenizer, max_tokens, config.vocab_size).kept) for spec in corpora]
+                 or [(CorpusSpec(method, "", []), [])])
     model = load_weights(source, dtype, device, quiet)
     results = []
-    for spec in corpora or [CorpusSpec(method, "", [])]:
-        ids = [t for t in tokenize(spec.documents, tokenizer, max_tokens, config.vocab_size) if t]
-        if spec.documents and not ids:
-            raise CusprunError(f"corpus {spec.name} ({spec.path}) has no document with tokens")
+    for spec, ids in tokenized:
         fields = {"model": source.model_id, "max_tokens": str(max_tokens), "dtype": dtype}
         if spec.path:
             fields["corpus_sha256"] = corpus_sha256(spec.path)

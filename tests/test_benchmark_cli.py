@@ -26,9 +26,16 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messag
     (["expert_quality.py", "--experts", "de,de+fr"], "--experts 'de,de+fr': unknown dimension 'fr'"),
     (["expert_quality.py", "--methods", "wanda-sp,sparsegpt"], "--methods 'wanda-sp,sparsegpt': unknown 'sparsegpt'"),
     (["expert_quality.py", "--ratios", "0.25,1"], "every ratio must lie strictly between 0 and 1"),
+    (["expert_quality.py", "--experts", ""], "--experts '': unknown dimension ''"),
+    (["expert_quality.py", "--ratios", ""], "--ratios '': expected comma-separated numbers"),
+    (["expert_quality.py", "--out", "README.md"], "--out README.md: not writable"),
+    (["bench_stream.py", "--ram-multiple", "nan"], "--ram-multiple nan: must be a number above 1"),
+    (["bench_stream.py", "--docs", "0"], "--docs 0: must be 1 or more"),
+    (["bench_score.py", "--random-width", "512", "--device", "gpu"], "--device 'gpu': expected cpu or cuda[:N]"),
+    (["bench_expert_speed.py", "--quick", "--device", "gpu"], "--device 'gpu': expected cpu or cuda[:N]"),
     pytest.param(["bench_kernels.py"], "no CUDA device is available here", marks=NO_GPU),
     pytest.param(["tune_qk_attention.py"], "no CUDA device is available here", marks=NO_GPU),
-    pytest.param(["bench_expert_speed.py", "--device", "cuda"], "no CUDA device is available here", marks=NO_GPU),
+    pytest.param(["bench_expert_speed.py", "--device", "cuda"], "no CUDA device is available", marks=NO_GPU),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     script, *rest = args

@@ -2,7 +2,10 @@
 
 import sys
 
+import pytest
+
 from cusprun import gpu_check
+from cusprun.errors import CusprunError
 
 
 def test_without_a_gpu_only_the_steps_that_need_none():
@@ -35,3 +38,9 @@ def test_main_prints_the_table_and_fails_when_a_step_fails(monkeypatch, capsys, 
     out = capsys.readouterr().out
     assert ": 1 passed, 1 failed: broken" in out
     assert gpu_check.main(["--skip", "broken"]) == 0
+
+
+@pytest.mark.parametrize("flag", ["--only", "--skip"])
+def test_unknown_steps_are_refused(flag):
+    with pytest.raises(CusprunError, match=f"{flag} bogus: unknown step"):
+        gpu_check.main([flag, "aot", "bogus"])

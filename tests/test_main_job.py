@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import write_ids_corpus
 
 
@@ -59,3 +61,24 @@ def test_main_job_refuses_a_ratio_whole_mlp_channels_cannot_reach_before_scoring
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "remove whole MLP channels, which reach at most 0." in lines[0], res.stderr
     assert not list((tmp_path / "run" / "scores").glob("*.safetensors"))  # nothing was scored
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("heldout_malformed", "a.jsonl:2: malformed JSON"),
+    ("expert_empty_dimension", "--expert 'a+': expected corpus names joined by '+'"),
+])
+def test_main_job_reads_every_input_before_scoring(case, expect, tiny_dir, tmp_path):
+    data = tmp_path / "data"
+    (data / "corpora").mkdir(parents=True)
+    (data / "heldout").mkdir()
+    write_ids_corpus(data / "corpora" / "a.jsonl", [9, 14], seed=1)
+    write_ids_corpus(data / "heldout" / "a.jsonl", [12], seed=2)
+    if case == "heldout_malformed":
+        with open(data / "heldout" / "a.jsonl", "a") as fh:
+            fh.write('{"input_ids": [1,\n')
+    expert = "a+" if case == "expert_empty_dimension" else "a"
+    res = run_pipeline("--model", tiny_dir, "--data", data, "--expert", expert, "--eval", "a",
+                       "--out", tmp_path / "run", "--quiet")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and expect in lines[0], res.stderr
+    assert not list((tmp_path / "run").glob("scores/*.safetensors"))  # nothing scored before the error

@@ -62,3 +62,25 @@ def test_plot_bad_input_is_one_line(two_sets, tmp_path):
     _, a, _ = two_sets
     res = cli("--scores", a.save(tmp_path / "a.safetensors"), "--expert", tmp_path, "--out", tmp_path / "p")
     assert res.returncode == 2 and "pruning.json" in res.stderr
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("truncated", "pruning.json: not valid JSON"),
+    ("empty", "pruning.json: lacks kept, sigma, ratio_achieved_projection, config_hash"),
+    ("other_model", "was pruned from another model than the score files were made on"),
+    ("out_is_file", "is a file, not a folder"),
+])
+def test_plot_refuses_a_damaged_or_foreign_expert(case, expect, two_sets, tmp_path):
+    _, a, _ = two_sets
+    expert = tmp_path / "expert"
+    expert.mkdir()
+    report = {"truncated": '{"kept":', "empty": "{}"}.get(
+        case, '{"kept": {}, "sigma": null, "ratio_achieved_projection": 0.2, "config_hash": "%s"}'
+        % ("another" if case == "other_model" else a.metadata["config_hash"]))
+    (expert / "pruning.json").write_text(report)
+    out = tmp_path / "p"
+    if case == "out_is_file":
+        out.write_text("x")
+    res = cli("--scores", a.save(tmp_path / "a.safetensors"), "--expert", expert, "--out", out)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and expect in lines[0], res.stderr

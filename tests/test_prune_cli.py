@@ -1,8 +1,10 @@
 """python -m cusprun.prune / cusprun.eval: round trip, report, one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +17,12 @@ from cusprun.plan import propagate
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def cli(module, *args):
-    return subprocess.run([sys.executable, "-m", f"cusprun.{module}", *map(str, args)], capture_output=True, text=True)
+
+def cli(module, *args, cwd=None):
+    return subprocess.run([sys.executable, "-m", f"cusprun.{module}", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +136,16 @@ def test_sliced_equals_masked_from_the_same_plan():
     ("align_zero", "--align 0: must be a whole number of channels, 1 or more"),
     ("align_stock", "--align 4 rounds each layer's whole MLP channels: it needs the unit granularity"),
     ("align_wide", "--align 1000 is wider than the model's MLP ("),
+    ("unreachable_before_weights", "cannot be reached by removing MLP channels"),
+    ("out_is_file", "is a file, not a folder"),
+    ("out_is_here", "--out .: the current folder or one above it"),
+    ("scores_folder", "is a folder: give its score files"),
+    ("nan_scores", "holds NaN or infinite scores"),
+    ("metadata_not_json", "damaged score file (metadata token_counts is not JSON)"),
+    ("ragged_rows", "damaged score file (tensors are not all [rows, features] with one row count)"),
+    ("n_docs_not_count", "damaged score file (n_docs 'x' is not a count)"),
+    ("budget_neuron", "--budget equal would have no effect"),
+    ("ridge_no_compensate", "--ridge and --ridge-scale set the refit, which --no-compensate turns off"),
 ])
 def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     other = tmp_path / "other"
@@ -139,25 +154,81 @@ def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     if case == "not_empty":
         out.mkdir()
         (out / "keep.txt").write_text("x")
+    if case == "out_is_file":
+        out.write_text("x")
+    if case == "out_is_here":
+        out = "."  # run in tmp_path: were the check to fail, --overwrite would replace that folder only
     model = other if case == "other_model" else scored / "model"
+    if case == "unreachable_before_weights":  # the ratio is refused before these weights are read
+        model = tmp_path / "bad-weights"
+        model.mkdir()
+        (model / "config.json").write_text((scored / "model/config.json").read_text())
+        (model / "model.safetensors").write_bytes(b"not safetensors")
     scores = [scored / "block/a.safetensors"]
     if case == "mixed":
         scores.append(scored / "local/b.safetensors")
     if case == "missing":
         scores = [tmp_path / "nope.safetensors"]
-    ratio = {"ratio": "1.5", "unreachable": "0.9"}.get(case, "0.2")
+    if case == "scores_folder":
+        scores = [scored / "block"]
+    if case in DAMAGES:
+        scores = [damaged(scores[0], tmp_path / "damaged.safetensors", *DAMAGES[case])]
+    ratio = {"ratio": "1.5", "unreachable": "0.9", "unreachable_before_weights": "0.9"}.get(case, "0.2")
     args = ["--model", model, "--ratio", ratio, "--out", out, "--quiet"] + [a for s in scores for a in ("--scores", s)]
     if case == "granularity":
         args += ["--granularity", "layer"]
     args += {"drop_negative": ["--drop-layers", "-1"], "drop_all": ["--drop-layers", "2"],
              "drop_too_many": ["--drop-layers", "1"], "align_zero": ["--align", "0"],
-             "align_stock": ["--align", "4", "--format", "stock"], "align_wide": ["--align", "1000"]}.get(case, [])
-    res = cli("prune", *args)
+             "align_stock": ["--align", "4", "--format", "stock"], "align_wide": ["--align", "1000"],
+             "out_is_file": ["--overwrite"], "out_is_here": ["--overwrite"],
+             "budget_neuron": ["--granularity", "neuron", "--budget", "equal"],
+             "ridge_no_compensate": ["--no-compensate", "--ridge", "0.5"]}.get(case, [])
+    res = cli("prune", *args, cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], res.stderr
     if case == "not_empty":
         assert (out / "keep.txt").read_text() == "x"
+    if case == "out_is_file":
+        assert out.read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["other", "out"]
+
+
+def _nan(tensors, meta):
+    name = sorted(tensors)[3]
+    tensors[name] = tensors[name].clone()
+    tensors[name][0, 1] = float("nan")
+
+
+def _cut(tensors, meta):
+    name = sorted(tensors)[5]
+    tensors[name] = tensors[name][:1].clone()
+
+
+# damaged copies of a score file: (change to the tensors and the raw metadata)
+DAMAGES = {"nan_scores": (_nan,), "ragged_rows": (_cut,),
+           "metadata_not_json": (lambda t, m: m.update(token_counts="abc"),),
+           "n_docs_not_count": (lambda t, m: m.update(n_docs="x"),)}
+
+
+def damaged(source, target, change):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(source))
+    with safe_open(str(source), "pt") as fh:
+        meta = dict(fh.metadata())
+    change(tensors, meta)
+    save_file(tensors, str(target), metadata=meta)
+    return target
+
+
+def test_eval_refuses_text_with_nothing_to_predict(scored, tmp_path):
+    single = tmp_path / "single.jsonl"
+    single.write_text('{"input_ids": [5]}\n{"input_ids": [7]}\n')
+    res = cli("eval", "--model", scored / "model", "--text", single, "--json", "--quiet")
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and "no document with at least 2 tokens" in lines[0], res.stderr
+    assert not res.stdout.strip()
 
 
 def test_eval_json(scored):

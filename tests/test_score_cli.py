@@ -64,6 +64,13 @@ def test_text_folder_and_txt_corpora_are_read(tmp_path):
     ("text_no_tokenizer", "need a tokenizer"),
     ("unwritable", "not writable"),
     ("arch", "unsupported architecture 'gpt2'"),
+    ("max_memory_malformed", "--max-memory '1.2.3GB': expected a positive size"),
+    ("max_memory_huge", "--max-memory '1e999': expected a positive size"),
+    ("max_memory_zero", "--max-memory '0': expected a positive size"),
+    ("surrogate", "surrogate.jsonl:1: 'text' is not valid Unicode"),
+    ("second_corpus_bad", "outside the model's vocabulary"),
+    ("baseline_stream", "--stream: applies to Cus-Prun's scoring only, not --method wanda-sp"),
+    ("data_free_corpus", "--corpus: method magnitude needs no data"),
 ])
 def test_bad_input_is_one_line_exit_2(case, expect, tiny_dir, tmp_path):
     good = write_ids_corpus(tmp_path / "good.jsonl", [4])
@@ -78,22 +85,32 @@ def test_bad_input_is_one_line_exit_2(case, expect, tiny_dir, tmp_path):
     (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
     blocker = tmp_path / "file"
     blocker.write_text("")
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text('{"text": "a\\ud800b"}\n')
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text('{"input_ids": [1, 99999]}\n')
     model, out = tiny_dir, tmp_path / "out"
     corpora = {"missing": ["x=nope.jsonl"], "malformed": [f"x={bad}"], "noname": [str(good)],
-               "duplicate": [f"x={good}", f"x={good}"], "empty": [f"x={empty}"], "text_no_tokenizer": [f"x={text}"]
+               "duplicate": [f"x={good}", f"x={good}"], "empty": [f"x={empty}"], "text_no_tokenizer": [f"x={text}"],
+               "surrogate": [f"x={surrogate}"], "second_corpus_bad": [f"x={good}", f"y={outside}"],
                }.get(case, [f"x={good}"])
+    extra = {"max_memory_malformed": ["--max-memory", "1.2.3GB"], "max_memory_huge": ["--max-memory", "1e999"],
+             "max_memory_zero": ["--max-memory", "0"], "baseline_stream": ["--method", "wanda-sp", "--stream"],
+             "data_free_corpus": ["--method", "magnitude"]}.get(case, [])
     if case == "alias":
         model = "llama9-1b"
     if case == "arch":
         model = gpt2
     if case == "unwritable":
         out = blocker / "sub"
-    args = ["--model", model, "--out", out, "--quiet"] + [a for c in corpora for a in ("--corpus", c)]
+    args = ["--model", model, "--out", out, "--quiet", *extra] + [a for c in corpora for a in ("--corpus", c)]
     res = run_score(*args)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], res.stderr
     assert "Traceback" not in res.stderr
+    if case == "second_corpus_bad":  # found before the first corpus was scored
+        assert not (out / "x.safetensors").exists()
 
 
 def test_unknown_backend_named_explicitly_fails_loudly(tiny_dir, tmp_path, monkeypatch):
