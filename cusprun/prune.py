@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     model = load_weights(source, args.dtype, quiet=args.quiet)
     try:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
-                              rule=args.rule, compensate=compensate, ridge=args.ridge, ridge_scale=args.ridge_scale,
-                              drop_layers=args.drop_layers, selected=selected)
+                              rule=args.rule, budget=args.budget, compensate=compensate, ridge=args.ridge,
+                              ridge_scale=args.ridge_scale, drop_layers=args.drop_layers, selected=selected)
     except ValueError as exc:
         raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")

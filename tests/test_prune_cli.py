@@ -100,6 +100,19 @@ def test_prune_aligns_each_layers_channels(scored, tmp_path):
     assert [layer.mlp.down_proj.in_features if layer.mlp else 0 for layer in expert.model.layers] == kept
 
 
+def test_prune_budget_reaches_the_selection_and_pruning_json(scored, tmp_path):
+    """--budget equal: every layer loses the same number of MLP channels, and pruning.json says so (the selection
+    is made before the weights load and handed to the build)."""
+    out = tmp_path / "expert"
+    res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.2",
+              "--budget", "equal", "--out", out, "--quiet")
+    assert res.returncode == 0, res.stderr
+    report = json.loads((out / "pruning.json").read_text())
+    kept = [layer["mlp.down_proj"][1] for layer in report["kept"].values()]
+    inter = AutoModelForCausalLM.from_pretrained(scored / "model").config.intermediate_size
+    assert report["budget"] == "equal" and len(set(kept)) == 1 and kept[0] < inter
+
+
 def test_masked_format_loads_as_the_original_architecture(scored, tmp_path):
     out = tmp_path / "masked"
     res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.2",
