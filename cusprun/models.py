@@ -151,6 +151,9 @@ def load_weights(source: ModelSource, dtype: str = "float32", device: str = "cpu
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=DTYPES[dtype], local_files_only=True,
                                                          **kw)
     except Exception as exc:  # damaged weights: safetensors, GGUF and torch errors of every kind
+        if "ignore_mismatched_sizes" in str(exc):  # transformers' own line points at a report it logged, not shown
+            raise CusprunError(f"cannot load model {source.model_id}: the weights' shapes do not match its "
+                               "config.json (an edited config, or weights of another model)") from None
         raise CusprunError(f"cannot load model {source.model_id}: {_first_line(exc)}") from None
     return model.to(device).eval()
 

@@ -1,5 +1,6 @@
 """Damaged model files and missing evaluation texts: one line, exit 2, before anything expensive."""
 
+import json
 import shutil
 import subprocess
 import sys
@@ -41,18 +42,26 @@ def test_damaged_gguf_is_one_line(damage, tmp_path):
                         "--quiet"), "model.gguf")
 
 
-@pytest.mark.parametrize("damage", ["weights", "config"])
-def test_damaged_model_folder_is_one_line(damage, tiny_dir, tmp_path):
+@pytest.mark.parametrize("damage, message", [
+    ("weights", "cannot load model"),
+    ("config", "cannot read the model config"),
+    ("shapes", "the weights' shapes do not match its config.json"),
+])
+def test_damaged_model_folder_is_one_line(damage, message, tiny_dir, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_dir, folder)
     if damage == "weights":
         data = (folder / "model.safetensors").read_bytes()
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
-    else:
+    elif damage == "config":
         (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
+    else:  # an MLP twice as wide as the weights
+        config = json.loads((folder / "config.json").read_text())
+        config["intermediate_size"] *= 2
+        (folder / "config.json").write_text(json.dumps(config))
     corpus = write_ids_corpus(tmp_path / "c.jsonl", [4])
     res = run("cusprun.score", "--model", folder, "--corpus", f"c={corpus}", "--out", tmp_path / "o", "--quiet")
-    one_line_exit_2(res, "cannot load model" if damage == "weights" else "cannot read the model config")
+    one_line_exit_2(res, message)
 
 
 def test_eval_checks_texts_before_loading_the_model(tmp_path):
