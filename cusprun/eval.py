@@ -8,8 +8,8 @@ import json
 import sys
 
 from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .evaluate import evaluate, read_texts
-from .models import DEFAULT_MODEL, DTYPES, load_model
+from .evaluate import evaluate, read_texts, tokenize_texts
+from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
 from .scoring import check_device
 
 DESCRIPTION = """\
@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError("--decode-tokens must be at least 1")
     texts = read_texts(args.text)  # every input checked before the model loads
     check_device(args.device)
-    model, tokenizer, source = load_model(args.model, args.dtype, args.device, quiet=args.quiet, allow_pruned=True)
+    config, tokenizer, source = open_model(args.model, quiet=args.quiet, allow_pruned=True)
+    tokenize_texts(texts, tokenizer, args.max_tokens, config.vocab_size)
+    model = load_weights(source, args.dtype, args.device, args.quiet)
     result = evaluate(model, tokenizer, texts, args.max_tokens, args.decode_tokens, source.model_id,
                       quiet=args.quiet)
     if args.json:

@@ -124,6 +124,19 @@ def read_texts(paths: list[str]) -> dict[str, list[Document]]:
     return {path: read_corpus(path) for path in paths}
 
 
+def tokenize_texts(texts: dict[str, list[Document]], tokenizer, max_tokens: int,
+                   vocab_size: int) -> dict[str, list[list[int]]]:
+    """Each evaluation text's non-empty documents as token ids, or a one-line error: callers check them with
+    the config and tokenizer alone, before any weights load."""
+    tokenized = {}
+    for path, documents in texts.items():
+        docs = [d for d in tokenize(documents, tokenizer, max_tokens, vocab_size) if d]
+        if not any(len(d) >= 2 for d in docs):  # perplexity needs a token to predict from the one before
+            raise CusprunError(f"{path}: no document with at least 2 tokens")
+        tokenized[path] = docs
+    return tokenized
+
+
 def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int, decode_tokens: int,
              model_name: str, quiet: bool = False, reference=None) -> dict:
     """Perplexity per text (documents truncated to ``max_tokens``), parameter count, prefill and decode speed.
@@ -132,12 +145,7 @@ def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int
     over three repetitions, of the model's prefill speed over the reference's, timed right before it on the
     same documents (:func:`paired_prefill`)."""
     files, all_docs = {}, []
-    tokenized = {}
-    for path, documents in texts.items():
-        docs = [d for d in tokenize(documents, tokenizer, max_tokens, model.config.vocab_size) if d]
-        if not any(len(d) >= 2 for d in docs):  # perplexity needs a token to predict from the one before
-            raise CusprunError(f"{path}: no document with at least 2 tokens")
-        tokenized[path] = docs
+    tokenized = tokenize_texts(texts, tokenizer, max_tokens, model.config.vocab_size)
     with item_bar(sum(map(len, tokenized.values())), f"eval {model_name}", "doc", quiet) as bar:
         for path, docs in tokenized.items():
             ppl, n = perplexity(model, docs, on_doc=bar.update)

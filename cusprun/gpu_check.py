@@ -128,7 +128,7 @@ def run_step(name: str, cmd: list[str], limit: int, env_changes: dict, log_dir: 
 
 
 def main(argv=None) -> int:
-    known = list(dict.fromkeys(step for gpu in (True, False) for step, *_ in steps(gpu)))
+    known = list(dict.fromkeys(step for gpu in (True, False) for step, *_ in steps(gpu, "unknown")))
     ap = OneLineArgumentParser(prog="python -m cusprun.gpu_check", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip", nargs="*", default=[], metavar="STEP", help="steps to leave out")

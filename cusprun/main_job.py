@@ -22,7 +22,7 @@ from . import __version__
 from .corpus import corpus_sha256, read_corpus, read_text_file
 from .engine import Scorer
 from .errors import CusprunError
-from .evaluate import evaluate, read_texts
+from .evaluate import evaluate, read_texts, tokenize_texts
 from .expert import build_expert, check_ratio
 from .figures import write_plots
 from .files import atomic_write_text
@@ -127,9 +127,10 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
     scorer = Scorer(model, job.measure, stats=job.compensate)
     options = {"max_tokens": job.max_tokens, "dtype": "float32", "backend": cusprun_kernels.resolve_backend("cpu"),
                "stats": job.compensate}
-    # every corpus tokenized before the first is scored
+    # every corpus and held-out text tokenized before the first is scored
     corpora = {name: tokenize_corpus(spec, tokenizer, job.max_tokens, model.config.vocab_size)
                for name, spec in specs.items()}
+    tokenize_texts(texts, tokenizer, job.eval_max_tokens, model.config.vocab_size)
     score_files = {}
     for name, tokenized in corpora.items():
         target = out / "scores" / f"{name}.safetensors"

@@ -141,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.compensate is None and ".stats." in str(exc):  # a damaged or foreign statistics file
             raise CusprunError(f"{exc} (or prune with --no-compensate)") from None
         raise
-    if args.compensate is False and (args.ridge != DEFAULT_RIDGE or args.ridge_scale != DEFAULT_RIDGE_SCALE):
-        raise CusprunError("--ridge and --ridge-scale set the refit, which --no-compensate turns off")
     if args.budget != "rank":
         _, granularity = sets[0].selection_settings(args.neurons, args.granularity, uniform=args.format == "stock")
         method = method_of(sets[0].metadata)
@@ -152,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compensate:
         check_stats(sets, args.scores)
     compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
+    if not compensate and (args.ridge != DEFAULT_RIDGE or args.ridge_scale != DEFAULT_RIDGE_SCALE):
+        why = "--no-compensate turns it off" if args.compensate is False else "not every score file has statistics"
+        raise CusprunError(f"--ridge and --ridge-scale set the refit, which is off here ({why})")
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
     if args.align is not None:

@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     corpora = parse_corpora(args.corpus)
     out = prepare_out(args.out)
     check_device(args.device)
+    if args.seed != 0 and args.method != "random":
+        raise CusprunError(f"--seed: only the random baseline draws numbers, not --method {args.method}")
     if args.method != "cusprun":
         if args.stats:
             raise CusprunError("--stats: statistics come from Cus-Prun's own scoring pass (--method cusprun)")

@@ -108,12 +108,13 @@ def load_scores(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _check_scores(path, tensors: Mapping[str, torch.Tensor], meta: dict) -> None:
     """What every reader relies on: a document count, one row per document (or per pooled corpus) in every
-    tensor, and finite scores (a NaN would rank arbitrarily and silently pick the neurons to remove)."""
+    tensor, and no NaN (it would rank arbitrarily and silently pick the neurons to remove; an infinite score
+    still ranks, as the most relevant)."""
     if not str(meta.get("n_docs", "")).isdigit():
         raise CusprunError(f"{path}: damaged score file (n_docs {meta.get('n_docs')!r} is not a count)")
     rows = {t.shape[0] if t.dim() == 2 else None for t in tensors.values()}
     if not tensors or len(rows) != 1 or None in rows:
         raise CusprunError(f"{path}: damaged score file (tensors are not all [rows, features] with one row count)")
-    bad = next((name for name, t in tensors.items() if not torch.isfinite(t).all()), None)
+    bad = next((name for name, t in tensors.items() if t.isnan().any()), None)
     if bad is not None:
-        raise CusprunError(f"{path}: {bad} holds NaN or infinite scores (score again, in float32)")
+        raise CusprunError(f"{path}: {bad} holds NaN scores (score again, in float32)")

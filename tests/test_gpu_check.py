@@ -32,7 +32,7 @@ def test_steps_pass_fail_and_time_out(tmp_path):
 
 def test_main_prints_the_table_and_fails_when_a_step_fails(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(gpu_check, "ROOT", tmp_path)
-    monkeypatch.setattr(gpu_check, "steps", lambda gpu, slug: [("good", [sys.executable, "-c", "0"], 30, {}),
+    monkeypatch.setattr(gpu_check, "steps", lambda gpu, slug="unknown": [("good", [sys.executable, "-c", "0"], 30, {}),
                                                                ("broken", [sys.executable, "-c", "1/0"], 30, {})])
     assert gpu_check.main([]) == 1
     out = capsys.readouterr().out

@@ -67,6 +67,7 @@ def test_main_job_refuses_a_ratio_whole_mlp_channels_cannot_reach_before_scoring
     ("heldout_malformed", "a.jsonl:2: malformed JSON"),
     ("expert_empty_dimension", "--expert 'a+': expected corpus names joined by '+'"),
     ("corpus_not_utf8", "b.jsonl: not UTF-8 text"),
+    ("heldout_nothing_to_predict", "a.jsonl: no document with at least 2 tokens"),
 ])
 def test_main_job_reads_every_input_before_scoring(case, expect, tiny_dir, tmp_path):
     data = tmp_path / "data"
@@ -77,6 +78,8 @@ def test_main_job_reads_every_input_before_scoring(case, expect, tiny_dir, tmp_p
     if case == "heldout_malformed":
         with open(data / "heldout" / "a.jsonl", "a") as fh:
             fh.write('{"input_ids": [1,\n')
+    if case == "heldout_nothing_to_predict":
+        write_ids_corpus(data / "heldout" / "a.jsonl", [1, 1], seed=2)
     (data / "corpora" / "b.jsonl").write_bytes(b'{"text": "\xff"}\n')
     expert = {"expert_empty_dimension": "a+", "corpus_not_utf8": "a+b"}.get(case, "a")
     res = run_pipeline("--model", tiny_dir, "--data", data, "--expert", expert, "--eval", "a",

@@ -153,12 +153,13 @@ def test_sliced_equals_masked_from_the_same_plan():
     ("out_is_file", "is a file, not a folder"),
     ("out_is_here", "--out .: the current folder or one above it"),
     ("scores_folder", "is a folder: give its score files"),
-    ("nan_scores", "holds NaN or infinite scores"),
+    ("nan_scores", "holds NaN scores"),
     ("metadata_not_json", "damaged score file (metadata token_counts is not JSON)"),
     ("ragged_rows", "damaged score file (tensors are not all [rows, features] with one row count)"),
     ("n_docs_not_count", "damaged score file (n_docs 'x' is not a count)"),
     ("budget_neuron", "--budget equal would have no effect"),
-    ("ridge_no_compensate", "--ridge and --ridge-scale set the refit, which --no-compensate turns off"),
+    ("ridge_no_compensate", "--ridge and --ridge-scale set the refit, which is off here (--no-compensate turns"),
+    ("ridge_no_statistics", "set the refit, which is off here (not every score file has statistics)"),
 ])
 def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     other = tmp_path / "other"
@@ -195,7 +196,8 @@ def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
              "align_stock": ["--align", "4", "--format", "stock"], "align_wide": ["--align", "1000"],
              "out_is_file": ["--overwrite"], "out_is_here": ["--overwrite"],
              "budget_neuron": ["--granularity", "neuron", "--budget", "equal"],
-             "ridge_no_compensate": ["--no-compensate", "--ridge", "0.5"]}.get(case, [])
+             "ridge_no_compensate": ["--no-compensate", "--ridge", "0.5"],
+             "ridge_no_statistics": ["--ridge-scale", "mean"]}.get(case, [])
     res = cli("prune", *args, cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()
@@ -238,7 +240,11 @@ def damaged(source, target, change):
 def test_eval_refuses_text_with_nothing_to_predict(scored, tmp_path):
     single = tmp_path / "single.jsonl"
     single.write_text('{"input_ids": [5]}\n{"input_ids": [7]}\n')
-    res = cli("eval", "--model", scored / "model", "--text", single, "--json", "--quiet")
+    model = tmp_path / "bad-weights"  # refused before these weights are read
+    model.mkdir()
+    (model / "config.json").write_text((scored / "model/config.json").read_text())
+    (model / "model.safetensors").write_bytes(b"not safetensors")
+    res = cli("eval", "--model", model, "--text", single, "--json", "--quiet")
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and len(lines) == 1 and "no document with at least 2 tokens" in lines[0], res.stderr
     assert not res.stdout.strip()

@@ -71,6 +71,7 @@ def test_text_folder_and_txt_corpora_are_read(tmp_path):
     ("second_corpus_bad", "outside the model's vocabulary"),
     ("baseline_stream", "--stream: applies to Cus-Prun's scoring only, not --method wanda-sp"),
     ("data_free_corpus", "--corpus: method magnitude needs no data"),
+    ("seed_unused", "--seed: only the random baseline draws numbers, not --method cusprun"),
 ])
 def test_bad_input_is_one_line_exit_2(case, expect, tiny_dir, tmp_path):
     good = write_ids_corpus(tmp_path / "good.jsonl", [4])
@@ -96,7 +97,7 @@ def test_bad_input_is_one_line_exit_2(case, expect, tiny_dir, tmp_path):
                }.get(case, [f"x={good}"])
     extra = {"max_memory_malformed": ["--max-memory", "1.2.3GB"], "max_memory_huge": ["--max-memory", "1e999"],
              "max_memory_zero": ["--max-memory", "0"], "baseline_stream": ["--method", "wanda-sp", "--stream"],
-             "data_free_corpus": ["--method", "magnitude"]}.get(case, [])
+             "data_free_corpus": ["--method", "magnitude"], "seed_unused": ["--seed", "3"]}.get(case, [])
     if case == "alias":
         model = "llama9-1b"
     if case == "arch":
