@@ -107,8 +107,13 @@ def _gguf_progress(enabled: bool):
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    """The exception as one line. Where its first line only announces what follows ("... validator
+    'validate_architecture':", transformers' config checks), the next line, which names the cause, joins it."""
+    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not text:
+        return type(exc).__name__
+    shown = " ".join(text[:2]) if text[0].endswith(":") else text[0]
+    return f"{type(exc).__name__}: {shown}"
 
 
 def open_model(spec: str, quiet: bool = False, allow_pruned: bool = False, need_tokenizer: bool = True):

@@ -46,6 +46,7 @@ def test_damaged_gguf_is_one_line(damage, tmp_path):
     ("weights", "cannot load model"),
     ("config", "cannot read the model config"),
     ("shapes", "the weights' shapes do not match its config.json"),
+    ("heads", "is not a multiple of the number of attention heads"),
 ])
 def test_damaged_model_folder_is_one_line(damage, message, tiny_dir, tmp_path):
     folder = tmp_path / "model"
@@ -55,9 +56,12 @@ def test_damaged_model_folder_is_one_line(damage, message, tiny_dir, tmp_path):
         (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif damage == "config":
         (folder / "config.json").write_text('{"model_type": "llama", "hidden_size": ')
-    else:  # an MLP twice as wide as the weights
+    else:  # an MLP twice as wide as the weights, or a hidden size the heads do not divide
         config = json.loads((folder / "config.json").read_text())
-        config["intermediate_size"] *= 2
+        if damage == "shapes":
+            config["intermediate_size"] *= 2
+        else:
+            config["hidden_size"] += 1
         (folder / "config.json").write_text(json.dumps(config))
     corpus = write_ids_corpus(tmp_path / "c.jsonl", [4])
     res = run("cusprun.score", "--model", folder, "--corpus", f"c={corpus}", "--out", tmp_path / "o", "--quiet")
