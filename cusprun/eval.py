@@ -43,10 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     texts = read_texts(args.text)  # every input checked before the model loads
     check_device(args.device)
     config, tokenizer, source = open_model(args.model, quiet=args.quiet, allow_pruned=True)
-    tokenize_texts(texts, tokenizer, args.max_tokens, config.vocab_size)
+    tokenized = tokenize_texts(texts, tokenizer, args.max_tokens, config.vocab_size)
     model = load_weights(source, args.dtype, args.device, args.quiet)
-    result = evaluate(model, tokenizer, texts, args.max_tokens, args.decode_tokens, source.model_id,
-                      quiet=args.quiet)
+    result = evaluate(model, tokenized, args.decode_tokens, source.model_id, quiet=args.quiet)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -137,15 +137,15 @@ def tokenize_texts(texts: dict[str, list[Document]], tokenizer, max_tokens: int,
     return tokenized
 
 
-def evaluate(model, tokenizer, texts: dict[str, list[Document]], max_tokens: int, decode_tokens: int,
-             model_name: str, quiet: bool = False, reference=None) -> dict:
-    """Perplexity per text (documents truncated to ``max_tokens``), parameter count, prefill and decode speed.
+def evaluate(model, tokenized: dict[str, list[list[int]]], decode_tokens: int, model_name: str,
+             quiet: bool = False, reference=None) -> dict:
+    """Perplexity per text (``tokenized``: :func:`tokenize_texts`, made once for every model of a run),
+    parameter count, prefill and decode speed.
 
     With a ``reference`` model (the dense model an expert came from), also ``prefill_speedup``: the median,
     over three repetitions, of the model's prefill speed over the reference's, timed right before it on the
     same documents (:func:`paired_prefill`)."""
     files, all_docs = {}, []
-    tokenized = tokenize_texts(texts, tokenizer, max_tokens, model.config.vocab_size)
     with item_bar(sum(map(len, tokenized.values())), f"eval {model_name}", "doc", quiet) as bar:
         for path, docs in tokenized.items():
             ppl, n = perplexity(model, docs, on_doc=bar.update)

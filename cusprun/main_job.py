@@ -130,7 +130,7 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
     # every corpus and held-out text tokenized before the first is scored
     corpora = {name: tokenize_corpus(spec, tokenizer, job.max_tokens, model.config.vocab_size)
                for name, spec in specs.items()}
-    tokenize_texts(texts, tokenizer, job.eval_max_tokens, model.config.vocab_size)
+    tokenized_texts = tokenize_texts(texts, tokenizer, job.eval_max_tokens, model.config.vocab_size)
     score_files = {}
     for name, tokenized in corpora.items():
         target = out / "scores" / f"{name}.safetensors"
@@ -139,7 +139,7 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
         else:
             score_corpus(scorer, tokenized, source, out / "scores", options, quiet)
         score_files[name] = target
-    rows = [("dense", evaluate(model, tokenizer, texts, job.eval_max_tokens, 32, "dense", quiet), None)]
+    rows = [("dense", evaluate(model, tokenized_texts, 32, "dense", quiet), None)]
     plots = importlib.util.find_spec("matplotlib") is not None
     if not plots:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
@@ -149,8 +149,7 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
         report = build_expert(model, tokenizer, source, sets, paths, job.ratio, "dense", out / "experts" / expert,
                               compensate=job.compensate)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
-        rows.append((expert, evaluate(pruned, tokenizer, texts, job.eval_max_tokens, 32, expert, quiet,
-                                      reference=model), report))
+        rows.append((expert, evaluate(pruned, tokenized_texts, 32, expert, quiet, reference=model), report))
         if plots:
             write_plots(sets, out / "plots" / expert, expert=out / "experts" / expert)
     summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": job.ratio,

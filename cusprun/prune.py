@@ -13,9 +13,8 @@ from .expert import build_expert, check_against_model, check_ratio, check_stats,
 from .export import check_out_dir
 from .methods import method_of
 from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
-from .neurons import Geometry
-from .scoreset import GRANULARITIES, NEURONS, intersect
-from .selection import RULES, check_dropped_share
+from .scoreset import GRANULARITIES, NEURONS
+from .selection import RULES
 from .units import BUDGETS
 
 DESCRIPTION = """\
@@ -160,14 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             sets[0].check_align(args.align, config, args.format == "stock", args.granularity)
         except ValueError as exc:
             raise CusprunError(f"--{exc}") from None
-    if args.drop_layers:  # the layers' influence is in the score files: check the drop before the weights load
-        geo = Geometry(config)
-        try:
-            check_dropped_share(geo, intersect(*sets).layers_to_drop(args.drop_layers, geo, args.format == "stock"),
-                                args.ratio)
-        except ValueError as exc:
-            raise CusprunError(str(exc)) from None
-    try:  # before the weights load: a ratio the candidate neurons cannot reach, a stock plan from layer scores
+    try:  # before the weights load: a ratio the candidate neurons cannot reach, a drop of too many layers, a
+        # stock plan from layer scores
         selected = select_expert(sets, config, args.ratio, args.format, args.rule, args.neurons, args.granularity,
                                  args.budget, args.drop_layers, args.align)
     except ValueError as exc:

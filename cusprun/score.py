@@ -116,14 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         backend = cusprun_kernels.resolve_backend(args.device.split(":")[0], announce=False)
     except cusprun_kernels.BackendUnavailable as exc:
         raise CusprunError(str(exc)) from None
-    opened = open_model(args.model, quiet=args.quiet)
-    config, tokenizer, source = opened
+    config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     # every corpus checked before the weights load and the first is scored
     tokenized = [tokenize_corpus(spec, tokenizer, args.max_tokens, config.vocab_size) for spec in corpora]
     parallel = Parallel()
     try:
-        scorer, budget, streamed = open_scorer(opened, args.measure, args.dtype, args.device, args.stream, max_memory,
-                                               parallel, args.quiet, args.batch_tokens, args.stats)
+        scorer, budget, streamed = open_scorer(config, source, args.measure, args.dtype, args.device, args.stream,
+                                               max_memory, parallel, args.quiet, args.batch_tokens, args.stats)
         # "stats" in the options: part of the metadata, so a checkpoint without Gram matrices is not resumed
         options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend, "stats": args.stats}
         results = [score_corpus(scorer, corpus, source, out, options, args.quiet, parallel, budget)

@@ -104,20 +104,18 @@ def default_budget(device: str) -> int:
     return int(info["MemAvailable"].split()[0]) * 1024 // 2
 
 
-def open_scorer(opened, measure: str, dtype: str, device: str, stream: bool, max_memory: int | None,
+def open_scorer(config, source, measure: str, dtype: str, device: str, stream: bool, max_memory: int | None,
                 parallel: Parallel, quiet: bool = False, batch_tokens: int | None = None, stats: bool = False):
-    """An in-memory or a streaming scorer of ``opened`` (``open_model``'s (config, tokenizer, source)), as the
-    model's size, ``stream`` and ``max_memory`` decide. Returns (scorer, memory budget, streamed)."""
+    """An in-memory or a streaming scorer of the model ``open_model`` gave ``config`` and ``source`` for, as its
+    size, ``stream`` and ``max_memory`` decide. Returns (scorer, memory budget, streamed)."""
     from .layers import StreamedLayers, weights_bytes
 
-    config, _, source = opened
-    model = source.model_id
     device = parallel.device(device)
     folder = local_folder(source)
     budget = max_memory if max_memory is not None else default_budget(device)
     if stream or (folder is not None and weights_bytes(folder) > budget):
         if folder is None:
-            raise CusprunError(f"--stream needs a model in safetensors format; {model} is a GGUF file")
+            raise CusprunError(f"--stream needs a model in safetensors format; {source.model_id} is a GGUF file")
         layers = StreamedLayers(folder, config, DTYPES[dtype], device)
         return Scorer(measure=measure, layers=layers, batch_tokens=batch_tokens, stats=stats), budget, True
     weights = load_weights(source, dtype, device, quiet)
@@ -194,11 +192,12 @@ def score_baseline(model_spec: str, method: str, corpora: list[CorpusSpec], out:
     for methods that need no data."""
     config, tokenizer, source = open_model(model_spec, quiet=quiet)
     # every corpus checked before the weights load; a method that needs no data scores no documents
-    tokenized = ([(spec, tokenize_corpus(spec, tokenizer, max_tokens, config.vocab_size).kept) for spec in corpora]
-                 or [(CorpusSpec(method, "", []), [])])
+    tokenized = ([tokenize_corpus(spec, tokenizer, max_tokens, config.vocab_size) for spec in corpora]
+                 or [TokenizedCorpus(CorpusSpec(method, "", []), [], [])])
     model = load_weights(source, dtype, device, quiet)
     results = []
-    for spec, ids in tokenized:
+    for corpus in tokenized:
+        spec, ids = corpus.spec, corpus.kept
         fields = {"model": source.model_id, "max_tokens": str(max_tokens), "dtype": dtype}
         if spec.path:
             fields["corpus_sha256"] = corpus_sha256(spec.path)
