@@ -1,5 +1,5 @@
-"""Shared by the benchmark scripts: a count check for their arguments, environment description, a printed table, an
-appended CSV row."""
+"""Shared by the benchmark scripts: a count check for their arguments, environment description, a printed table,
+appended CSV rows."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from cusprun.errors import CusprunError
+from cusprun.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -56,6 +57,25 @@ def report(name: str, columns: list[str], rows: list[list], env: dict[str, str],
             writer.writerow([*env, *columns])
         for r in rows:
             writer.writerow([*env.values(), *(_fmt(v) for v in r)])
+
+
+def append_records(path: Path, records: list[dict]) -> None:
+    """Add ``records`` (one dict per row, each naming its run's date, device, versions and commit) to the CSV at
+    ``path`` after the rows of earlier runs, rewritten atomically. A column that only some runs have stays
+    empty in the others' rows, so a run that adds a column keeps the history readable by one DictReader."""
+    try:
+        with open(path, newline="") as fh:
+            earlier = list(csv.DictReader(fh))
+    except FileNotFoundError:
+        earlier = []
+    columns = list(dict.fromkeys(k for r in [*earlier, *records] for k in r))
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, columns, restval="")
+            writer.writeheader()
+            writer.writerows([*earlier, *records])
+    atomic_write(path, write)
 
 
 def _fmt(v) -> str:

@@ -57,15 +57,15 @@ tokens/s on 512-token documents and decode tokens/s (greedy, KV cache), the medi
 before each repetition (the median of the ratios, so the drift of the machine over the run cancels); the
 ideal speed-up from the FLOP count of a 512-token prefill, and measured / ideal.
 
-Writes benchmarks/results/expert_quality.{csv,md,png} and expert_quality_sweep.png (with --quick:
-under --out only, default a temporary folder). Scores are cached under benchmarks/.cache/ so an
+Writes benchmarks/results/expert_quality.{md,png} and expert_quality_sweep.png for this run, and adds its
+rows to expert_quality.csv after earlier runs' (with --quick: under --out only, default a temporary
+folder). Scores are cached under benchmarks/.cache/ so an
 interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -80,7 +80,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, at_least, environment  # noqa: E402
+from common import RESULTS, append_records, at_least, environment  # noqa: E402
 
 import cusprun  # noqa: E402
 from cusprun.baselines import baseline_scores  # noqa: E402
@@ -633,17 +633,6 @@ def _save(fig, path: Path):
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
-def write_csv(rows: list[dict], env: dict, path: Path):
-    columns = list(env) + list(dict.fromkeys(k for r in rows for k in r))
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, columns)
-            writer.writeheader()
-            writer.writerows({**env, **r} for r in rows)
-    atomic_write(path, write)
-
-
 def parse_ratios(text: str) -> tuple[float, ...]:
     """``--ratios``: comma-separated fractions, each strictly between 0 and 1."""
     try:
@@ -721,13 +710,13 @@ def main(argv=None) -> int:
     if args.ablations:
         table = markdown_ablations(rows, settings, env)
         print(table)
-        write_csv(rows, env, out / "expert_quality_ablations.csv")
+        append_records(out / "expert_quality_ablations.csv", [{**env, **r} for r in rows])
         atomic_write(out / "expert_quality_ablations.md", lambda tmp: Path(tmp).write_text(table))
         print(f"wrote {out / 'expert_quality_ablations.csv'} and {out / 'expert_quality_ablations.md'}")
         return 0
     table = markdown(rows, settings, env)
     print(table)
-    write_csv(rows, env, out / "expert_quality.csv")
+    append_records(out / "expert_quality.csv", [{**env, **r} for r in rows])
     atomic_write(out / "expert_quality.md", lambda tmp: Path(tmp).write_text(table))
     for path in plot(rows, settings, out):
         print(f"wrote {path}")

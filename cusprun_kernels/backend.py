@@ -18,19 +18,22 @@ in the case's dtype, with and without a sliding window, and compares every outpu
 :data:`TOLERANCE`. A backend that disagrees, raises (e.g. a head_dim it does not support) or writes
 NaN fails it: ``auto`` prints one stderr line naming the backend, the op and the error measured, and
 tries the next. On CUDA devices verdicts are cached on disk (``verdicts.json`` in the cache directory,
-see :mod:`cusprun_kernels.cache`) per GPU, driver, CUDA, torch, triton and cusprun versions and the
-extension build, so each is measured once; any version change verifies again.
+see :mod:`cusprun_kernels.cache`) per GPU, driver, CUDA, torch and triton versions, the kernels' own
+sources and the extension build, so each is measured once; any change of these verifies again (a kernel
+edited in a checkout whose version number stayed the same included).
 """
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import math
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import torch
 
@@ -295,12 +298,22 @@ def _persists(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+@cache
+def kernel_sources_digest() -> str:
+    """A digest of this package's Python sources (kernels, launchers, references and this check): a verdict
+    stands for the code that earned it, not for a version number a checkout can keep while its kernels
+    change."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def environment_key(device: torch.device) -> str:
     """Everything a verdict depends on besides op, backend and case: the GPU, driver, CUDA runtime, torch,
-    triton, cusprun and the CUDA extension build (its file's size and modification time)."""
+    triton, the kernels' sources (:func:`kernel_sources_digest`) and the CUDA extension build (its file's
+    size and modification time)."""
     import importlib.metadata
-
-    import cusprun
 
     from .cuda_ext import extension
     from .devices import driver_version
@@ -318,7 +331,7 @@ def environment_key(device: torch.device) -> str:
         build = f"{st.st_size}@{int(st.st_mtime)}"
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return (f"{gpu}|driver {driver_version()}|cuda {torch.version.cuda}|torch {torch.__version__}|"
-            f"triton {version('triton')}|cusprun {cusprun.__version__}|extension {build}")
+            f"triton {version('triton')}|kernels {kernel_sources_digest()}|extension {build}")
 
 
 def verdict(op: str, backend: str, case: Case, *, fresh: bool = False) -> str | None:

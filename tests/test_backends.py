@@ -129,7 +129,7 @@ def test_unsupported_head_dim_is_reported_by_the_check():
 
 def test_verdicts_are_cached_per_environment_and_checked_again_when_versions_change(table, monkeypatch, tmp_path):
     monkeypatch.setattr(backend, "_persists", lambda device: True)  # the disk cache is for GPUs: pretend
-    env = {"key": "GPU X|driver 12040|cuda 12.4|torch 2|triton 3|cusprun 0.1.0|extension 1@2"}
+    env = {"key": "GPU X|driver 12040|cuda 12.4|torch 2|triton 3|kernels 0123456789ab|extension 1@2"}
     monkeypatch.setattr(backend, "environment_key", lambda device: env["key"])
     case = Case(torch.device("cpu"), torch.float32)
     first = backend.verdict("projection_energies", "wrong", case)
@@ -139,7 +139,7 @@ def test_verdicts_are_cached_per_environment_and_checked_again_when_versions_cha
     monkeypatch.setattr(backend, "_verdicts", {})  # a new process: read from disk, not measured
     assert backend.verdict("projection_energies", "wrong", case) == first and table["wrong"] == 1
     assert backend.cached_verdicts(case.device) == ([("projection_energies wrong float32", first)], 0)
-    env["key"] = env["key"].replace("cusprun 0.1.0", "cusprun 0.2.0")  # an upgrade: measured again
+    env["key"] = env["key"].replace("kernels 0123456789ab", "kernels ba9876543210")  # a kernel edit: again
     monkeypatch.setattr(backend, "_verdicts", {})
     assert backend.verdict("projection_energies", "wrong", case) == first and table["wrong"] == 2
     assert len(json.loads((tmp_path / "verdicts.json").read_text())) == 2
@@ -151,10 +151,23 @@ def test_environment_key_names_gpu_driver_and_versions(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(devices, "driver_version", lambda: 12080)
     key = backend.environment_key(torch.device("cuda", 0))
-    import cusprun
-
     assert key.startswith("NVIDIA H100 80GB HBM3|driver 12080|cuda ")
-    assert f"|torch {torch.__version__}|" in key and f"|cusprun {cusprun.__version__}|" in key
+    assert f"|torch {torch.__version__}|" in key and f"|kernels {backend.kernel_sources_digest()}|" in key
+
+
+def test_kernel_digest_changes_with_any_kernel_source(monkeypatch, tmp_path):
+    """A verdict must not outlive the code that earned it: editing one kernel file changes the digest."""
+    import shutil
+
+    package = Path(backend.__file__).parent
+    copy = tmp_path / "cusprun_kernels"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    digest = backend.kernel_sources_digest.__wrapped__
+    monkeypatch.setattr(backend, "__file__", str(copy / "backend.py"))
+    same = digest()
+    assert same == backend.kernel_sources_digest()  # a faithful copy digests the same
+    (copy / "gram.py").write_text((copy / "gram.py").read_text() + "\n# edited\n")
+    assert digest() != same
 
 
 def test_environment_report_shows_verdicts_and_verify_runs(tmp_path):

@@ -1,6 +1,7 @@
 """The benchmark scripts report bad input as the CLIs do: one line, exit code 2, no traceback, before any
 model is loaded or any kernel timed."""
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +46,16 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], done.stderr
     assert not done.stdout.strip()
+
+
+def test_results_csv_keeps_earlier_runs(tmp_path):
+    """A run's rows join the earlier runs' (the history the README's claims cite), a new column included."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import append_records
+
+    path = tmp_path / "results.csv"
+    append_records(path, [{"commit": "aaa", "ppl": "1.5"}, {"commit": "aaa", "ppl": "2.5"}])
+    append_records(path, [{"commit": "bbb", "ppl": "3.5", "speed": "9"}])
+    rows = list(csv.DictReader(open(path)))
+    assert [(r["commit"], r["ppl"], r["speed"]) for r in rows] == [("aaa", "1.5", ""), ("aaa", "2.5", ""),
+                                                                   ("bbb", "3.5", "9")]
