@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
 import math
 import os
 import sys
@@ -303,8 +304,12 @@ def kernel_sources_digest() -> str:
     """A digest of this package's Python sources (kernels, launchers, references and this check): a verdict
     stands for the code that earned it, not for a version number a checkout can keep while its kernels
     change."""
+    # hidden names (an editor's lock or swap file, possibly a dangling link) are not sources
+    sources = sorted(p for p in Path(__file__).parent.glob("*.py") if not p.name.startswith(".") and p.is_file())
+    if not sources:  # an install without sources (zipped, bytecode only): the version is all there is to go by
+        return "version " + importlib.metadata.version("cusprun")
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in sources:
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
@@ -313,8 +318,6 @@ def environment_key(device: torch.device) -> str:
     """Everything a verdict depends on besides op, backend and case: the GPU, driver, CUDA runtime, torch,
     triton, the kernels' sources (:func:`kernel_sources_digest`) and the CUDA extension build (its file's
     size and modification time)."""
-    import importlib.metadata
-
     from .cuda_ext import extension
     from .devices import driver_version
 

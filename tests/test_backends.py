@@ -3,6 +3,7 @@ one skipped by ``auto`` (one stderr line naming backend, op and error) and refus
 cached per environment; and device-correct launches (current device and stream of the tensors' device)."""
 
 import ast
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -162,12 +163,17 @@ def test_kernel_digest_changes_with_any_kernel_source(monkeypatch, tmp_path):
     package = Path(backend.__file__).parent
     copy = tmp_path / "cusprun_kernels"
     shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
-    digest = backend.kernel_sources_digest.__wrapped__
+    digest = backend.kernel_sources_digest.__wrapped__  # uncached
+    real = digest()
     monkeypatch.setattr(backend, "__file__", str(copy / "backend.py"))
-    same = digest()
-    assert same == backend.kernel_sources_digest()  # a faithful copy digests the same
+    assert digest() == real  # a faithful copy digests the same
+    (copy / ".#gram.py").symlink_to(tmp_path / "missing")  # an editor's lock file, a dangling link: ignored
+    assert digest() == real
     (copy / "gram.py").write_text((copy / "gram.py").read_text() + "\n# edited\n")
-    assert digest() != same
+    assert digest() != real
+    (tmp_path / "bytecode_only").mkdir()  # no sources to digest: the installed version stands in
+    monkeypatch.setattr(backend, "__file__", str(tmp_path / "bytecode_only" / "backend.py"))
+    assert digest() == "version " + importlib.metadata.version("cusprun")
 
 
 def test_environment_report_shows_verdicts_and_verify_runs(tmp_path):

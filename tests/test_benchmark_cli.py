@@ -56,6 +56,7 @@ def test_results_csv_keeps_earlier_runs(tmp_path):
     path = tmp_path / "results.csv"
     append_records(path, [{"commit": "aaa", "ppl": "1.5"}, {"commit": "aaa", "ppl": "2.5"}])
     append_records(path, [{"commit": "bbb", "ppl": "3.5", "speed": "9"}])
-    rows = list(csv.DictReader(open(path)))
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert [(r["commit"], r["ppl"], r["speed"]) for r in rows] == [("aaa", "1.5", ""), ("aaa", "2.5", ""),
                                                                    ("bbb", "3.5", "9")]
