@@ -85,9 +85,11 @@ def _layer_norm_params(model) -> int:
 
 @dataclass(frozen=True)
 class ExpertSelection:
-    """What :func:`select_expert` chose: the selection and the settings it resolved (pruning.json's)."""
+    """What :func:`select_expert` chose: the selection, the settings it resolved (pruning.json's) and the
+    intersection it chose from (whose token counts and statistics the refit uses)."""
 
     selection: Selection
+    scores: ScoreSet
     neurons: str
     granularity: str
     align: int
@@ -106,7 +108,7 @@ def select_expert(sets: list[ScoreSet], config, ratio: float, format: str, rule:
     align = combined.resolved_align(align, config, format == "stock", granularity, neurons)
     sel = combined.select(ratio, config, uniform=format == "stock", rule=rule, neurons=neurons,
                           granularity=granularity, budget=budget, drop_layers=drop_layers, align=align)
-    return ExpertSelection(sel, neurons, granularity, align)
+    return ExpertSelection(sel, combined, neurons, granularity, align)
 
 
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
@@ -122,11 +124,11 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
     weights (``prune`` does)."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
-    combined = intersect(*sets)
     if selected is None:
         selected = select_expert(sets, model.config, ratio, format, rule, neurons, granularity, budget,
                                  drop_layers, align)
-    sel, neurons, granularity, align = selected.selection, selected.neurons, selected.granularity, selected.align
+    sel, combined = selected.selection, selected.scores
+    neurons, granularity, align = selected.neurons, selected.granularity, selected.align
     if compensate:
         check_stats(sets, score_paths)
         tokens, widths = sum(combined.metadata.get("token_counts", [])), refit_widths(sel, geo.layers)
