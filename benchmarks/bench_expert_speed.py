@@ -10,7 +10,7 @@ expert_quality.py times SmolLM2-135M's experts on the CPU; on a GPU that model i
 8B model is not. A dense expert's speed depends only on its shapes (every kept matrix is dense), so this
 script builds a randomly initialized Llama with Llama-3-8B's geometry (bench_score.random_llama: hidden
 4096, intermediate 14336, 32 query and 8 k/v heads of 128, vocabulary 128,256; ``--width`` scales it), and
-from it, through the same export as every expert (``cusprun.dense.dense``), one expert per shape and ratio
+from it, through the same export as every expert (``cusprun.formats.dense.dense``), one expert per shape and ratio
 (the ratio: the share of projection parameters removed, as in expert_quality.py):
 
 - ``channels``: MLP channels only, attention whole, every layer losing its own share (a seeded profile
@@ -23,7 +23,7 @@ from it, through the same export as every expert (``cusprun.dense.dense``), one 
   (``--drop-layers``, the paper's section 4.5 hybrid).
 
 For each: prefill tokens/s over ``--docs`` documents of ``--tokens`` random token ids, ``--batch`` per
-forward (cusprun.evaluate.paired_prefill: the dense model timed right before the expert in every repetition,
+forward (cusprun.evaluation.evaluate.paired_prefill: the dense model timed right before the expert in every repetition,
 the median of the paired ratios), with the logits of every token (``--logits all``, as perplexity and
 expert_quality.py take them) or of the last one only (``last``: a generation's prefill); the ideal speed-up
 from the FLOP count (expert_quality.prefill_flops: projections, lm_head for the tokens whose logits are
@@ -49,12 +49,12 @@ from bench_score import random_llama  # noqa: E402
 from common import at_least, environment, report  # noqa: E402
 from expert_quality import parse_ratios, prefill_flops  # noqa: E402
 
-from cusprun.dense import dense  # noqa: E402
-from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
-from cusprun.evaluate import decode_tokens_per_s, paired_prefill  # noqa: E402
-from cusprun.neurons import Geometry, tensor_name  # noqa: E402
-from cusprun.plan import kept_params, propagate  # noqa: E402
-from cusprun.scoring import check_device  # noqa: E402
+from cusprun.core.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.core.neurons import Geometry, tensor_name  # noqa: E402
+from cusprun.engine.score_corpora import check_device  # noqa: E402
+from cusprun.evaluation.evaluate import decode_tokens_per_s, paired_prefill  # noqa: E402
+from cusprun.formats.dense import dense  # noqa: E402
+from cusprun.selection.plan import kept_params, propagate  # noqa: E402
 
 SHAPES = ("channels", "channels-uniform", "heads+channels", "layers+channels")
 ALIGN = 64  # the default expert's channel alignment

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, report  # noqa: E402
 
-from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.core.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 
 COMPILED = ("sdpa", "triton", "cuda", "cuda fused")
 SHAPES = {  # hidden, heads, kv heads, head_dim, intermediate

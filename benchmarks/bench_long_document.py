@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_score import documents  # noqa: E402
 from common import at_least, environment, report  # noqa: E402
 
-from cusprun.engine import Scorer  # noqa: E402
-from cusprun.errors import OneLineArgumentParser, run_cli  # noqa: E402
-from cusprun.models import load_model  # noqa: E402
+from cusprun.core.errors import OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.core.models import load_model  # noqa: E402
+from cusprun.engine.layer_major import Scorer  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import at_least, environment, report  # noqa: E402
 
 import cusprun_kernels as ops  # noqa: E402
-from cusprun.corpus import read_corpus, tokenize  # noqa: E402
-from cusprun.engine import Scorer  # noqa: E402
-from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
-from cusprun.models import load_model  # noqa: E402
-from cusprun.scoring import check_device  # noqa: E402
+from cusprun.core.corpus import read_corpus, tokenize  # noqa: E402
+from cusprun.core.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.core.models import load_model  # noqa: E402
+from cusprun.engine.layer_major import Scorer  # noqa: E402
+from cusprun.engine.score_corpora import check_device  # noqa: E402
 from cusprun_kernels.backend import resolved_backends  # noqa: E402
 from cusprun_kernels.qk_ablation import attention_mask, qk_row_ablation_sdpa  # noqa: E402
 from cusprun_kernels.rope import apply_rope  # noqa: E402

@@ -25,14 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import at_least, environment, report  # noqa: E402
 
-from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.core.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 WIDTH = dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
              head_dim=128, vocab_size=32000)
 CHILD = """
 import resource, sys, time
-from cusprun.errors import run_cli
+from cusprun.core.errors import run_cli
 from cusprun.score import main
 start = time.perf_counter()
 code = run_cli(main, sys.argv[1:])

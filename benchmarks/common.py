@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from cusprun.errors import CusprunError
-from cusprun.files import atomic_write
+from cusprun.core.errors import CusprunError
+from cusprun.core.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -10,10 +10,10 @@ Experts, each built from the calibration corpora (data/corpora) of its dimension
 Methods at each ratio of projection parameters removed (every expert exported in the same dense format):
   cusprun-channels the library's default: whole MLP channels (attention and hidden size kept whole), rank
                    budget (layers lose what each corpus's rank threshold takes from them), block measure,
-                   all-docs rule, every layer keeping a multiple of 64 channels (cusprun.units; every
+                   all-docs rule, every layer keeping a multiple of 64 channels (cusprun.selection.units; every
                    cusprun method below keeps that default alignment unless it names another)
   cusprun-channels-comp  the same channels, down_proj refit over the kept channels (--compensate,
-                   cusprun.compensate; Gram statistics from a local-measure scoring pass with --stats; each
+                   cusprun.experts.compensate; Gram statistics from a local-measure scoring pass with --stats; each
                    input's ridge relative to its own energy where they hold 4 tokens per input, --ridge-scale
                    auto)
   cusprun-channels-meanridge-comp  the same refit with one ridge for all inputs (--ridge-scale mean, the
@@ -53,7 +53,7 @@ Speed of the main comparison's models, measured in the same run on each one's de
 (cusprun.apply(..., format="dense"); models whose weights all have the same shapes run the same computation
 and are timed once, their FLOP counts taken one by one): prefill
 tokens/s on 512-token documents and decode tokens/s (greedy, KV cache), the median of several repetitions
-(cusprun.evaluate's harness, as the main job uses); prefill speed-ups against the dense model timed right
+(cusprun.evaluation.evaluate's harness, as the main job uses); prefill speed-ups against the dense model timed right
 before each repetition (the median of the ratios, so the drift of the machine over the run cancels); the
 ideal speed-up from the FLOP count of a 512-token prefill, and measured / ideal.
 
@@ -83,22 +83,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, append_records, at_least, environment  # noqa: E402
 
 import cusprun  # noqa: E402
-from cusprun.baselines import baseline_scores  # noqa: E402
-from cusprun.compensate import (  # noqa: E402
+from cusprun.core.corpus import read_corpus, tokenize  # noqa: E402
+from cusprun.core.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.core.files import atomic_write  # noqa: E402
+from cusprun.core.models import DEFAULT_MODEL, load_model  # noqa: E402
+from cusprun.core.neurons import influence_name  # noqa: E402
+from cusprun.engine.score_corpora import prepare_out  # noqa: E402
+from cusprun.evaluation.evaluate import paired_prefill, parameter_count, perplexity  # noqa: E402
+from cusprun.experts.compensate import (  # noqa: E402
     DEFAULT_RIDGE,
     DEFAULT_RIDGE_SCALE,
     compensate,
     refit_widths,
     resolved_ridge_scale,
 )
-from cusprun.corpus import read_corpus, tokenize  # noqa: E402
-from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
-from cusprun.evaluate import paired_prefill, parameter_count, perplexity  # noqa: E402
-from cusprun.files import atomic_write  # noqa: E402
-from cusprun.models import DEFAULT_MODEL, load_model  # noqa: E402
-from cusprun.neurons import influence_name  # noqa: E402
-from cusprun.scoreset import ScoreSet  # noqa: E402
-from cusprun.scoring import prepare_out  # noqa: E402
+from cusprun.scores.baselines import baseline_scores  # noqa: E402
+from cusprun.scores.scoreset import ScoreSet  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CACHE = Path(__file__).resolve().parent / ".cache" / "expert_quality"
@@ -145,7 +145,7 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
 BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-unaligned-comp", "cusprun-channels-align16-comp",
                 "cusprun-channels-align64-comp", "cusprun-channels-meanridge-comp", "cusprun-more-layers-comp",
                 "cusprun-pairs", "cusprun-pairs-local", "cusprun-pairs-comp", "cusprun-pairs-local-comp")
-DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scoreset.ScoreSet.select)
+DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scores.scoreset.ScoreSet.select)
 # the corpus-size sweep's method: the main job's expert, whose refit and selection gain from more calibration
 # documents (README, "Calibration size")
 SWEPT = "cusprun-channels-comp"
@@ -276,7 +276,7 @@ class Bench:
         (within the run, an expert whose weights have the shapes of one timed before reuses that timing).
 
         For an expert every repetition times the dense model's prefill right before its own, and its prefill
-        speed-up is the median of the repetitions' ratios (cusprun.evaluate.paired_prefill): this machine
+        speed-up is the median of the repetitions' ratios (cusprun.evaluation.evaluate.paired_prefill): this machine
         drifts by more than the differences measured (the dense prefill went from 451 to 567 tokens/s over one
         run), so a reference timed once at the start and once at the end would favour whichever models ran when
         the machine was fast. (Decode speed-ups, not a target, are against that start-and-end mean: pairing

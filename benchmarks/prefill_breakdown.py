@@ -9,7 +9,7 @@ speed), built from its score cache (scored first where the cache lacks them), ea
 selected or rounded to a multiple of each ``--align`` (ScoreSet.select's align). For the dense model and each
 expert, on the same 512-token document:
 
-- the prefill speed-up against the dense model (cusprun.evaluate.paired_prefill) and the ideal speed-up from
+- the prefill speed-up against the dense model (cusprun.evaluation.evaluate.paired_prefill) and the ideal speed-up from
   the FLOP count (expert_quality.prefill_flops), as in expert_quality.py;
 - a torch.profiler split of one prefill's operator time into GEMMs (aten::mm, addmm, bmm), fused attention
   (scaled_dot_product_*) and everything else (norms, RoPE, activations, adds, copies);
@@ -53,8 +53,8 @@ from expert_quality import (  # noqa: E402
 )
 
 import cusprun  # noqa: E402
-from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
-from cusprun.evaluate import paired_prefill  # noqa: E402
+from cusprun.core.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.evaluation.evaluate import paired_prefill  # noqa: E402
 
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 PROFILED_ROUNDS = 5

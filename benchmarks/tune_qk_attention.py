@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, environment, report  # noqa: E402
 
-from cusprun.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
+from cusprun.core.errors import CusprunError, OneLineArgumentParser, run_cli  # noqa: E402
 
 GEOMETRY = {128: (4, 1), 64: (3, 1)}  # head_dim: (query heads, k/v heads) of one k/v group
 AOT_FILE = RESULTS / "tune_qk_attention_aot.json"

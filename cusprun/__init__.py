@@ -7,16 +7,15 @@ API: ``cusprun.score(model, documents) -> ScoreSet``; ``ScoreSet.load/save``, ``
 ``a & b`` (intersection), ``.select(ratio) -> Selection``; ``cusprun.apply(model, selection)``.
 """
 
-__version__ = "0.1.0"
-
-from .modeling_cusprun import register as _register  # noqa: E402
+from .core.version import __version__  # noqa: F401  (cusprun.__version__)
+from .formats.modeling_cusprun import register as _register  # noqa: E402
 
 _register()
 
-from . import baselines as _baselines  # noqa: E402,F401  (registers the baseline methods)
-from .api import score  # noqa: E402
-from .apply import apply  # noqa: E402
-from .scoreset import ScoreSet, intersect  # noqa: E402
-from .selection import Selection  # noqa: E402
+from .engine.api import score  # noqa: E402
+from .formats.apply import apply  # noqa: E402
+from .scores import baselines as _baselines  # noqa: E402,F401  (registers the baseline methods)
+from .scores.scoreset import ScoreSet, intersect  # noqa: E402
+from .selection.algorithm import Selection  # noqa: E402
 
 __all__ = ["ScoreSet", "Selection", "apply", "intersect", "score"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import sys
 
-from .errors import OneLineArgumentParser, run_cli
+from .core.errors import OneLineArgumentParser, run_cli
 
 
 def _version(dist: str) -> str:

@@ -1,5 +1,5 @@
 """``python -m cusprun.eval``: perplexity per text file, parameter count, prefill and decode speed (the command;
-the measurements are :mod:`cusprun.evaluate`'s)."""
+the measurements are :mod:`cusprun.evaluation.evaluate`'s)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import argparse
 import json
 import sys
 
-from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .evaluate import evaluate, read_texts, tokenize_texts
-from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
-from .scoring import check_device
+from .core.errors import CusprunError, OneLineArgumentParser, run_cli
+from .core.models import DEFAULT_MODEL, DTYPES, load_weights, open_model
+from .engine.score_corpora import check_device
+from .evaluation.evaluate import evaluate, read_texts, tokenize_texts
 
 DESCRIPTION = """\
 Evaluate a dense or pruned model: for each --text file (read like a scoring corpus: .jsonl, .txt or a

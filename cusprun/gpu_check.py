@@ -39,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .files import atomic_write_text
+from .core.errors import CusprunError, OneLineArgumentParser, run_cli
+from .core.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL_TESTS = ["tests/test_cuda_ops.py", "tests/test_triton_ops.py"]

@@ -1,5 +1,5 @@
 """``python -m cusprun.pipeline``: the main job, end to end, in one process (one model load); the work is
-:mod:`cusprun.main_job`'s.
+:mod:`cusprun.evaluation.main_job`'s.
 
 score the calibration corpora (with the Gram statistics) -> build each expert (the default selection: whole
 MLP channels irrelevant to every dimension, down_proj refit over the kept channels, dense per-layer widths)
@@ -16,10 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .engine import MEASURES
-from .errors import OneLineArgumentParser, run_cli
-from .main_job import DATA, DEFAULT_EVAL, DEFAULT_EXPERTS, MainJob, run_main_job
-from .models import DEFAULT_MODEL
+from .core.errors import OneLineArgumentParser, run_cli
+from .core.models import DEFAULT_MODEL
+from .engine.layer_major import MEASURES
+from .evaluation.main_job import DATA, DEFAULT_EVAL, DEFAULT_EXPERTS, MainJob, run_main_job
 
 
 def build_parser() -> OneLineArgumentParser:

@@ -1,5 +1,5 @@
 """``python -m cusprun.plot``: pictures of an expert and of the scores behind it (the command; the pictures
-are :mod:`cusprun.figures`').
+are :mod:`cusprun.evaluation.figures`').
 
 * ``kept.png`` — kept fraction of each projection's parameters, per layer (heatmap);
 * ``overlap.png`` — how the dimensions' irrelevant sets overlap at the expert's σ: neurons per exact
@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .figures import load_sets, write_plots
+from .core.errors import CusprunError, OneLineArgumentParser, run_cli
+from .evaluation.figures import load_sets, write_plots
 
 
 def build_parser() -> OneLineArgumentParser:

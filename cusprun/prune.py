@@ -1,4 +1,4 @@
-"""``python -m cusprun.prune``: score files -> an expert model (the command; the work is :mod:`cusprun.expert`'s)."""
+"""``python -m cusprun.prune``: score files -> an expert model (the command; the work is in cusprun.experts.build)."""
 
 from __future__ import annotations
 
@@ -6,16 +6,16 @@ import argparse
 import math
 import sys
 
-from .apply import FORMATS
-from .compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, RIDGE_SCALES
-from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .expert import build_expert, check_against_model, check_ratio, check_stats, load_score_sets, select_expert
-from .export import check_out_dir
-from .methods import method_of
-from .models import DEFAULT_MODEL, DTYPES, load_weights, open_model
-from .scoreset import GRANULARITIES, NEURONS
-from .selection import RULES
-from .units import BUDGETS
+from .core.errors import CusprunError, OneLineArgumentParser, run_cli
+from .core.models import DEFAULT_MODEL, DTYPES, load_weights, open_model
+from .experts.build import build_expert, check_against_model, check_ratio, check_stats, load_score_sets, select_expert
+from .experts.compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, RIDGE_SCALES
+from .formats.apply import FORMATS
+from .formats.folder import check_out_dir
+from .scores.methods import method_of
+from .scores.scoreset import GRANULARITIES, NEURONS
+from .selection.algorithm import RULES
+from .selection.units import BUDGETS
 
 DESCRIPTION = """\
 Build an expert model from one score file per dimension (language, domain, task).

@@ -1,17 +1,16 @@
 """``python -m cusprun.score``: every neuron's relevance score for each document of each corpus (the command;
-the work is :mod:`cusprun.scoring`'s)."""
+the work is :mod:`cusprun.engine.score_corpora`'s)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .engine import MEASURES
-from .errors import CusprunError, OneLineArgumentParser, run_cli
-from .methods import methods
-from .models import ALIASES, DEFAULT_MODEL, DTYPES, open_model
-from .parallel import Parallel
-from .scoring import (
+from .core.errors import CusprunError, OneLineArgumentParser, run_cli
+from .core.models import ALIASES, DEFAULT_MODEL, DTYPES, open_model
+from .engine.layer_major import MEASURES
+from .engine.parallel import Parallel
+from .engine.score_corpora import (
     check_device,
     open_scorer,
     parse_bytes,
@@ -22,6 +21,7 @@ from .scoring import (
     score_corpus,
     tokenize_corpus,
 )
+from .scores.methods import methods
 
 DESCRIPTION = """\
 Score every neuron (each row and each column of q, k, v, o, gate, up and down in every layer) by

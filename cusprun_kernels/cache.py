@@ -26,7 +26,7 @@ def load(path: Path) -> dict:
 
 def store(path: Path, key: str, entry: dict) -> None:
     """Merge one entry into the table in ``path``, written atomically (never half-written)."""
-    from cusprun.files import atomic_write  # the package's one atomic writer (imported late: no cycle)
+    from cusprun.core.files import atomic_write  # the package's one atomic writer (imported late: no cycle)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     table = {**load(path), key: entry}

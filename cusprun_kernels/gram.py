@@ -5,7 +5,7 @@ For the input X [T, n] of o_proj or down_proj over a batch of tokens (every docu
     G = Xᵀ X  [n, n],  G[i, j] = Σ_t X[t, i] X[t, j].
 
 Summed over a corpus, G fixes the least-squares refit of the output projection after some of its input
-columns are removed (:mod:`cusprun.compensate`). The engine calls it once per document and adds the results
+columns are removed (:mod:`cusprun.experts.compensate`). The engine calls it once per document and adds the results
 in float64; each call computes with float32 products and float32 accumulation.
 """
 

@@ -10,7 +10,7 @@ import copy
 
 import torch
 
-from cusprun.neurons import PROJECTIONS
+from cusprun.core.neurons import PROJECTIONS
 
 LOCAL_COLUMNS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 

@@ -1,4 +1,4 @@
-"""The Python API: cusprun.score -> ScoreSet (save/load, relevance, intersection, select) -> cusprun.apply."""
+"""The Python API: cusprun.score -> ScoreSet (save/load, relevance, intersection, select) -> cusprun.formats.apply."""
 
 import json
 import subprocess
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import cusprun
-from cusprun.neurons import Geometry
-from cusprun.plan import propagate
+from cusprun.core.neurons import Geometry
+from cusprun.selection.plan import propagate
 from tests.brute_force import brute_force_scores
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model, tiny_tokenizer
@@ -123,7 +123,7 @@ def test_select_and_apply(arch):
 
 
 def test_saved_files_get_the_umask_permissions_not_mkstemps(tmp_path):
-    from cusprun.files import umask_mode
+    from cusprun.core.files import umask_mode
 
     path = cusprun.score(tiny_model("llama"), [random_ids(4)], "local", progress=False).save(tmp_path / "s.safetensors")
     assert path.stat().st_mode & 0o777 == umask_mode()

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import cusprun
-from cusprun.baselines import baseline_scores
-from cusprun.methods import methods
-from cusprun.neurons import PROJECTIONS, Geometry
-from cusprun.selection import rank_fractions
+from cusprun.core.neurons import PROJECTIONS, Geometry
+from cusprun.scores.baselines import baseline_scores
+from cusprun.scores.methods import methods
+from cusprun.selection.algorithm import rank_fractions
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 

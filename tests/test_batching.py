@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cusprun.engine import Scorer
+from cusprun.engine.layer_major import Scorer
 from tests.tiny import random_ids, tiny_model
 
 LENGTHS = (7, 1, 13, 4, 9)

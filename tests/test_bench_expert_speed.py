@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig
 
-from cusprun.dense import layer_units
-from cusprun.neurons import Geometry
-from cusprun.plan import kept_params, propagate
+from cusprun.core.neurons import Geometry
+from cusprun.formats.dense import layer_units
+from cusprun.selection.plan import kept_params, propagate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -13,7 +13,8 @@ from transformers import AutoConfig
 
 import cusprun
 from cusprun import stats as stats_module
-from cusprun.compensate import (
+from cusprun.core.neurons import tensor_name
+from cusprun.experts.compensate import (
     MIN_TOKENS_PER_INPUT,
     compensate,
     refit,
@@ -21,8 +22,7 @@ from cusprun.compensate import (
     resolved_ridge_scale,
     thin_statistics_note,
 )
-from cusprun.neurons import tensor_name
-from cusprun.stats import gram_name, save_stats, stats_path
+from cusprun.scores.stats import gram_name, save_stats, stats_path
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 
@@ -261,7 +261,7 @@ def test_prune_compensates_by_default_where_the_statistics_exist(tmp_path):
 
 
 def test_statistics_of_other_documents_are_refused_and_stale_ones_removed(tmp_path):
-    from cusprun.errors import CusprunError
+    from cusprun.core.errors import CusprunError
 
     model = tiny_model("llama", seed=3, layers=2)
     a = cusprun.score(model, documents(0), progress=False, stats=True, corpus="a")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import cusprun
-from cusprun.apply import apply
-from cusprun.plan import Geometry, propagate
+from cusprun.formats.apply import apply
+from cusprun.selection.plan import Geometry, propagate
 from tests.tiny import random_ids, tiny_model
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import cusprun
-from cusprun.neurons import influence_name
-from cusprun.plan import Geometry
-from cusprun.selection import layer_influence
+from cusprun.core.neurons import influence_name
+from cusprun.selection.algorithm import layer_influence
+from cusprun.selection.plan import Geometry
 from tests.tiny import random_ids, tiny_model
 
 DOCS = (7, 12, 9)
@@ -114,7 +114,7 @@ def test_bad_drops_are_refused():
     assert mixed.select(0.2).removed_fraction > 0
     with pytest.raises(ValueError, match="hold no block influence"):
         mixed.select(0.5, drop_layers=1)
-    from cusprun.baselines import baseline_scores
+    from cusprun.scores.baselines import baseline_scores
 
     with pytest.raises(ValueError, match="wanda-sp score files do not record it"):
         baseline_scores(model, "wanda-sp", documents()).select(0.5, drop_layers=1)

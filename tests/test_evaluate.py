@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cusprun import evaluate
-from cusprun.apply import apply
-from cusprun.evaluate import perplexity
-from cusprun.plan import Geometry
+from cusprun.evaluation.evaluate import perplexity
+from cusprun.formats.apply import apply
+from cusprun.selection.plan import Geometry
 from tests.test_dense import unit_plan
 from tests.tiny import random_ids, tiny_model
 

@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import cusprun
-from cusprun.neurons import Geometry
-from cusprun.plan import propagate
-from cusprun.stock import uniform_counts
+from cusprun.core.neurons import Geometry
+from cusprun.formats.stock import uniform_counts
+from cusprun.selection.plan import propagate
 from tests.conftest import write_ids_corpus
 from tests.isolated import fresh_venv, run_isolated
 from tests.tiny import random_ids, tiny_model
@@ -117,7 +117,7 @@ def test_exports_load_where_cusprun_is_not_installed(exported, tmp_path):
 
 
 def test_model_folders_get_the_umask_permissions(exported):
-    from cusprun.files import umask_mode
+    from cusprun.core.files import umask_mode
 
     for fmt in ("sliced", "stock", "dense"):
         assert (exported / fmt).stat().st_mode & 0o777 == umask_mode(0o777)

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from cusprun import gpu_check
-from cusprun.errors import CusprunError
+from cusprun.core.errors import CusprunError
 
 
 def test_without_a_gpu_only_the_steps_that_need_none():

@@ -3,7 +3,7 @@
 import torch
 import torch.distributed as dist
 
-from cusprun.parallel import Parallel
+from cusprun.engine.parallel import Parallel
 
 
 def test_each_rank_sets_its_local_gpu_current(monkeypatch):

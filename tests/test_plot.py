@@ -9,9 +9,9 @@ import torch
 pytest.importorskip("matplotlib")
 
 import cusprun  # noqa: E402
-from cusprun.figures import irrelevant_sets, kept_fractions  # noqa: E402
-from cusprun.neurons import Geometry  # noqa: E402
-from cusprun.plan import kept_counts  # noqa: E402
+from cusprun.core.neurons import Geometry  # noqa: E402
+from cusprun.evaluation.figures import irrelevant_sets, kept_fractions  # noqa: E402
+from cusprun.selection.plan import kept_counts  # noqa: E402
 from tests.tiny import random_ids, tiny_model  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"

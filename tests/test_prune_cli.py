@@ -11,9 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import cusprun  # noqa: F401  (registers the sliced architectures)
-from cusprun.apply import apply
-from cusprun.neurons import Geometry
-from cusprun.plan import propagate
+from cusprun.core.neurons import Geometry
+from cusprun.formats.apply import apply
+from cusprun.selection.plan import propagate
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 
@@ -65,8 +65,8 @@ def test_prune_round_trip_generate(scored, tmp_path):
 def test_prune_drops_the_least_influential_layer(scored, tmp_path):
     """--drop-layers 1 on a 2-layer model: the layer of lower block influence on the corpora goes whole,
     MLP channels of the other reach the ratio; the dense export has one layer."""
-    from cusprun.scoreset import ScoreSet
-    from cusprun.selection import layer_influence
+    from cusprun.scores.scoreset import ScoreSet
+    from cusprun.selection.algorithm import layer_influence
 
     out = tmp_path / "expert"
     paths = [scored / "block/a.safetensors", scored / "block/b.safetensors"]

@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from cusprun.engine import Scorer
-from cusprun.neurons import Geometry, influence_name
-from cusprun.scorefile import load_scores
+from cusprun.core.neurons import Geometry, influence_name
+from cusprun.engine.layer_major import Scorer
+from cusprun.scores.scorefile import load_scores
 from tests.conftest import write_ids_corpus
 
 
@@ -45,7 +45,7 @@ def test_scores_two_corpora_in_one_run(tiny_dir, tmp_path):
 
 
 def test_text_folder_and_txt_corpora_are_read(tmp_path):
-    from cusprun.corpus import read_corpus
+    from cusprun.core.corpus import read_corpus
     (tmp_path / "d").mkdir()
     (tmp_path / "d/1.txt").write_text("first doc")
     (tmp_path / "d/2.txt").write_text("second doc")
@@ -136,7 +136,7 @@ def test_concurrent_out_checks_do_not_trip_each_other(tmp_path):
     """torchrun's ranks check --out at the same moment; each must probe with a file of its own."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cusprun.scoring import prepare_out
+    from cusprun.engine.score_corpora import prepare_out
 
     out = tmp_path / "out"
     with ThreadPoolExecutor(8) as pool:

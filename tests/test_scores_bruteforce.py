@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from cusprun.engine import Scorer
-from cusprun.neurons import Geometry, influence_name
+from cusprun.core.neurons import Geometry, influence_name
+from cusprun.engine.layer_major import Scorer
 from tests.brute_force import brute_force_scores
 from tests.tiny import random_ids, tiny_model
 

@@ -2,9 +2,9 @@
 
 import torch
 
-from cusprun.neurons import Geometry
-from cusprun.plan import kept_params
-from cusprun.selection import rank_fractions, relevance, select
+from cusprun.core.neurons import Geometry
+from cusprun.selection.algorithm import rank_fractions, relevance, select
+from cusprun.selection.plan import kept_params
 from tests.tiny import tiny_model
 
 GEO = Geometry(tiny_model("llama", layers=2).config)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from cusprun.apply import apply
-from cusprun.engine import Scorer
-from cusprun.neurons import Geometry
-from cusprun.plan import kept_params, propagate
-from cusprun.selection import relevance, select
+from cusprun.core.neurons import Geometry
+from cusprun.engine.layer_major import Scorer
+from cusprun.formats.apply import apply
+from cusprun.selection.algorithm import relevance, select
+from cusprun.selection.plan import kept_params, propagate
 from tests.tiny import random_ids, tiny_model
 
 

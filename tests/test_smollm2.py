@@ -3,17 +3,17 @@
 import pytest
 import torch
 
-from cusprun.apply import apply
-from cusprun.engine import Scorer
-from cusprun.neurons import Geometry
-from cusprun.selection import relevance, select
+from cusprun.core.neurons import Geometry
+from cusprun.engine.layer_major import Scorer
+from cusprun.formats.apply import apply
+from cusprun.selection.algorithm import relevance, select
 
 pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from cusprun.models import load_model
+    from cusprun.core.models import load_model
 
     model, tokenizer, _ = load_model("smollm2-135m", quiet=True)
     return model, tokenizer
@@ -50,7 +50,7 @@ def test_sliced_equals_masked_and_counts_match(smollm2, smollm2_scores):
 
 
 def test_stock_format_on_smollm2_reaches_the_ratio_and_equals_masked(smollm2, smollm2_scores):
-    from cusprun.stock import select_uniform
+    from cusprun.formats.stock import select_uniform
 
     model, tokenizer = smollm2
     geo = Geometry(model.config)

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from cusprun.engine import Scorer
-from cusprun.layers import StreamedLayers
-from cusprun.scorefile import load_scores
-from cusprun.scoreset import ScoreSet
+from cusprun.engine.layer_major import Scorer
+from cusprun.engine.sources import StreamedLayers
+from cusprun.scores.scorefile import load_scores
+from cusprun.scores.scoreset import ScoreSet
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
 
@@ -115,7 +115,7 @@ def test_a_failing_rank_fails_the_run_and_writes_nothing(saved, tmp_path):
     (inject / "sitecustomize.py").write_text(
         "import os\n"
         "if os.environ.get('RANK') == '1':\n"
-        "    import cusprun.engine as e\n"
+        "    import cusprun.engine.layer_major as e\n"
         "    def fail(self, index, *a, **k):\n"
         "        raise RuntimeError(f'injected failure at layer {index}')\n"
         "    e.Scorer._run_layer = fail\n")

@@ -7,7 +7,7 @@ import torch
 tp = pytest.importorskip("torch_pruning")
 
 import cusprun  # noqa: E402
-from cusprun.torch_pruning_adapter import CusprunImportance  # noqa: E402
+from cusprun.integrations.torch_pruning import CusprunImportance  # noqa: E402
 from tests.tiny import random_ids, tiny_model  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""Selection by units (cusprun.units): unit scores from the score files, budgets across layers, whole units only."""
+"""Selection by units (cusprun.selection.units): unit scores from score files, budgets across layers, whole units."""
 
 import copy
 from dataclasses import replace
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import cusprun
-from cusprun.dense import layer_units
-from cusprun.plan import Geometry, propagate
-from cusprun.units import align_channels, layer_keys, select_units, unit_scores, unit_values
+from cusprun.formats.dense import layer_units
+from cusprun.selection.plan import Geometry, propagate
+from cusprun.selection.units import align_channels, layer_keys, select_units, unit_scores, unit_values
 from tests.tiny import random_ids, tiny_model
 
 DOCS = (7, 12, 9)
@@ -201,8 +201,8 @@ def test_the_default_alignment_is_64_only_for_cusprun_channels_of_wide_mlps():
 def test_select_and_build_expert_use_the_default_alignment(monkeypatch, tmp_path):
     """With the default's thresholds scaled to the tiny model (align 4 from 16 channels), select(align=None)
     is select(align=4), not the plan as selected, and pruning.json records 4."""
-    import cusprun.units as units
-    from cusprun.expert import build_expert
+    import cusprun.selection.units as units
+    from cusprun.experts.build import build_expert
 
     monkeypatch.setattr(units, "DEFAULT_ALIGN", 4)
     monkeypatch.setattr(units, "MIN_ALIGNED_WIDTH", 16)

@@ -1,0 +1,2 @@
+"""Perplexity and speed, pictures, and the main job (score, build, evaluate, tabulate). Imports experts and below.
+"""

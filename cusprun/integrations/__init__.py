@@ -1,0 +1,2 @@
+"""cusprun inside other tools: the Torch-Pruning ``Importance``. Imports scores and below.
+"""
