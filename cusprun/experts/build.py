@@ -15,7 +15,7 @@ from ..core.errors import CusprunError
 from ..core.neurons import Geometry, config_hash
 from ..core.version import __version__
 from ..formats.apply import apply
-from ..formats.folder import save_model_dir
+from ..formats.folder import save_model_dir, source_record
 from ..scores.methods import methods
 from ..scores.scoreset import ScoreSet, intersect
 from ..scores.stats import stats_path
@@ -143,6 +143,7 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
     params = dense_params - (sel.total_projection_params - sel.kept_projection_params) - dropped_norms
     report = {
         "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
+        "source": {"path": source.path, "gguf_file": source.gguf_file, **source_record(model.config)},
         "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
         "granularity": granularity, "budget": budget, "compensate": compensate, "drop_layers": drop_layers,
         "align": align, "dropped_layers": list(sel.dropped_layers),

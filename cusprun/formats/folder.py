@@ -39,9 +39,38 @@ def ship_modeling_code(model, folder: Path) -> None:
                              "AutoModelForCausalLM": f"modeling_cusprun.{type(model).__name__}"}
 
 
+# Config entries a model inherits from its source that are false of the expert written from it: transformers
+# records a GGUF source's quantization (the expert's tensors are plain floats, and that file is not in the
+# folder) and the source's own name. pruning.json records the source instead.
+INHERITED_FROM_SOURCE = ("quantization_config", "_model_name_or_path")
+
+
+def source_record(config) -> dict:
+    """What the source's config says about where it came from (for pruning.json), before :func:`save_model_dir`
+    strips it from the expert's config."""
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict()
+    return {"name": getattr(config, "_model_name_or_path", None), "quantization_config": quantization}
+
+
+def drop_inherited(model) -> None:
+    """Strip what :data:`INHERITED_FROM_SOURCE` names from ``model``'s config, and the quantizer transformers
+    attached for a quantized source (the weights were dequantized when it loaded)."""
+    for key in INHERITED_FROM_SOURCE:
+        if key in model.config.__dict__:
+            delattr(model.config, key)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+        model.is_quantized = False
+
+
 def save_model_dir(out: Path, model, tokenizer, report: dict, max_shard_size: str = "2GB") -> None:
     """config.json, model.safetensors (sharded when large), the tokenizer and pruning.json (and, for pruned
-    architectures, their modeling code), all or nothing."""
+    architectures, their modeling code), all or nothing. The config keeps nothing inherited that is false of
+    the expert (:data:`INHERITED_FROM_SOURCE`)."""
+    drop_inherited(model)
+
     def fill(staging: Path) -> None:
         if model.config.model_type.startswith(PRUNED_PREFIX):
             ship_modeling_code(model, staging)

@@ -53,7 +53,7 @@ from functools import cache
 
 import torch
 
-from ..core.neurons import Geometry
+from ..core.neurons import Geometry, tensor_name
 from .algorithm import Selection, aggregate, check_dropped_share, without_layers
 from .plan import Plan, kept_params, propagate
 
@@ -61,18 +61,15 @@ BUDGETS = ("rank", "equal", "relative")
 KINDS = ("heads", "channels", "pairs")  # the unit kinds, in the order used for tie-breaking
 
 
-def _k(layer: int, proj: str, side: str) -> str:
-    return f"model.layers.{layer}.{proj}.{side}"
-
-
 def unit_scores(scores: dict[str, torch.Tensor], geo: Geometry, layer: int) -> dict[str, tuple]:
     """{kind: (unit scores [n_docs, units], block output norm [n_docs])} of one layer, float64."""
-    o_cols = scores[_k(layer, "self_attn.o_proj", "cols")].double()
+    o_cols = scores[tensor_name(layer, "self_attn.o_proj", "cols")].double()
     heads = o_cols.view(o_cols.shape[0], geo.heads, geo.hd).square().sum(-1).sqrt()
-    attention = scores[_k(layer, "self_attn.o_proj", "rows")].double().square().sum(-1).sqrt()
-    channels = scores[_k(layer, "mlp.down_proj", "cols")].double()
-    mlp = scores[_k(layer, "mlp.down_proj", "rows")].double().square().sum(-1).sqrt()
-    k_rows = scores[_k(layer, "self_attn.k_proj", "rows")].double().view(o_cols.shape[0], geo.kv, 2, geo.hd // 2)
+    attention = scores[tensor_name(layer, "self_attn.o_proj", "rows")].double().square().sum(-1).sqrt()
+    channels = scores[tensor_name(layer, "mlp.down_proj", "cols")].double()
+    mlp = scores[tensor_name(layer, "mlp.down_proj", "rows")].double().square().sum(-1).sqrt()
+    k_rows = scores[tensor_name(layer, "self_attn.k_proj", "rows")].double()
+    k_rows = k_rows.view(o_cols.shape[0], geo.kv, 2, geo.hd // 2)
     pairs = k_rows.square().sum(2).sqrt().flatten(1)  # [n_docs, kv * half], (g, d) of pair (d, d + half)
     return {"heads": (heads, attention), "channels": (channels, mlp), "pairs": (pairs, attention)}
 
@@ -149,11 +146,11 @@ def remove_units(geo: Geometry, removed: dict[str, torch.Tensor], pair_order: to
         pair_order = torch.arange(half).expand(geo.layers, geo.kv, half)
     for layer in range(geo.layers):
         heads = removed["heads"][layer]
-        plan[_k(layer, "self_attn.o_proj", "cols")] = ~heads.repeat_interleave(geo.hd)
-        plan[_k(layer, "mlp.down_proj", "cols")] = ~removed["channels"][layer]
+        plan[tensor_name(layer, "self_attn.o_proj", "cols")] = ~heads.repeat_interleave(geo.hd)
+        plan[tensor_name(layer, "mlp.down_proj", "cols")] = ~removed["channels"][layer]
         gone = torch.zeros(geo.kv, half, dtype=torch.bool)
         gone.scatter_(1, pair_order[layer], removed["pairs"][layer].expand(geo.kv, half))
-        plan[_k(layer, "self_attn.k_proj", "rows")] = ~gone.repeat(1, 2).flatten()  # q rows follow (propagate)
+        plan[tensor_name(layer, "self_attn.k_proj", "rows")] = ~gone.repeat(1, 2).flatten()  # q rows follow (propagate)
     return propagate(plan, geo)
 
 
