@@ -2,12 +2,12 @@
 
 import copy
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import cusprun
+from cusprun.core.models import ModelSource
 from cusprun.formats.dense import layer_units
 from cusprun.selection.plan import Geometry, propagate
 from cusprun.selection.units import align_channels, layer_keys, select_units, unit_scores, unit_values
@@ -215,7 +215,7 @@ def test_select_and_build_expert_use_the_default_alignment(monkeypatch, tmp_path
     default, four, plain = plan(), plan(align=4), plan(align=1)
     assert all(torch.equal(default[k], four[k]) for k in four)
     assert any(not torch.equal(default[k], plain[k]) for k in plain)
-    report = build_expert(model, None, SimpleNamespace(model_id="tiny"), [score_set], ["c.safetensors"], 0.2,
+    report = build_expert(model, None, ModelSource("tiny", "tiny"), [score_set], ["c.safetensors"], 0.2,
                           "masked", tmp_path / "expert")
     assert report["align"] == 4
 
