@@ -1,4 +1,4 @@
-"""Expert quality against the baselines, on SmolLM2-135M with real corpora (README, "Expert quality").
+"""Expert quality against the baselines, on SmolLM2-135M with real corpora (docs/expert-quality.md).
 
     python benchmarks/expert_quality.py            # the full benchmark (under an hour on 2 CPU cores)
     python benchmarks/expert_quality.py --quick    # a smoke test of every path (minutes; CI)
@@ -147,7 +147,7 @@ BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-unaligned-comp"
                 "cusprun-pairs", "cusprun-pairs-local", "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scores.scoreset.ScoreSet.select)
 # the corpus-size sweep's method: the main job's expert, whose refit and selection gain from more calibration
-# documents (README, "Calibration size")
+# documents (docs/experts.md, "Calibration size")
 SWEPT = "cusprun-channels-comp"
 GENERAL_METHODS = ("wanda-sp", "flap", "shortgpt", "magnitude", "random")
 # one change each from the default (TARGETED[DEFAULT])
@@ -178,7 +178,7 @@ class Settings:
 
 
 # 12 held-out documents per set (1,500 tokens), not 16: evaluation was half of the run's time, and 12 keep the
-# full run under an hour on a slow day of a 2-core CPU (README, "Expert quality")
+# full run under an hour on a slow day of a 2-core CPU (docs/expert-quality.md)
 FULL = Settings((0.25, 0.35, 0.45), 100, (10, 25, 50, 100), 128, 12, 20, EXPERTS)
 QUICK = Settings((0.25,), 2, (1, 2), 24, 2, 1, EXPERTS[:2], speed_docs=1, speed_tokens=64, decode_tokens=4,
                  repetitions=1, decode_repetitions=1)

@@ -35,7 +35,7 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--docs", type=int, default=100,
                    help="calibration documents per corpus, at most (default 100: every document of the shipped "
                         "corpora, 100 German and 40 for the others; the compensated experts improved with every "
-                        "step up to 100 in the README's \"Calibration size\")")
+                        "step up to 100 in docs/experts.md, \"Calibration size\")")
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per calibration document")
     p.add_argument("--eval-max-tokens", type=int, default=512)
     p.add_argument("--measure", choices=MEASURES, default="local",

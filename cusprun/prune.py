@@ -20,7 +20,7 @@ from .selection.units import BUDGETS
 DESCRIPTION = """\
 Build an expert model from one score file per dimension (language, domain, task).
 
-selection (the defaults are what measured best, README "Expert quality"):
+selection (the defaults are what measured best, docs/expert-quality.md):
   default   whole MLP channels; attention and the hidden size stay whole. A channel's score in a
             document is the norm of its whole contribution to the MLP output, ||W_down[:, k]|| * ||A[:, k]||
             (the same under both measures). A channel is irrelevant to a corpus when it ranks in the
@@ -38,11 +38,11 @@ selection (the defaults are what measured best, README "Expert quality"):
                                          corpora (mean over each corpus's documents of 1 - cos(h_in, h_out),
                                          the largest over the corpora), then select in the other layers up
                                          to --ratio: the paper's layer + neuron combination for aggressive
-                                         ratios (section 4.5); see the README for what it measured
+                                         ratios (section 4.5); docs/expert-quality.md for what it measured
   --align N                              every layer keeps a multiple of N MLP channels (or all of them),
                                          the nearest to what the selection keeps: widths GEMM kernels tile
                                          evenly. Default 64 where the MLP is at least 1024 channels wide,
-                                         else 1 (as selected); README: "Where a prefill's time goes, and
+                                         else 1 (as selected); docs/expert-quality.md: "Where a prefill's time goes, and
                                          aligned widths"
 
 rules (--rule), how a corpus's documents are combined:
@@ -93,21 +93,21 @@ def build_parser() -> OneLineArgumentParser:
                         "fractions combined over documents, one threshold over all layers, so a layer loses more "
                         "where its weak units are weak in every document), equal (every layer loses the same "
                         "number of units) or relative (score over block output norm; measured far worse); see "
-                        "the README")
+                        "docs/experts.md")
     p.add_argument("--drop-layers", type=int, default=0, metavar="N",
                    help="drop the N least influential decoder layers first, then select up to --ratio (default 0)")
     p.add_argument("--align", type=int, default=None, metavar="N",
                    help="with whole MLP channels: every layer keeps a multiple of N of them or all (1: as selected). "
                         "Default: 64 where Cus-Prun's scores select whole channels of an MLP at least 1024 wide "
-                        "(GEMMs tile such widths evenly; README \"Where a prefill's time goes, and aligned "
-                        "widths\"), else 1")
+                        "(GEMMs tile such widths evenly; docs/expert-quality.md, \"Where a prefill's time goes, "
+                        "and aligned widths\"), else 1")
     refit = p.add_mutually_exclusive_group()
     refit.add_argument("--compensate", dest="compensate", action="store_true", default=None,
                        help="refit o_proj and down_proj over the kept columns by ridge least squares on the "
                             "calibration statistics that score --stats writes beside each score file; missing "
                             "statistics are an error. Default: on when every score file has its statistics (it "
-                            "won on target and general perplexity in every measured cell, README \"Expert "
-                            "quality\"), off otherwise")
+                            "won on target and general perplexity in every measured cell, "
+                            "docs/expert-quality.md), off otherwise")
     refit.add_argument("--no-compensate", dest="compensate", action="store_false",
                        help="keep the kept columns' weights even where the statistics exist")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
@@ -117,7 +117,7 @@ def build_parser() -> OneLineArgumentParser:
                    help="with --compensate: each kept input's ridge relative to its own energy (per-input) or "
                         "one ridge relative to their mean energy (mean, the rule before); auto (default): "
                         "per-input where the statistics hold 4 or more tokens per input of the widest refit "
-                        "projection, mean below (README \"Closed-form compensation\")")
+                        "projection, mean below (docs/experts.md, \"Closed-form compensation\")")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the saved model")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -26,7 +26,7 @@ from .scores.methods import methods
 DESCRIPTION = """\
 Score every neuron (each row and each column of q, k, v, o, gate, up and down in every layer) by
 how much removing it changes the model's computation on each document, and write one score file
-per corpus: OUT/NAME.safetensors (format cusprun-scores/1, see the README).
+per corpus: OUT/NAME.safetensors (format cusprun-scores/1, see docs/scores.md).
 
 measures:
   block  (default) the change of the enclosing attention or MLP block's output, recomputed exactly
@@ -34,8 +34,8 @@ measures:
          gate and up use the local definition.
   local  the change of the projection's own output: rows ‖Y[:, i]‖, columns ‖W[:, j]‖·‖X[:, j]‖.
 
-methods (--method): cusprun (default) scores with the measure above; the baselines (README,
-"Baselines") write score files of the same format, so python -m cusprun.prune turns any of them into
+methods (--method): cusprun (default) scores with the measure above; the baselines
+(docs/baselines.md) write score files of the same format, so python -m cusprun.prune turns any of them into
 a model. Methods calibrated on a general corpus take it as --corpus; those needing no data write
 OUT/METHOD.safetensors.
 {methods}

@@ -1,4 +1,4 @@
-"""The README's recipe for reading score files without cusprun, run where cusprun is not installed."""
+"""The recipe of docs/scores.md for reading score files without cusprun, run where cusprun is not installed."""
 
 import re
 from pathlib import Path
@@ -9,12 +9,12 @@ import cusprun
 from tests.isolated import fresh_venv, run_isolated
 from tests.tiny import random_ids, tiny_model
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "scores.md"
 
 
 def recipe() -> str:
-    match = re.search(r"<!-- recipe:read-scores -->\n```python\n(.*?)```", README.read_text(), re.S)
-    assert match, "the README lost its score-file recipe"
+    match = re.search(r"<!-- recipe:read-scores -->\n```python\n(.*?)```", PAGE.read_text(), re.S)
+    assert match, "docs/scores.md lost its score-file recipe"
     return match.group(1)
 
 

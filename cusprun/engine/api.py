@@ -58,7 +58,7 @@ def score(model, documents, measure: str = "block", *, tokenizer=None, max_token
         float32). Its weights are not changed (misaligned parameters are re-homed, values equal).
     documents: strings (tokenized with ``tokenizer``, special tokens as it adds them), token-id lists or
         1-D tensors, or any iterable of these; ``max_tokens`` truncates each.
-    measure: ``block`` (default) or ``local``; see the README's score definition.
+    measure: ``block`` (default) or ``local``; see the score definition in docs/scores.md.
     corpus: the name recorded in the ScoreSet's metadata.
     stats: also collect the Gram matrices ``--compensate`` needs (``ScoreSet.stats``, see :mod:`cusprun.scores.stats`).
     Returns a :class:`ScoreSet` of float32 [n_docs, features] tensors, row i for document i.

@@ -5,7 +5,7 @@ output Y is computed once, used by the rest of the forward pass, and its energie
 the batch's documents have passed the layer, the block-measure scores are computed from what the
 passes produced, with one call of each ablation op per batch.
 
-Definitions (README, "Score definition"): for y = x Wᵀ (+ b) with input X [T, in] and output Y,
+Definitions (docs/scores.md, "Score definition"): for y = x Wᵀ (+ b) with input X [T, in] and output Y,
 ``local`` scores are rows[i] = ‖Y[:, i]‖₂ and cols[j] = ‖W[:, j]‖₂·‖X[:, j]‖₂; ``block`` scores are
 the Frobenius norm of the change of the enclosing block's output, recomputed exactly, except the
 input columns of q, k, v, gate and up, which keep the local definition.

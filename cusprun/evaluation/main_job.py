@@ -47,7 +47,7 @@ class MainJob:
     experts: list[str]
     evals: list[str]
     ratio: float = 0.25
-    docs: int = 100  # at most, per corpus: every shipped one's (40-100); more made better experts (README)
+    docs: int = 100  # at most, per corpus: every shipped one's (40-100); more made better experts (docs/experts.md)
     max_tokens: int = 256
     eval_max_tokens: int = 512
     measure: str = "local"  # the default experts' channel scores are the same under both measures

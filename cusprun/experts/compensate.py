@@ -13,18 +13,18 @@ and a quiet channel is held no tighter, relative to what it contributes, than a 
 before) gives every input λ = ``ridge`` × the mean of diag(G[K, K]). ``auto`` (the default) takes per-input
 where the statistics hold at least :data:`MIN_TOKENS_PER_INPUT` tokens per input of the widest refit
 projection and mean below: per input trusts each input's own energy, which few tokens estimate poorly.
-Measured on SmolLM2 (README, "Closed-form compensation"): with 4 and more tokens per input, per input had
+Measured on SmolLM2 (docs/experts.md, "Closed-form compensation"): with 4 and more tokens per input, per input had
 the lower target perplexity in all 9 cells (2-8%); with 0.8 and 2.1 it was worse on target and general.
 
 The ridge pulls the kept columns toward their original weights, not toward zero: λ → ∞ leaves the
 uncompensated expert, λ → 0 the plain least-squares fit to a few thousand calibration tokens. Measured on
-SmolLM2 (README, "Closed-form compensation"), the anchored ridge beats the zero-anchored one on target and
+SmolLM2 (docs/experts.md, "Closed-form compensation"), the anchored ridge beats the zero-anchored one on target and
 on general perplexity in every expert and ratio: a fit that may only move the weights as far as the
 calibration tokens justify keeps what those tokens never exercised. Solved in float64 per layer; only the
 kept columns change, so the compensated model's dense, sliced, stock and masked forms still agree exactly.
 Llama, Mistral and Qwen2 have no bias on o_proj and down_proj, so there is no bias to refit. Adding one (a
 FLAP-style mean correction, fitted jointly with the kept columns) was measured on SmolLM2 and gained nothing:
-the kept inputs already reproduce nearly all of the removed ones' mean (README, "What the numbers say").
+the kept inputs already reproduce nearly all of the removed ones' mean (docs/expert-quality.md, "What the numbers say").
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ DEFAULT_RIDGE = 0.1
 RIDGE_SCALES = ("auto", "per-input", "mean")
 DEFAULT_RIDGE_SCALE = "auto"
 # Calibration tokens per input of the widest refit projection below which build_expert says so. Measured on
-# SmolLM2 (README, "Calibration size"): 3,200 tokens for down_proj's 1,536 inputs (2 per input) gave a clearly
+# SmolLM2 (docs/experts.md, "Calibration size"): 3,200 tokens for down_proj's 1,536 inputs (2 per input) gave a clearly
 # worse German expert than 12,800 (8 per input), on target and on general text alike.
 MIN_TOKENS_PER_INPUT = 4
 
@@ -131,4 +131,4 @@ def thin_statistics_note(tokens: int, inputs: dict[str, int]) -> str | None:
         return None
     return (f"warning: the compensation statistics hold {tokens} calibration tokens for {name}'s {width} inputs "
             f"({tokens / width:.1f} per input, fewer than {MIN_TOKENS_PER_INPUT}): the refit is better with more or "
-            "longer documents (README, \"Calibration size\")")
+            "longer documents (docs/experts.md, \"Calibration size\")")

@@ -44,8 +44,8 @@ class Method:
             raise ValueError(f"method {self.name}: data must be one of {DATA}, granularity neuron or layer")
 
 
-# Cus-Prun's default expert: whole MLP channels under the rank budget (the README's "Expert
-# quality" numbers chose it; the paper's per-neuron selection is granularity="neuron", neurons="all").
+# Cus-Prun's default expert: whole MLP channels under the rank budget (the numbers in
+# docs/expert-quality.md chose it; the paper's per-neuron selection is granularity="neuron", neurons="all").
 CUSPRUN = Method("cusprun", "Cus-Prun's relevance scores with --measure block|local (default)", data="target",
                  selection=(("granularity", "unit"), ("neurons", "mlp")))
 _REGISTRY: dict[str, Method] = {CUSPRUN.name: CUSPRUN}

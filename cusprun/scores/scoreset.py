@@ -240,10 +240,10 @@ class ScoreSet:
             :mod:`cusprun.selection.units`) or ``neuron`` (the paper's per-row/column selection); with units,
             ``budget`` ``rank`` (default: within-block rank fractions under one threshold over all layers, so
             layers lose different shares), ``equal`` (the same number of units from every block) or ``relative``
-            (score over block output norm; measured far worse, see the README).
+            (score over block output norm; measured far worse, see docs/experts.md).
         neurons and granularity default to the scoring method's choice (:mod:`cusprun.scores.methods`): for
-        Cus-Prun's scores whole MLP channels (``unit``, ``mlp``), the best expert in the README's "Expert
-        quality"; the paper's selection is ``granularity="neuron", neurons="all"``. What may be removed is
+        Cus-Prun's scores whole MLP channels (``unit``, ``mlp``), the best expert in docs/expert-quality.md;
+        the paper's selection is ``granularity="neuron", neurons="all"``. What may be removed is
         the method's too: layer-granularity methods (ShortGPT) remove whole layers; methods that declare
         ``prunable`` groups (FLAP) choose only among those.
         drop_layers: first remove this many whole decoder layers, those of lowest block influence on the

@@ -165,7 +165,7 @@ def _share(values: torch.Tensor) -> torch.Tensor:
     budget the kinds are interleaved by these, so each loses the same share of its units. Their own values are
     not comparable across kinds: a max over documents of rank fractions runs higher for units whose ranking
     moves from document to document (MLP channels) than for units ranked alike in every document (RoPE pairs),
-    and more so the more documents an intersection has (measured: README, "Selection units")."""
+    and more so the more documents an intersection has (measured: docs/experts.md, "Selection units")."""
     rank = torch.empty(len(values), dtype=torch.float64)
     rank[torch.sort(values, stable=True).indices] = torch.arange(len(values), dtype=torch.float64)
     return (rank + 1) / len(values)
@@ -224,7 +224,7 @@ def select_units(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, b
 # tile of GPU kernels and a multiple of the CPU's vector widths, where the MLP is at least 16 such steps wide
 # (so rounding moves a layer by at most 1/32 of its width, or 1/16 where a layer kept fewer than 32 channels
 # and keeps 64); narrower MLPs (the tests' tiny models) stay as selected. Measured on SmolLM2 (1536
-# channels) in the README's "Where a prefill's time goes, and aligned widths" and its main table.
+# channels) in docs/expert-quality.md, "Where a prefill's time goes, and aligned widths", and its main table.
 DEFAULT_ALIGN = 64
 MIN_ALIGNED_WIDTH = 16 * DEFAULT_ALIGN
 
@@ -239,7 +239,7 @@ def align_channels(removed: torch.Tensor, rank: torch.Tensor, align: int) -> tor
     of the order would take them.
 
     Why: GEMMs run fastest on widths their kernels tile evenly (multiples of 16 for CPU vector units and
-    half-precision tensor cores, 64 or more for GPU tiles); measured on SmolLM2 in the README, "Where a
+    half-precision tensor cores, 64 or more for GPU tiles); measured on SmolLM2 in docs/expert-quality.md, "Where a
     prefill's time goes, and aligned widths". A layer's aligned count never rises as the order goes on, so
     the removed fraction still grows with it and the search finds the reachable fraction nearest the ratio
     (reachable in steps of up to ``align`` channels of one layer)."""
