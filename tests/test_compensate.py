@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 import cusprun
-from cusprun import stats as stats_module
+from cusprun.scores import stats as stats_module
 from cusprun.core.neurons import tensor_name
 from cusprun.experts.compensate import (
     MIN_TOKENS_PER_INPUT,

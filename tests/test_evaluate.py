@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cusprun import evaluate
+from cusprun.evaluation import evaluate
 from cusprun.evaluation.evaluate import perplexity
 from cusprun.formats.apply import apply
 from cusprun.selection.plan import Geometry
