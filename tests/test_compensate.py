@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from transformers import AutoConfig
 
 import cusprun
-from cusprun.scores import stats as stats_module
 from cusprun.core.neurons import tensor_name
 from cusprun.experts.compensate import (
     MIN_TOKENS_PER_INPUT,
@@ -22,6 +21,7 @@ from cusprun.experts.compensate import (
     resolved_ridge_scale,
     thin_statistics_note,
 )
+from cusprun.scores import stats as stats_module
 from cusprun.scores.stats import gram_name, save_stats, stats_path
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
