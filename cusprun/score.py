@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
 
 from .core.errors import CusprunError, OneLineArgumentParser, run_cli
 from .core.models import ALIASES, DEFAULT_MODEL, DTYPES, open_model
+from .engine.api import score
 from .engine.layer_major import MEASURES
 from .engine.parallel import Parallel
 from .engine.score_corpora import (
@@ -137,6 +139,17 @@ def main(argv: list[str] | None = None) -> int:
             print("(weights streamed one decoder layer at a time)")
     return 0
 
+
+class _CallableModule(types.ModuleType):
+    """``cusprun.score`` is both this command's module and the API function: importing the module (as
+    ``python -m cusprun.score`` or any ``import cusprun.score`` does) rebinds the package attribute to it, so the
+    module calls the function, and ``cusprun.score(model, documents)`` works whichever the attribute holds."""
+
+    def __call__(self, *args, **kwargs):
+        return score(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

@@ -127,3 +127,15 @@ def test_saved_files_get_the_umask_permissions_not_mkstemps(tmp_path):
 
     path = cusprun.score(tiny_model("llama"), [random_ids(4)], "local", progress=False).save(tmp_path / "s.safetensors")
     assert path.stat().st_mode & 0o777 == umask_mode()
+
+
+def test_cusprun_score_stays_the_function_after_the_command_module_is_imported():
+    import importlib
+
+    model = tiny_model("llama", seed=2)
+    docs = [random_ids(6, seed=1)]
+    before = cusprun.score(model, docs, progress=False)
+    importlib.import_module("cusprun.score")  # rebinds the package attribute to the command's module
+    after = cusprun.score(model, docs, progress=False)
+    assert callable(cusprun.score.build_parser)
+    assert all(torch.equal(before.scores[n], after.scores[n]) for n in before.scores)
