@@ -196,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             why = "--no-compensate turns it off" if args.compensate is False else "baseline methods' score files"
             raise CusprunError(f"{given[0]} sets the refit, which is off here ({why})")
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
-    check_against_model(sets, args.scores, config)  # before the weights load
     stream = should_stream(source, args.stream, max_memory if max_memory is not None else default_budget("cpu"))
     folder = streamed_folder(source, args.format) if stream else None
+    check_against_model(sets, args.scores, config)  # before the weights load
     use_stats = compensate and stats_usable and not stream and all(s.stats is not None for s in sets)
     calibration = None
     if compensate and not use_stats:  # every calibration document read and tokenized before the weights load

@@ -77,8 +77,15 @@ def check_free_space(out: Path, need: int) -> None:
     ``out`` before it is renamed into place)."""
     free = shutil.disk_usage(out.parent if not out.exists() else out).free
     if free < need:
-        raise CusprunError(f"not enough disk for the expert: {need / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free "
-                           f"on the file system of {out}")
+        raise CusprunError(f"not enough disk for the expert: {_size(need)} needed, {_size(free)} free on the file "
+                           f"system of {out}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _read_tensors(files: dict[str, str], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
