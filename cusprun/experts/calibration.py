@@ -4,11 +4,13 @@
 Gram matrices G = XᵀX of their inputs over calibration documents. Instead of reading them from statistics
 files (``score --stats``: intermediate² floats per layer, 285 GB per corpus for Llama-3-70B), :func:`refit_layers`
 makes them here, in one layer-major pass over the documents the score files were made from
-(:func:`calibration_documents`): every document passes decoder layer l, its projections' inputs summed into
-that layer's Gram matrices by the ``gram`` op, the layer is refit, and only then is layer l + 1 touched. The
-hidden states between layers live in the engine's :class:`~cusprun.engine.hidden_store.HiddenStore`; with a
-streamed source only one layer's weights and one layer's matrices are ever in memory, and nothing of
-intermediate² size is written to disk.
+(:func:`calibration_documents`): every document passes decoder layer l, the layer is refit, and only then is
+layer l + 1 touched. Of each refit projection keeping K of its n inputs, the pass sums X_Kᵀ X_K [K, K] (the
+``gram`` op) and X_Kᵀ Y [K, out] with its dense output Y = X Wᵀ (= G[K, :] Wᵀ): all the refit needs
+(:func:`cusprun.experts.compensate.refit_from_moments`), K² + K·out floats instead of n². The hidden states
+between layers live in the engine's :class:`~cusprun.engine.hidden_store.HiddenStore`; with a streamed source
+only one layer's weights and one layer's moments are ever in memory, and nothing of intermediate² size is
+written to disk.
 
 Two refits (``--refit``):
 
@@ -19,8 +21,9 @@ Two refits (``--refit``):
   and its target is what the block's dense weights compute on those inputs (as SparseGPT fits each layer on
   the inputs the already pruned layers give it). The Gram matrix is then that of the pruned model's own
   inputs, G̃ = X̃ᵀX̃, and the refit formula is unchanged: W'_K = (W G̃[:, K] + W_K Λ)(G̃[K, K] + Λ)⁻¹. A layer
-  costs two forward passes (three where o_proj is refit too): one for the Gram matrices, one through the
-  pruned and refit layer for the hidden states the next layer takes.
+  costs two forward passes (three where o_proj is refit too): one for the moments, one through the pruned
+  and refit layer for the hidden states the next layer takes. (An earlier attempt, README "Why the stretch
+  goal is missed", fit down_proj from the pruned model's inputs to the *dense model's* MLP outputs instead.)
 """
 
 from __future__ import annotations
