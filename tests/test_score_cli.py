@@ -122,7 +122,7 @@ def test_unknown_backend_named_explicitly_fails_loudly(tiny_dir, tmp_path, monke
 
 
 def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
-    from cusprun import scorefile
+    from cusprun.scores import scorefile
 
     def boom(*a, **k):
         raise KeyboardInterrupt
