@@ -1,6 +1,7 @@
-"""Layer streaming on this machine: score with a model whose weights are larger than RAM.
+"""Layer streaming on this machine: score, then prune, a model whose weights are larger than RAM.
 
     python benchmarks/bench_stream.py [--ram-multiple 1.5] [--docs 4] [--tokens 64] [--measure block]
+    python benchmarks/bench_stream.py --prune [--layers N]   # also build the 25% compensated expert
 
 Builds once (cached in benchmarks/.cache/) a random Llama-architecture model at Llama-3-70B width
 (hidden 8192, 64 heads, 8 k/v heads, intermediate 28672) with enough layers that its bfloat16 weights
@@ -8,6 +9,14 @@ on disk are at least ``--ram-multiple`` times this machine's RAM, written shard 
 exists in memory. It then scores a small corpus with ``python -m cusprun.score --stream`` and, for
 comparison, a model of the same width that fits (2 layers) in memory, each in a child process that
 reports its own peak RSS. Prints a table and appends rows to benchmarks/results/bench_stream.csv.
+
+With ``--prune``, both models are then scored with the local measure and pruned at 25% with compensation
+(``python -m cusprun.prune``, calibrated on the scored corpus, bfloat16 like the weights): the large one with
+``--stream``, the 2-layer slice in memory. Its table (bench_stream_prune.csv): time, peak RSS, what was written
+(the expert folder: disk written and its largest file, against one decoder layer's bfloat16 size), and the
+expert's load and one forward pass (peak RSS of that child). ``--layers N`` sets the streamed model's depth
+instead of ``--ram-multiple`` (a reduced run: each layer's refit at this width solves a system of about 20,000
+unknowns per output, minutes per layer on a small CPU).
 """
 
 from __future__ import annotations
@@ -94,12 +103,29 @@ def build(folder: Path, layers: int) -> Path:
     return folder
 
 
-def run(model: Path, corpus: Path, out: Path, extra: list[str]) -> tuple[float, int]:
-    cmd = [sys.executable, "-c", CHILD, "--model", str(model), "--corpus", f"bench={corpus}", "--out", str(out),
-           "--quiet", *extra]
+PRUNE_CHILD = CHILD.replace("from cusprun.score import main", "from cusprun.prune import main")
+FORWARD_CHILD = """
+import resource, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+import cusprun
+start = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
+with torch.no_grad():
+    logits = model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])).logits
+assert torch.isfinite(logits.float()).all()
+print(f"BENCH {time.perf_counter() - start:.3f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}",
+      file=sys.stderr)
+"""
+
+
+def run(model: Path, corpus: Path, out: Path, extra: list[str], child: str = CHILD) -> tuple[float, int]:
+    """A scoring run (or with ``child``, another command) in a child process: (seconds, its peak RSS bytes)."""
+    cmd = [sys.executable, "-c", child, *(["--model", str(model), "--corpus", f"bench={corpus}", "--out", str(out),
+                                           "--quiet"] if child == CHILD else []), *extra]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise SystemExit(f"scoring failed: {res.stderr.strip().splitlines()[-1]}")
+        raise SystemExit(f"child failed: {res.stderr.strip().splitlines()[-1]}")
     line = next(x for x in res.stderr.splitlines() if x.startswith("BENCH "))
     seconds, rss = line.split()[1:]
     return float(seconds), int(rss)
@@ -112,14 +138,18 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=int, default=4, help="documents scored")
     ap.add_argument("--tokens", type=int, default=64, help="tokens per document")
     ap.add_argument("--measure", default="block", choices=["block", "local"])
+    ap.add_argument("--prune", action="store_true", help="also prune both models at 25%% with compensation (see above)")
+    ap.add_argument("--layers", type=int, help="the streamed model's depth instead of --ram-multiple's (reduced run)")
     args = ap.parse_args(argv)
     # checked before a model larger than RAM is written to disk
     if not (math.isfinite(args.ram_multiple) and args.ram_multiple > 1):
         raise CusprunError(f"--ram-multiple {args.ram_multiple}: must be a number above 1 (weights larger than RAM)")
     at_least("--docs", args.docs, 1)
     at_least("--tokens", args.tokens, 2)
+    at_least("--layers", args.layers, 1)
     ram = ram_bytes()
-    layers = int(-(-(args.ram_multiple * ram - 2 * 2 * WIDTH["vocab_size"] * WIDTH["hidden_size"]) // layer_bytes()))
+    layers = args.layers or int(-(-(args.ram_multiple * ram - 2 * 2 * WIDTH["vocab_size"] * WIDTH["hidden_size"])
+                                  // layer_bytes()))
     big = build(CACHE / f"llama-8192-{layers}L", layers)
     small = build(CACHE / "llama-8192-2L", 2)
     corpus = CACHE / f"corpus-{args.docs}x{args.tokens}.jsonl"
@@ -140,6 +170,35 @@ def main(argv=None) -> int:
     report("bench_stream", ["run", "layers", "weights GB", "x RAM", "peak RSS GB", "RSS / RAM", "seconds",
                             "tokens/s", "token-layers/s"], rows,
            {**environment(), "ram_gb": f"{ram / 1e9:.1f}", "measure": args.measure, "dtype": "float32"})
+    if args.prune:
+        prune_table(big, small, corpus, ram)
+    return 0
+
+
+def prune_table(big: Path, small: Path, corpus: Path, ram: int) -> None:
+    """Score both models with the local measure, prune them at 25% with compensation (the large one streamed),
+    load each expert and run one forward pass; print and append the table."""
+    rows = []
+    for name, model, extra in (("streamed", big, ["--stream"]), ("in memory", small, [])):
+        scores, expert = CACHE / f"scores-{model.name}", CACHE / f"expert-{model.name}"
+        score_seconds, score_rss = run(model, corpus, scores, ["--measure", "local", *extra])
+        seconds, rss = run(model, corpus, expert, ["--model", str(model), "--scores", str(scores / "bench.safetensors"),
+                                                   "--ratio", "0.25", "--out", str(expert), "--overwrite", "--quiet",
+                                                   "--dtype", "bfloat16", *extra], child=PRUNE_CHILD)
+        files = [f for f in expert.iterdir() if f.is_file()]
+        written, largest = sum(f.stat().st_size for f in files), max(f.stat().st_size for f in files)
+        report_json = json.loads((expert / "pruning.json").read_text())
+        assert report_json["compensate"] and report_json.get("streamed", False) == (name == "streamed")
+        forward_seconds, forward_rss = run(expert, corpus, expert, [str(expert)], child=FORWARD_CHILD)
+        layer_count = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+        rows.append([name, layer_count, score_seconds, score_rss / 1e9, seconds, rss / 1e9, rss / ram,
+                     written / 1e9, largest / 1e9, largest / layer_bytes(), forward_seconds, forward_rss / 1e9])
+        print(f"  {name} prune: {seconds:.0f} s", file=sys.stderr)
+    report("bench_stream_prune", ["run", "layers", "local scoring s", "scoring peak RSS GB", "prune s",
+                                  "prune peak RSS GB", "RSS / RAM", "expert GB", "largest file GB",
+                                  "largest / layer", "load + forward s", "forward peak RSS GB"],
+           rows, {**environment(), "ram_gb": f"{ram / 1e9:.1f}", "ratio": "0.25", "compensate": "yes",
+                  "dtype": "bfloat16", "layer_gb": f"{layer_bytes() / 1e9:.2f}"})
     return 0
 
 

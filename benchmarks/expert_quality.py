@@ -16,6 +16,8 @@ Methods at each ratio of projection parameters removed (every expert exported in
                    cusprun.experts.compensate; Gram statistics from a local-measure scoring pass with --stats; each
                    input's ridge relative to its own energy where they hold 4 tokens per input, --ridge-scale
                    auto)
+  cusprun-channels-seqcomp  the same refit, sequential (--refit sequential): each layer's down_proj fit on
+                   the inputs the pruned and refit layers below give it; only when named in --methods
   cusprun-channels-meanridge-comp  the same refit with one ridge for all inputs (--ridge-scale mean, the
                    rule before); only when named in --methods
   cusprun-units    whole query heads and MLP channels, rank budget
@@ -66,6 +68,7 @@ interrupted run resumes where it stopped.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -89,7 +92,9 @@ from cusprun.core.files import atomic_write  # noqa: E402
 from cusprun.core.models import DEFAULT_MODEL, load_model  # noqa: E402
 from cusprun.core.neurons import influence_name  # noqa: E402
 from cusprun.engine.score_corpora import prepare_out  # noqa: E402
+from cusprun.engine.sources import InMemoryLayers  # noqa: E402
 from cusprun.evaluation.evaluate import paired_prefill, parameter_count, perplexity  # noqa: E402
+from cusprun.experts.calibration import refit_layers  # noqa: E402
 from cusprun.experts.compensate import (  # noqa: E402
     DEFAULT_RIDGE,
     DEFAULT_RIDGE_SCALE,
@@ -131,6 +136,10 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             # the default's channels refit with one ridge for all inputs (the rule before the per-input one)
             "cusprun-channels-meanridge-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                                     compensate=DEFAULT_RIDGE, ridge_scale="mean"),
+            # the default's channels refit sequentially: each layer's down_proj fit on the inputs the pruned and refit
+            # layers below give it, to what its dense weights compute on them (cusprun.experts.calibration)
+            "cusprun-channels-seqcomp": dict(granularity="unit", neurons="mlp", measure="local",
+                                             compensate=DEFAULT_RIDGE, refit="sequential"),
             "cusprun-more-layers-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                              compensate=DEFAULT_RIDGE, drop_share=2 / 3),
             # channels and RoPE pair slots of q and k, each kind losing the same share: pair scores from the
@@ -143,7 +152,8 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
 # measured once (benchmarks/results/expert_quality_{layers,pairs,align}.md) and run only when named
 # in --methods, which keeps the full benchmark under an hour
 BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-unaligned-comp", "cusprun-channels-align16-comp",
-                "cusprun-channels-align64-comp", "cusprun-channels-meanridge-comp", "cusprun-more-layers-comp",
+                "cusprun-channels-align64-comp", "cusprun-channels-meanridge-comp", "cusprun-channels-seqcomp",
+                "cusprun-more-layers-comp",
                 "cusprun-pairs", "cusprun-pairs-local", "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scores.scoreset.ScoreSet.select)
 # the corpus-size sweep's method: the main job's expert, whose refit and selection gain from more calibration
@@ -417,6 +427,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         measure = kw.pop("measure", "block")
         ridge = kw.pop("compensate", None)  # a ridge: refit the output projections (needs the Gram statistics)
         ridge_scale = kw.pop("ridge_scale", DEFAULT_RIDGE_SCALE)
+        refit = kw.pop("refit", "independent")
         if "drop_share" in kw:  # that share of the ratio as whole layers, the nearest whole number of them
             kw["drop_layers"] = math.floor(kw.pop("drop_share") * ratio * bench.model.config.num_hidden_layers + 0.5)
         if dims is None:  # general-corpus and data-free baselines: one model, reported for every expert
@@ -429,8 +440,14 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         if ridge is not None:  # auto resolved as prune resolves it, from the statistics' token count
             ridge_scale = resolved_ridge_scale(ridge_scale, sum(score_set.metadata.get("token_counts", [])),
                                                refit_widths(selection.plan, bench.model.config.num_hidden_layers))
-        source = (bench.model if ridge is None
-                  else compensate(bench.model, selection.plan, score_set.stats, ridge, ridge_scale))
+        if ridge is None:
+            source = bench.model
+        elif refit == "sequential":  # Gram matrices of the pruned model's own inputs, made layer by layer
+            source = copy.deepcopy(bench.model)
+            documents = [ids for d in dims for ids in bench.calib[d][:n_docs]]
+            refit_layers(InMemoryLayers(source), selection.plan, documents, refit, ridge, ridge_scale)
+        else:
+            source = compensate(bench.model, selection.plan, score_set.stats, ridge, ridge_scale)
         model = cusprun.apply(source, selection, format="dense")
         bench.seconds["building"] += time.perf_counter() - start
         # the per-input rule's tag names its scale; the mean rule's is the one its cached perplexities carry
@@ -438,6 +455,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
                                                                          f" {ridge_scale} ridge")
         if ridge is not None:  # the refit weights depend on the statistics' documents, not only on the plan
             tag += f" statistics of {bench.doc_counts(dims, n_docs)} documents"
+            tag += " sequential refit" if refit == "sequential" else ""
         ppl = bench.evaluate(selection, model, tag, dims)
         speed = bench.speed(model) if experiment == "main" else {}
         del model

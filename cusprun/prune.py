@@ -8,8 +8,24 @@ import sys
 
 from .core.errors import CusprunError, OneLineArgumentParser, run_cli
 from .core.models import DEFAULT_MODEL, DTYPES, load_weights, open_model
-from .experts.build import build_expert, check_against_model, check_ratio, check_stats, load_score_sets, select_expert
+from .engine.score_corpora import default_budget, parse_bytes
+from .experts.build import (
+    build_expert,
+    check_against_model,
+    check_ratio,
+    load_score_sets,
+    local_qk_note,
+    select_expert,
+)
+from .experts.calibration import (
+    DEFAULT_REFIT,
+    REFITS,
+    calibration_documents,
+    check_refit_scores,
+    parse_calibration,
+)
 from .experts.compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, RIDGE_SCALES
+from .experts.stream import check_free_space, expert_bytes, should_stream, stream_build, streamed_folder
 from .formats.apply import FORMATS
 from .formats.folder import check_out_dir
 from .scores.methods import method_of
@@ -103,13 +119,28 @@ def build_parser() -> OneLineArgumentParser:
                         "and aligned widths\"), else 1")
     refit = p.add_mutually_exclusive_group()
     refit.add_argument("--compensate", dest="compensate", action="store_true", default=None,
-                       help="refit o_proj and down_proj over the kept columns by ridge least squares on the "
-                            "calibration statistics that score --stats writes beside each score file; missing "
-                            "statistics are an error. Default: on when every score file has its statistics (it "
-                            "won on target and general perplexity in every measured cell, "
-                            "docs/expert-quality.md), off otherwise")
+                       help="refit o_proj and down_proj over the kept columns by ridge least squares, from the "
+                            "Gram matrices of their inputs on the calibration documents, made here layer by layer "
+                            "(the corpora the score files name, or --calibration). Default: on for Cus-Prun's "
+                            "score files (it won on target and general perplexity in every measured cell, "
+                            "docs/expert-quality.md), off for the baselines'")
     refit.add_argument("--no-compensate", dest="compensate", action="store_false",
-                       help="keep the kept columns' weights even where the statistics exist")
+                       help="keep the kept columns' weights (no calibration pass)")
+    p.add_argument("--calibration", action="append", default=[], metavar="NAME=PATH",
+                   help="calibrate dimension NAME (the score file NAME.safetensors) on the corpus at PATH instead of "
+                        "the one its score file records (repeat per dimension). By default every score file's own "
+                        "corpus, which must be unchanged (its sha256 is checked)")
+    p.add_argument("--refit", choices=REFITS, default=DEFAULT_REFIT,
+                   help=f"with the refit: independent (every layer fit on the dense model's inputs, what score --stats "
+                        f"files hold) or sequential (every block fit on the inputs the pruned and refit blocks below "
+                        f"give it, to its dense weights' outputs on them); default {DEFAULT_REFIT} (docs/experts.md, "
+                        f"\"Closed-form compensation\"). Statistics files beside the score files (score --stats) are "
+                        f"used for the independent refit when no --calibration is given")
+    p.add_argument("--stream", action="store_true",
+                   help="read, refit and write one decoder layer at a time (safetensors models, --format dense); "
+                        "automatic when the model's weights exceed --max-memory")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget for the weights, e.g. 60GiB (default: half of the available RAM)")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
                    help=f"with --compensate: how strongly the kept columns stay near their original weights, "
                         f"relative to their inputs' energy on the calibration tokens (default {DEFAULT_RIDGE})")
@@ -134,8 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(f"--drop-layers {args.drop_layers}: must be 0 or more")
     if args.align is not None and args.align < 1:
         raise CusprunError(f"--align {args.align}: must be a whole number of channels, 1 or more")
+    import cusprun_kernels
+
+    cusprun_kernels.set_quiet(args.quiet)  # the calibration pass's gram op would announce its backend
+    max_memory = parse_bytes(args.max_memory) if args.max_memory else None
+    overrides = parse_calibration(args.calibration, args.scores)
+    # statistics files serve the independent refit only, and only where no other corpus is asked for
+    stats_usable = args.compensate is not False and args.refit == "independent" and not overrides
     try:
-        sets = load_score_sets(args.scores, stats=args.compensate is not False)
+        sets = load_score_sets(args.scores, stats=stats_usable)
     except CusprunError as exc:
         if args.compensate is None and ".stats." in str(exc):  # a damaged or foreign statistics file
             raise CusprunError(f"{exc} (or prune with --no-compensate)") from None
@@ -146,14 +184,25 @@ def main(argv: list[str] | None = None) -> int:
         if granularity != "unit" or args.format == "stock" or method.granularity == "layer" or method.prunable:
             raise CusprunError(f"--budget {args.budget} would have no effect: only a --granularity unit selection "
                                "shares the ratio by budget (not --format stock, whole-layer or prunable-list methods)")
+    cusprun_scores = all(method_of(s.metadata).name == "cusprun" for s in sets)
     if args.compensate:
-        check_stats(sets, args.scores)
-    compensate = all(s.stats is not None for s in sets) if args.compensate is None else args.compensate
-    if not compensate and (args.ridge != DEFAULT_RIDGE or args.ridge_scale != DEFAULT_RIDGE_SCALE):
-        why = "--no-compensate turns it off" if args.compensate is False else "not every score file has statistics"
-        raise CusprunError(f"--ridge and --ridge-scale set the refit, which is off here ({why})")
+        check_refit_scores(sets, args.scores)
+    compensate = cusprun_scores if args.compensate is None else args.compensate
+    if not compensate:
+        given = [flag for flag, on in (("--ridge", args.ridge != DEFAULT_RIDGE),
+                                       ("--ridge-scale", args.ridge_scale != DEFAULT_RIDGE_SCALE),
+                                       ("--refit", args.refit != DEFAULT_REFIT), ("--calibration", overrides)) if on]
+        if given:
+            why = "--no-compensate turns it off" if args.compensate is False else "baseline methods' score files"
+            raise CusprunError(f"{given[0]} sets the refit, which is off here ({why})")
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
+    stream = should_stream(source, args.stream, max_memory if max_memory is not None else default_budget("cpu"))
+    folder = streamed_folder(source, args.format) if stream else None
     check_against_model(sets, args.scores, config)  # before the weights load
+    use_stats = compensate and stats_usable and not stream and all(s.stats is not None for s in sets)
+    calibration = None
+    if compensate and not use_stats:  # every calibration document read and tokenized before the weights load
+        calibration = calibration_documents(sets, args.scores, tokenizer, config.vocab_size, overrides)
     if args.align is not None:
         try:
             sets[0].check_align(args.align, config, args.format == "stock", args.granularity)
@@ -165,11 +214,19 @@ def main(argv: list[str] | None = None) -> int:
                                  args.budget, args.drop_layers, args.align)
     except ValueError as exc:
         raise CusprunError(str(exc)) from None
-    model = load_weights(source, args.dtype, quiet=args.quiet)
+    local_qk_note(sets, selected)
+    check_free_space(out, expert_bytes(config, selected.selection, args.dtype))
     try:
-        report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
-                              rule=args.rule, budget=args.budget, compensate=compensate, ridge=args.ridge,
-                              ridge_scale=args.ridge_scale, drop_layers=args.drop_layers, selected=selected)
+        if stream:
+            report = stream_build(config, tokenizer, source, folder, sets, args.scores, selected, args.ratio, out,
+                                  args.dtype, args.rule, args.budget, args.drop_layers, calibration, args.refit,
+                                  args.ridge, args.ridge_scale, args.quiet)
+        else:
+            model = load_weights(source, args.dtype, quiet=args.quiet)
+            report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,
+                                  rule=args.rule, budget=args.budget, compensate=compensate, ridge=args.ridge,
+                                  ridge_scale=args.ridge_scale, drop_layers=args.drop_layers, selected=selected,
+                                  calibration=calibration, refit=args.refit, in_place=True, quiet=args.quiet)
     except ValueError as exc:
         raise CusprunError(str(exc)) from None
     print(f"expert model   {out} ({args.format})")
@@ -184,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['ratio_achieved_all']:.4f} of all parameters")
     print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
     if compensate:
-        print(f"compensated    yes: pruned output projections refit on the calibration statistics (ridge "
-              f"{args.ridge}, {report['ridge_scale']})")
-    elif args.compensate is None and all(method_of(s.metadata).name == "cusprun" for s in sets):
-        print("compensated    no: not every score file has its statistics (score with --stats for the refit)")
+        where = ("the statistics files" if calibration is None else
+                 f"{calibration.tokens} calibration tokens, {args.refit}")
+        print(f"compensated    yes: pruned output projections refit on {where} (ridge {args.ridge}, "
+              f"{report['ridge_scale']})")
+    if stream:
+        print("streamed       one decoder layer at a time")
     if report["dropped_layers"]:
         print(f"layers dropped {', '.join(map(str, report['dropped_layers']))}")
     if args.format == "stock":

@@ -31,10 +31,13 @@ how much removing it changes the model's computation on each document, and write
 per corpus: OUT/NAME.safetensors (format cusprun-scores/1, see docs/scores.md).
 
 measures:
-  block  (default) the change of the enclosing attention or MLP block's output, recomputed exactly
-         (RoPE, grouped k/v heads, causal softmax, SiLU gate, o_proj); input columns of q, k, v,
-         gate and up use the local definition.
-  local  the change of the projection's own output: rows ‖Y[:, i]‖, columns ‖W[:, j]‖·‖X[:, j]‖.
+  local  (default) the change of the projection's own output: rows ‖Y[:, i]‖, columns ‖W[:, j]‖·‖X[:, j]‖.
+         About one forward pass. The default expert (whole MLP channels) needs nothing more: a channel's
+         score, ‖W_down[:, k]‖·‖A[:, k]‖, is the same under both measures.
+  block  the change of the enclosing attention or MLP block's output, recomputed exactly (RoPE, grouped
+         k/v heads, causal softmax, SiLU gate, o_proj); input columns of q, k, v, gate and up use the
+         local definition. About 12x a forward pass on a CPU: for the paper's per-neuron selection
+         (prune --granularity neuron) and selections of attention rows (--neurons all, mlp+pairs).
 
 methods (--method): cusprun (default) scores with the measure above; the baselines
 (docs/baselines.md) write score files of the same format, so python -m cusprun.prune turns any of them into
@@ -58,9 +61,9 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--corpus", action="append", default=[], metavar="NAME=PATH",
                    help="a corpus to score (repeat for several; one model load)")
     p.add_argument("--out", required=True, help="output folder for NAME.safetensors score files")
-    p.add_argument("--measure", choices=MEASURES, default="block",
-                   help="score definition (default: block, every neuron exact). The default expert (whole MLP "
-                        "channels) comes out the same from local scores, one forward pass instead of ~25 on a CPU")
+    p.add_argument("--measure", choices=MEASURES,
+                   help="score definition (default: local, what the default expert needs; block for the paper's "
+                        "per-neuron selection, see measures above)")
     p.add_argument("--method", choices=tuple(methods()), default="cusprun",
                    help="cusprun (default) or a baseline scorer (see methods above)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline (default: 0)")
@@ -86,6 +89,7 @@ def build_parser() -> OneLineArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    measure = args.measure or "local"
     if args.max_tokens < 1:
         raise CusprunError("--max-tokens must be at least 1")
     if args.batch_tokens is not None and args.batch_tokens < 1:
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.method != "cusprun":
         if args.stats:
             raise CusprunError("--stats: statistics come from Cus-Prun's own scoring pass (--method cusprun)")
-        engine_only = (("--measure", args.measure, "block"), ("--stream", args.stream, False),
+        engine_only = (("--measure", args.measure, None), ("--stream", args.stream, False),
                        ("--max-memory", args.max_memory, None), ("--batch-tokens", args.batch_tokens, None))
         given = [flag for flag, value, default in engine_only if value != default]
         if given:  # baselines score in memory, one document at a time, by their own definition
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenized = [tokenize_corpus(spec, tokenizer, args.max_tokens, config.vocab_size) for spec in corpora]
     parallel = Parallel()
     try:
-        scorer, budget, streamed = open_scorer(config, source, args.measure, args.dtype, args.device, args.stream,
+        scorer, budget, streamed = open_scorer(config, source, measure, args.dtype, args.device, args.stream,
                                                max_memory, parallel, args.quiet, args.batch_tokens, args.stats)
         # "stats" in the options: part of the metadata, so a checkpoint without Gram matrices is not resumed
         options = {"max_tokens": args.max_tokens, "dtype": args.dtype, "backend": backend, "stats": args.stats}

@@ -32,6 +32,8 @@ NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messag
     (["expert_quality.py", "--out", "README.md"], "--out README.md: not writable"),
     (["bench_stream.py", "--ram-multiple", "nan"], "--ram-multiple nan: must be a number above 1"),
     (["bench_stream.py", "--docs", "0"], "--docs 0: must be 1 or more"),
+    (["bench_stream.py", "--layers", "0", "--prune"], "--layers 0: must be 1 or more"),
+    (["bench_calibration.py", "--repetitions", "0"], "--repetitions 0: must be 1 or more"),
     (["bench_score.py", "--random-width", "512", "--device", "gpu"], "--device 'gpu': expected cpu or cuda[:N]"),
     (["bench_expert_speed.py", "--quick", "--device", "gpu"], "--device 'gpu': expected cpu or cuda[:N]"),
     pytest.param(["bench_kernels.py"], "no CUDA device is available here", marks=NO_GPU),

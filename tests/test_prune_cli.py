@@ -158,8 +158,8 @@ def test_sliced_equals_masked_from_the_same_plan():
     ("ragged_rows", "damaged score file (tensors are not all [rows, features] with one row count)"),
     ("n_docs_not_count", "damaged score file (n_docs 'x' is not a count)"),
     ("budget_neuron", "--budget equal would have no effect"),
-    ("ridge_no_compensate", "--ridge and --ridge-scale set the refit, which is off here (--no-compensate turns"),
-    ("ridge_no_statistics", "set the refit, which is off here (not every score file has statistics)"),
+    ("ridge_no_compensate", "--ridge sets the refit, which is off here (--no-compensate turns it off)"),
+    ("calibration_no_compensate", "--calibration sets the refit, which is off here (--no-compensate turns it off)"),
 ])
 def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
     other = tmp_path / "other"
@@ -197,7 +197,7 @@ def test_prune_errors_are_one_line(case, expect, scored, tmp_path):
              "out_is_file": ["--overwrite"], "out_is_here": ["--overwrite"],
              "budget_neuron": ["--granularity", "neuron", "--budget", "equal"],
              "ridge_no_compensate": ["--no-compensate", "--ridge", "0.5"],
-             "ridge_no_statistics": ["--ridge-scale", "mean"]}.get(case, [])
+             "calibration_no_compensate": ["--no-compensate", "--calibration", f"a={scored / 'a.jsonl'}"]}.get(case, [])
     res = cli("prune", *args, cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     lines = res.stderr.strip().splitlines()

@@ -33,9 +33,9 @@ def test_scores_two_corpora_in_one_run(tiny_dir, tmp_path):
     assert sorted(tensors) == sorted(shapes)
     for name, t in tensors.items():
         assert t.dtype == torch.float32 and t.shape == (3, shapes[name])
-    assert meta["format"] == "cusprun-scores/1" and meta["measure"] == "block" and meta["n_docs"] == "3"
+    assert meta["format"] == "cusprun-scores/1" and meta["measure"] == "local" and meta["n_docs"] == "3"
     assert meta["token_counts"] == [5, 1, 9] and meta["skipped"] == []
-    expected = Scorer(model, "block").score_documents([json.loads(line)["input_ids"]
+    expected = Scorer(model, "local").score_documents([json.loads(line)["input_ids"]
                                                       for line in a.read_text().splitlines()])
     for name in tensors:
         torch.testing.assert_close(tensors[name], expected[name])

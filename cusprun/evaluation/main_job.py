@@ -27,6 +27,7 @@ from ..core.version import __version__
 from ..engine.layer_major import Scorer
 from ..engine.score_corpora import CorpusSpec, prepare_out, score_corpus, tokenize_corpus
 from ..experts.build import build_expert, check_ratio
+from ..experts.calibration import DEFAULT_REFIT, Calibration
 from ..scores.scorefile import load_scores
 from ..scores.scoreset import ScoreSet
 from ..selection.units import reachable
@@ -124,9 +125,10 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
     import cusprun_kernels
 
     cusprun_kernels.set_quiet(quiet)
-    scorer = Scorer(model, job.measure, stats=job.compensate)
+    # no statistics files: the refit's Gram matrices are made per expert from its corpora (build-time calibration)
+    scorer = Scorer(model, job.measure)
     options = {"max_tokens": job.max_tokens, "dtype": "float32", "backend": cusprun_kernels.resolve_backend("cpu"),
-               "stats": job.compensate}
+               "stats": False}
     # every corpus and held-out text tokenized before the first is scored
     corpora = {name: tokenize_corpus(spec, tokenizer, job.max_tokens, model.config.vocab_size)
                for name, spec in specs.items()}
@@ -145,9 +147,11 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
         print("matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
     for expert in experts:
         paths = [score_files[d] for d in expert.split("+")]
-        sets = [ScoreSet.load(p, stats=job.compensate) for p in paths]
+        sets = [ScoreSet.load(p) for p in paths]
+        calibration = Calibration([ids for d in expert.split("+") for ids in corpora[d].kept],
+                                  {d: corpora[d].spec.path for d in expert.split("+")})
         report = build_expert(model, tokenizer, source, sets, paths, job.ratio, "dense", out / "experts" / expert,
-                              compensate=job.compensate)
+                              compensate=job.compensate, calibration=calibration, refit=DEFAULT_REFIT)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
         rows.append((expert, evaluate(pruned, tokenized_texts, 32, expert, quiet, reference=model), report))
         if plots:

@@ -7,6 +7,7 @@ ratio, applies the plan in the asked format and writes the folder with its ``pru
 
 from __future__ import annotations
 
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +17,12 @@ from ..core.neurons import Geometry, config_hash
 from ..core.version import __version__
 from ..formats.apply import apply
 from ..formats.folder import save_model_dir, source_record
-from ..scores.methods import methods
+from ..scores.methods import method_of, methods
 from ..scores.scoreset import ScoreSet, intersect
 from ..scores.stats import stats_path
 from ..selection.algorithm import Selection
 from ..selection.plan import kept_counts
+from .calibration import DEFAULT_REFIT, Calibration, calibrate_in_memory, refit_record
 from .compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, refit_widths, resolved_ridge_scale, thin_statistics_note
 from .compensate import compensate as compensate_model
 
@@ -79,6 +81,17 @@ def check_stats(sets: list[ScoreSet], paths) -> None:
                                "--stats to write it")
 
 
+def local_qk_note(sets: list[ScoreSet], selected: ExpertSelection) -> None:
+    """One line on stderr when the selection ranks q/k rows (or RoPE pairs, query heads) by local scores:
+    the norms of their own outputs, not what removing them changes in the attention block (score
+    --measure block)."""
+    if sets[0].metadata.get("measure") == "local" and selected.neurons != "mlp" and \
+            method_of(sets[0].metadata).name == "cusprun":
+        print(f"note: --neurons {selected.neurons} ranks attention rows by local scores (their own output norms); "
+              "score with --measure block for the paper's ranking by their effect on the attention block",
+              file=sys.stderr)
+
+
 def _layer_norm_params(model) -> int:
     return sum(p.numel() for name, p in model.model.layers.named_parameters() if "layernorm" in name)
 
@@ -111,29 +124,64 @@ def select_expert(sets: list[ScoreSet], config, ratio: float, format: str, rule:
     return ExpertSelection(sel, combined, neurons, granularity, align)
 
 
+def expert_report(source, config, sets: list[ScoreSet], score_paths, selected: ExpertSelection, ratio: float,
+                  format: str, rule: str, budget: str, drop_layers: int, refit: dict | bool) -> dict:
+    """pruning.json's record of the settings an expert was built with (``source``: the model's
+    :class:`~cusprun.core.models.ModelSource`, with what its config says of where it came from; ``refit``: the
+    refit's settings, False without one); the parameter counts (``ratio_achieved_all``, ``params_dense``,
+    ``params``) are the caller's to fill in."""
+    sel = selected.selection
+    return {
+        "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(config),
+        "source": {"path": source.path, "gguf_file": source.gguf_file, **source_record(config)},
+        "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": selected.neurons,
+        "granularity": selected.granularity, "budget": budget, "compensate": bool(refit), "drop_layers": drop_layers,
+        "align": selected.align, "dropped_layers": list(sel.dropped_layers), **(refit or {}),
+        "ratio_asked": ratio, "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": None,
+        "sigma": sel.sigma, "params_dense": None, "params": None,
+        "projection_params_dense": sel.total_projection_params, "projection_params": sel.kept_projection_params,
+        "corpora": [{"scores": str(p), "corpus": s.metadata.get("corpus"),
+                     "corpus_sha256": s.metadata.get("corpus_sha256"), "n_docs": s.n_docs}
+                    for p, s in zip(score_paths, sets)],
+        "kept": kept_counts(sel.plan, Geometry(config)),
+    }
+
+
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
                  out: Path, rule: str = "all-docs", neurons: str | None = None, granularity: str | None = None,
                  budget: str = "rank", compensate: bool = False, ridge: float = DEFAULT_RIDGE,
                  ridge_scale: str = DEFAULT_RIDGE_SCALE, drop_layers: int = 0, align: int | None = None,
-                 selected: ExpertSelection | None = None) -> dict:
+                 selected: ExpertSelection | None = None, calibration: Calibration | None = None,
+                 refit: str = DEFAULT_REFIT, in_place: bool = False, quiet: bool = True) -> dict:
     """Select at ``ratio`` (:func:`select_expert`, with these settings), apply, and save the expert to ``out``
     with its pruning.json (which records the resolved settings); returns the report. ``compensate``: refit
     o_proj and down_proj over the kept columns first (:mod:`cusprun.experts.compensate`, with ``ridge`` and
     ``ridge_scale``, ``auto`` resolved from the sets' token counts; needs the sets' stats). ``selected``:
     :func:`select_expert`'s result for these same arguments, where the caller made it before loading the
-    weights (``prune`` does)."""
+    weights (``prune`` does). ``calibration``: the refit's Gram matrices are made from these documents, layer by
+    layer (:mod:`cusprun.experts.calibration`, ``refit`` independent or sequential), instead of read from the
+    sets' statistics files. ``in_place``: the refit changes ``model``'s weights (no copy of the model: ``prune``,
+    which loaded it for this expert alone); else it refits a copy."""
     geo = Geometry(model.config)
     dense_params = sum(p.numel() for p in model.parameters())
     if selected is None:
         selected = select_expert(sets, model.config, ratio, format, rule, neurons, granularity, budget,
                                  drop_layers, align)
     sel, combined = selected.selection, selected.scores
-    neurons, granularity, align = selected.neurons, selected.granularity, selected.align
     if compensate:
-        check_stats(sets, score_paths)
-        tokens, widths = sum(combined.metadata.get("token_counts", [])), refit_widths(sel, geo.layers)
+        widths = refit_widths(sel, geo.layers)
+        if calibration is None:
+            check_stats(sets, score_paths)
+            tokens = sum(combined.metadata.get("token_counts", []))
+        else:
+            tokens = calibration.tokens
         ridge_scale = resolved_ridge_scale(ridge_scale, tokens, widths)  # pruning.json records the rule used
-        model = compensate_model(model, sel, combined.stats, ridge, ridge_scale)
+        if not in_place:
+            model = copy.deepcopy(model)
+        if calibration is None:
+            compensate_model(model, sel, combined.stats, ridge, ridge_scale, copy=False)
+        else:
+            calibrate_in_memory(model, sel, calibration, refit, ridge, ridge_scale, quiet)
         note = thin_statistics_note(tokens, widths)
         if note:  # after the refit, so statistics it refuses give their one-line error alone
             print(note, file=sys.stderr)
@@ -141,22 +189,10 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
     # the dense format also drops the norm in front of a block it skips
     dropped_norms = _layer_norm_params(model) - _layer_norm_params(pruned) if format == "dense" else 0
     params = dense_params - (sel.total_projection_params - sel.kept_projection_params) - dropped_norms
-    report = {
-        "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
-        "source": {"path": source.path, "gguf_file": source.gguf_file, **source_record(model.config)},
-        "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
-        "granularity": granularity, "budget": budget, "compensate": compensate, "drop_layers": drop_layers,
-        "align": align, "dropped_layers": list(sel.dropped_layers),
-        **({"ridge": ridge, "ridge_scale": ridge_scale} if compensate else {}),
-        "ratio_asked": ratio,
-        "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
-        "sigma": sel.sigma, "params_dense": dense_params, "params": params,
-        "projection_params_dense": sel.total_projection_params, "projection_params": sel.kept_projection_params,
-        "corpora": [{"scores": str(p), "corpus": s.metadata.get("corpus"),
-                     "corpus_sha256": s.metadata.get("corpus_sha256"), "n_docs": s.n_docs}
-                    for p, s in zip(score_paths, sets)],
-        "kept": kept_counts(sel.plan, geo),
-    }
+    report = expert_report(source, model.config, sets, score_paths, selected, ratio, format, rule, budget,
+                           drop_layers, compensate and {"ridge": ridge, "ridge_scale": ridge_scale,
+                                                        **refit_record(calibration, refit)})
+    report.update(ratio_achieved_all=1 - params / dense_params, params_dense=dense_params, params=params)
     if format == "stock":
         report["stock"] = {"intermediate_size": pruned.config.intermediate_size,
                            "num_key_value_heads": pruned.config.num_key_value_heads,

@@ -74,10 +74,15 @@ def _head_index(units: list[int], width: int, dims: list[list[int]] | None = Non
 def masked_state(model, plan: Plan) -> dict[str, torch.Tensor]:
     """``masked(model, plan).state_dict()`` without copying the model: removed rows (and their biases) and
     columns of every projection zero, every other tensor shared with ``model``."""
-    state = dict(model.state_dict())
+    return masked_tensors(dict(model.state_dict()), plan)
+
+
+def masked_tensors(state: dict[str, torch.Tensor], plan: Plan) -> dict[str, torch.Tensor]:
+    """``state`` (name -> tensor; updated and returned) with the rows (and their biases) and columns ``plan``
+    removes zeroed in copies; masks of projections ``state`` does not hold (other layers') are skipped."""
     for name, keep in plan.items():
         prefix, side = name.rsplit(".", 1)
-        if keep.all():
+        if keep.all() or prefix + ".weight" not in state:
             continue
         weight = state[prefix + ".weight"] = state[prefix + ".weight"].clone()
         if side == "rows":
@@ -104,6 +109,59 @@ def _block_state(zeroed: dict, src: str, dst: str, norm: str, rows: dict, out_pr
     return state
 
 
+def dense_layer(zeroed: dict, plan: Plan, geo: Geometry, layer: int, dst_index: int) -> tuple[dict, dict] | None:
+    """Decoder layer ``layer`` in the dense format as layer ``dst_index`` of the expert: (its tensors, its
+    per-layer config), or None when both its blocks are skipped (the layer is dropped). ``zeroed``: the
+    masked tensors (:func:`masked_tensors`) under the source model's names, at least this layer's; ``plan``
+    propagated (:func:`cusprun.selection.plan.propagate`)."""
+    units = layer_units(plan, geo, layer)
+    src, dst = f"model.layers.{layer}.", f"model.layers.{dst_index}."
+    o_bias, down_bias = zeroed.get(src + "self_attn.o_proj.bias"), zeroed.get(src + "mlp.down_proj.bias")
+    attention = bool(units["heads"]) or (o_bias is not None and bool(o_bias.any()))
+    mlp = len(units["channels"]) > 0 or (down_bias is not None and bool(down_bias.any()))
+    if not attention and not mlp:
+        return None
+    overrides = {"num_attention_heads": len(units["heads"]), "num_key_value_heads": len(units["groups"]),
+                 "intermediate_size": len(units["channels"])}
+    if units["kv_map"] is not None:
+        overrides["cusprun_kv_map"] = units["kv_map"]
+    if units["pairs"] is not None:
+        overrides["cusprun_rope_pairs"] = units["pairs"]
+    overrides["skip"] = [b for b, on in (("self_attn", attention), ("mlp", mlp)) if not on]
+    state = {}
+    if attention:
+        heads = [g * geo.rep + r for g, r in units["heads"]]
+        o_index, v_index = _head_index(heads, geo.hd), _head_index(units["groups"], geo.hd)
+        q_index, k_index = o_index, v_index
+        if units["pairs"] is not None:
+            dims = {g: rope_pair_dims(p, geo.hd) for g, p in zip(units["groups"], units["pairs"])}
+            q_index = _head_index(heads, geo.hd, [dims[g] for g, _ in units["heads"]])
+            k_index = _head_index(units["groups"], geo.hd, [dims[g] for g in units["groups"]])
+        state.update(_block_state(zeroed, src, dst, "input_layernorm", {
+            "self_attn.q_proj": q_index, "self_attn.k_proj": k_index, "self_attn.v_proj": v_index},
+            "self_attn.o_proj", o_index))
+    if mlp:
+        channels = units["channels"]
+        state.update(_block_state(zeroed, src, dst, "post_attention_layernorm", {
+            "mlp.gate_proj": channels, "mlp.up_proj": channels}, "mlp.down_proj", channels))
+    return state, overrides
+
+
+def dense_config(source_config, per_layer: dict, kept_layers: list[int]):
+    """The dense expert's config: ``source_config``'s with the per-layer shapes (:func:`dense_layer`'s) of the
+    kept layers (their source indices, ``kept_layers``)."""
+    config_cls, model_cls = DENSE[source_config.model_type]
+    config_dict = source_config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config"):
+        config_dict.pop(key, None)
+    if config_dict.get("layer_types"):
+        config_dict["layer_types"] = [config_dict["layer_types"][i] for i in kept_layers]
+    config_dict.update(num_hidden_layers=len(kept_layers), head_dim=Geometry(source_config).hd)
+    config = config_cls(per_layer_config=per_layer, cusprun_source_layers=kept_layers, **config_dict)
+    config.architectures = [model_cls.__name__]
+    return config
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype):
     previous = torch.get_default_dtype()
@@ -128,47 +186,13 @@ def dense(model, plan: Plan):
     state = {k: v for k, v in zeroed.items() if not k.startswith("model.layers.")}
     per_layer, kept_layers = {}, []
     for layer in range(geo.layers):
-        units = layer_units(plan, geo, layer)
-        src = f"model.layers.{layer}."
-        o_bias, down_bias = zeroed.get(src + "self_attn.o_proj.bias"), zeroed.get(src + "mlp.down_proj.bias")
-        attention = bool(units["heads"]) or (o_bias is not None and bool(o_bias.any()))
-        mlp = len(units["channels"]) > 0 or (down_bias is not None and bool(down_bias.any()))
-        if not attention and not mlp:
-            continue
-        dst = f"model.layers.{len(kept_layers)}."
-        kept_layers.append(layer)
-        overrides = {"num_attention_heads": len(units["heads"]), "num_key_value_heads": len(units["groups"]),
-                     "intermediate_size": len(units["channels"])}
-        if units["kv_map"] is not None:
-            overrides["cusprun_kv_map"] = units["kv_map"]
-        if units["pairs"] is not None:
-            overrides["cusprun_rope_pairs"] = units["pairs"]
-        overrides["skip"] = [b for b, on in (("self_attn", attention), ("mlp", mlp)) if not on]
-        per_layer[len(kept_layers) - 1] = overrides
-        if attention:
-            heads = [g * geo.rep + r for g, r in units["heads"]]
-            o_index, v_index = _head_index(heads, geo.hd), _head_index(units["groups"], geo.hd)
-            q_index, k_index = o_index, v_index
-            if units["pairs"] is not None:
-                dims = {g: rope_pair_dims(p, geo.hd) for g, p in zip(units["groups"], units["pairs"])}
-                q_index = _head_index(heads, geo.hd, [dims[g] for g, _ in units["heads"]])
-                k_index = _head_index(units["groups"], geo.hd, [dims[g] for g in units["groups"]])
-            state.update(_block_state(zeroed, src, dst, "input_layernorm", {
-                "self_attn.q_proj": q_index, "self_attn.k_proj": k_index, "self_attn.v_proj": v_index},
-                "self_attn.o_proj", o_index))
-        if mlp:
-            channels = units["channels"]
-            state.update(_block_state(zeroed, src, dst, "post_attention_layernorm", {
-                "mlp.gate_proj": channels, "mlp.up_proj": channels}, "mlp.down_proj", channels))
-    config_cls, model_cls = DENSE[arch]
-    config_dict = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "per_layer_config"):
-        config_dict.pop(key, None)
-    if config_dict.get("layer_types"):
-        config_dict["layer_types"] = [config_dict["layer_types"][i] for i in kept_layers]
-    config_dict.update(num_hidden_layers=len(kept_layers), head_dim=geo.hd)
-    config = config_cls(per_layer_config=per_layer, cusprun_source_layers=kept_layers, **config_dict)
-    config.architectures = [model_cls.__name__]
+        kept = dense_layer(zeroed, plan, geo, layer, len(kept_layers))
+        if kept is not None:
+            state.update(kept[0])
+            per_layer[len(kept_layers)] = kept[1]
+            kept_layers.append(layer)
+    config = dense_config(model.config, per_layer, kept_layers)
+    model_cls = DENSE[arch][1]
     source = next(model.parameters())
     # built on the source's device in its dtype: an 8B model's expert on a GPU never passes through host
     # memory or float32 (the cast after it still casts floating buffers, as the source's own cast did)
