@@ -4,6 +4,7 @@ writer is :mod:`cusprun.formats.gguf`)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .formats.gguf import (
     QUANT_TYPES,
     SETUP,
     check_exportable,
+    check_out_file,
     check_quant_type,
     export_gguf,
     quantizer,
@@ -53,17 +55,6 @@ def build_parser() -> OneLineArgumentParser:
     return p
 
 
-def check_out_file(out: str, overwrite: bool) -> Path:
-    path = Path(out)
-    if path.is_dir():
-        raise CusprunError(f"--out {out} is a folder; name the .gguf file to write")
-    if path.exists() and not overwrite:
-        raise CusprunError(f"--out {out} exists (pass --overwrite to replace it)")
-    if not path.parent.is_dir():
-        raise CusprunError(f"--out {out}: folder {path.parent} does not exist")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_quant_type(args.quantize)
@@ -76,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
             raise CusprunError("--dtype sets an unquantized file's type; --quantize reads an F32 one (drop --dtype)")
     config, _, source = open_model(args.model, quiet=args.quiet, allow_pruned=True, need_tokenizer=False)
     check_exportable(config)
-    tokenizer_from = tokenizer_source(source, local_folder(source))
+    folder = local_folder(source)
+    tokenizer_from = tokenizer_source(source, folder)
+    report = None
+    if folder is not None and (folder / "pruning.json").is_file():
+        report = json.loads((folder / "pruning.json").read_text())
     model = load_weights(source, "float32", quiet=args.quiet)
     arrays = export_gguf(model, out, tokenizer_from, args.dtype, args.quantize, args.pad_mlp,
-                         name=Path(source.model_id).name)
+                         name=Path(source.model_id).name, report=report)
     kind = args.quantize or args.dtype
     print(f"gguf           {out} ({kind}, {len(arrays['heads'])} layers, {out.stat().st_size / 2**20:.1f} MiB)")
     print(f"query heads    {arrays['heads']}")

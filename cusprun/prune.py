@@ -7,11 +7,12 @@ import math
 import sys
 
 from .core.errors import CusprunError, OneLineArgumentParser, run_cli
-from .core.models import DEFAULT_MODEL, DTYPES, load_weights, open_model
+from .core.models import DEFAULT_MODEL, DTYPES, load_weights, local_folder, open_model
 from .experts.build import build_expert, check_against_model, check_ratio, check_stats, load_score_sets, select_expert
 from .experts.compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, RIDGE_SCALES
 from .formats.apply import FORMATS
 from .formats.folder import check_out_dir
+from .formats.gguf import check_exportable, check_out_file, tokenizer_source
 from .scores.methods import method_of
 from .scores.scoreset import GRANULARITIES, NEURONS
 from .selection.algorithm import RULES
@@ -65,6 +66,9 @@ formats:
           the plan is made uniform across layers (same number of channels and of k/v groups, each with
           its query heads, kept in every layer), so plain transformers and serving engines load it.
           It reaches the asked ratio only as closely as whole units allow (reported).
+  gguf    the dense expert as a llama.cpp GGUF file (--out FILE.gguf, in --dtype; pruning.json kept inside as
+          the key cusprun.pruning): runs in llama.cpp, llama-cpp-python and engines built on them. Quantize
+          or pad it with python -m cusprun.export (docs/deploy.md).
 
 Sliced and dense models carry their modeling code (modeling_cusprun.py, auto_map in config.json): they load
 with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) where cusprun is not installed.
@@ -79,7 +83,7 @@ def build_parser() -> OneLineArgumentParser:
                    help="a score file from python -m cusprun.score (repeat: one per dimension)")
     p.add_argument("--ratio", type=float, required=True, help="fraction of projection parameters to remove, in (0, 1)")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--format", choices=FORMATS, default="dense", help="see formats above (default: dense)")
+    p.add_argument("--format", choices=(*FORMATS, "gguf"), default="dense", help="see formats above (default: dense)")
     p.add_argument("--rule", choices=RULES, default="all-docs", help="aggregation over documents (default: all-docs)")
     p.add_argument("--neurons", choices=tuple(NEURONS),
                    help="mlp (Cus-Prun's default): choose only MLP channels, keep attention whole; mlp+pairs: MLP "
@@ -127,7 +131,7 @@ def build_parser() -> OneLineArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_ratio(args.ratio)
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_file(args.out, args.overwrite) if args.format == "gguf" else check_out_dir(args.out, args.overwrite)
     if not (math.isfinite(args.ridge) and args.ridge > 0):
         raise CusprunError(f"--ridge {args.ridge}: must be a positive number")
     if args.drop_layers < 0:
@@ -154,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(f"--ridge and --ridge-scale set the refit, which is off here ({why})")
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
     check_against_model(sets, args.scores, config)  # before the weights load
+    if args.format == "gguf":
+        check_exportable(config)
+        tokenizer_source(source, local_folder(source))
     if args.align is not None:
         try:
             sets[0].check_align(args.align, config, args.format == "stock", args.granularity)
@@ -165,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                                  args.budget, args.drop_layers, args.align)
     except ValueError as exc:
         raise CusprunError(str(exc)) from None
+    if args.format == "gguf" and "pairs" in selected.neurons:
+        raise CusprunError("--neurons with RoPE pairs gives narrower q/k per group, which GGUF cannot express; "
+                           "prune with --format dense and run the expert in transformers")
     model = load_weights(source, args.dtype, quiet=args.quiet)
     try:
         report = build_expert(model, tokenizer, source, sets, args.scores, args.ratio, args.format, out,

@@ -273,6 +273,7 @@ def test_bad_input_is_one_line_exit_2_and_no_file(tmp_path, tiny_expert, case, c
         save_model_dir(tmp_path / "sliced", apply(model, pitfall_plan(Geometry(model.config)), "sliced"),
                        bpe_tokenizer(), {})
         args[0] = str(tmp_path / "sliced")
+    capsys.readouterr()  # the setup's progress bars
     assert run_cli(export_main, args) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expected in err, err
@@ -290,3 +291,31 @@ def test_source_gguf_is_found_from_pruning_json(tmp_path):
     (folder / "pruning.json").write_text(json.dumps({"model": "smollm2-135m"}))
     kind, where = tokenizer_source(ModelSource(str(folder), str(folder)), folder)
     assert kind == "gguf" and Path(where).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@needs_llama
+def test_prune_format_gguf_writes_the_dense_expert(tmp_path):
+    """prune --format gguf == prune --format dense then export: same logits as the dense expert, report inside."""
+    import gguf
+    from transformers import AutoModelForCausalLM
+
+    from cusprun.prune import main as prune_main
+    from cusprun.score import main as score_main
+    from tests.conftest import write_ids_corpus
+
+    model = tiny_model("llama", seed=8, layers=3, vocab=VOCAB)
+    model.save_pretrained(tmp_path / "model")
+    bpe_tokenizer().save_pretrained(tmp_path / "model")
+    write_ids_corpus(tmp_path / "a.jsonl", [9, 12, 7], seed=2)
+    assert score_main(["--model", str(tmp_path / "model"), "--corpus", f"a={tmp_path / 'a.jsonl'}",
+                       "--out", str(tmp_path / "scores"), "--quiet"]) == 0
+    common = ["--model", str(tmp_path / "model"), "--scores", str(tmp_path / "scores/a.safetensors"),
+              "--ratio", "0.3", "--neurons", "all", "--quiet"]
+    assert prune_main([*common, "--out", str(tmp_path / "dense")]) == 0
+    assert prune_main([*common, "--format", "gguf", "--out", str(tmp_path / "direct.gguf")]) == 0
+    expert = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    ids = random_ids(25, vocab=VOCAB, seed=9)
+    direct = llama_logits(tmp_path / "direct.gguf", ids)
+    assert relative_error(direct, hf_logits(expert, ids)) <= 1e-3
+    report = json.loads(gguf.GGUFReader(str(tmp_path / "direct.gguf")).fields["cusprun.pruning"].contents())
+    assert report == {**json.loads((tmp_path / "dense/pruning.json").read_text()), "format": "gguf"}

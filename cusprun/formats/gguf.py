@@ -45,6 +45,7 @@ QUANT_TYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m
                "q5_k_s", "q5_k_m", "q6_k")
 ZERO_MLP = 32  # width of the all-zero MLP a layer without one gets (a Q8_0 block; k-quants store it as zeros too)
 SETUP = "bash scripts/setup_env.sh"
+PRUNING_KEY = "cusprun.pruning"
 
 
 @dataclass
@@ -312,9 +313,10 @@ def add_hf_tokenizer(writer, folder: str | Path, vocab: int) -> None:
 
 
 def write_gguf(model, path: str | Path, tokenizer_from: tuple[str, str], dtype: str = "f32", pad_mlp: int = 1,
-               name: str | None = None) -> dict:
+               name: str | None = None, report: dict | None = None) -> dict:
     """Write ``model`` (dense expert or unpruned) as a ``deci`` GGUF at ``path``, atomically.
-    ``tokenizer_from``: ("gguf", file) copies its tokenizer keys, ("hf", folder) converts its tokenizer.json.
+    ``tokenizer_from``: ("gguf", file) copies its tokenizer keys, ("hf", folder) converts its tokenizer.json;
+    ``report``: the expert's pruning.json, kept as the JSON string key ``cusprun.pruning`` (llama.cpp ignores it).
     Returns the per-layer arrays written."""
     import gguf
 
@@ -339,6 +341,8 @@ def write_gguf(model, path: str | Path, tokenizer_from: tuple[str, str], dtype: 
         writer.add_rope_freq_base(_rope_theta(config))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
         writer.add_vocab_size(config.vocab_size)
+        if report is not None:
+            writer.add_string(PRUNING_KEY, json.dumps(report))
         writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                               "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype])
         kind, where = tokenizer_from
@@ -393,15 +397,28 @@ def quantize(src: str | Path, dst: str | Path, kind: str, threads: int | None = 
     atomic_write(dst, write)
 
 
+def check_out_file(out: str | Path, overwrite: bool) -> Path:
+    """One line for an --out that is a folder, exists (without ``overwrite``) or lies in a missing folder."""
+    path = Path(out)
+    if path.is_dir():
+        raise CusprunError(f"--out {out} is a folder; name the .gguf file to write")
+    if path.exists() and not overwrite:
+        raise CusprunError(f"--out {out} exists (pass --overwrite to replace it)")
+    if not path.parent.is_dir():
+        raise CusprunError(f"--out {out}: folder {path.parent} does not exist")
+    return path
+
+
 def export_gguf(model, path: str | Path, tokenizer_from: tuple[str, str], dtype: str = "f32",
-                quant: str | None = None, pad_mlp: int = 1, name: str | None = None) -> dict:
+                quant: str | None = None, pad_mlp: int = 1, name: str | None = None,
+                report: dict | None = None) -> dict:
     """The GGUF of ``model`` at ``path`` in ``dtype``, or quantized to ``quant`` from an F32 file written beside it
     (and removed), atomically either way. Returns the per-layer arrays."""
     if quant is None:
-        return write_gguf(model, path, tokenizer_from, dtype, pad_mlp, name)
+        return write_gguf(model, path, tokenizer_from, dtype, pad_mlp, name, report)
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
         full = Path(tmp) / "f32.gguf"
-        arrays = write_gguf(model, full, tokenizer_from, "f32", pad_mlp, name)
+        arrays = write_gguf(model, full, tokenizer_from, "f32", pad_mlp, name, report)
         quantize(full, path, quant)
     return arrays
