@@ -40,7 +40,7 @@ from cusprun.core.models import load_model, local_folder  # noqa: E402
 from cusprun.evaluation import llama_cpp as engine  # noqa: E402
 from cusprun.evaluation.evaluate import read_texts, tokenize_texts  # noqa: E402
 from cusprun.experts.build import build_expert, load_score_sets  # noqa: E402
-from cusprun.formats.gguf import QUANT_TYPES, quantize, quantizer, tokenizer_source, write_gguf  # noqa: E402
+from cusprun.formats.gguf import DTYPES, QUANT_TYPES, quantize, quantizer, tokenizer_source, write_gguf  # noqa: E402
 
 DE = Path(__file__).resolve().parents[1] / "data" / "heldout" / "de.jsonl"
 
@@ -71,8 +71,7 @@ def build_files(args, tmp: Path, types: list[str], ratios: list[float]):
     documents = tokenize_texts(texts, tokenizer, 512, model.config.vocab_size)[args.text][:args.docs]
     prompt = [ids for doc in documents for ids in doc] * (args.prompt // sum(map(len, documents)) + 1)
     tokens_from = tokenizer_source(source, local_folder(source))
-    f32 = {"dense": tmp / "dense.f32.gguf"}
-    write_gguf(model, f32["dense"], tokens_from, pad_mlp=args.pad_mlp)
+    models, f32 = {"dense": model}, {"dense": tmp / "dense.f32.gguf"}
     for ratio in ratios:
         name = f"expert-{ratio:.0%}"
         try:
@@ -80,15 +79,19 @@ def build_files(args, tmp: Path, types: list[str], ratios: list[float]):
                          compensate=sets[0].stats is not None)
         except ValueError as exc:  # a ratio the default selection cannot reach
             raise CusprunError(str(exc)) from None
-        expert = AutoModelForCausalLM.from_pretrained(tmp / name).eval()
+        models[name] = AutoModelForCausalLM.from_pretrained(tmp / name).eval()
         f32[name] = tmp / f"expert{ratio}.f32.gguf"
-        write_gguf(expert, f32[name], tokens_from, pad_mlp=args.pad_mlp)
     files = {}
     for name, path in f32.items():
+        write_gguf(models[name], path, tokens_from, pad_mlp=args.pad_mlp)
         for kind in types:
-            files[name, kind] = path if kind == "f32" else tmp / f"{path.stem}.{kind}.gguf"
-            if kind != "f32":
+            files[name, kind] = path if kind == "f32" else tmp / f"{name}.{kind}.gguf"
+            if kind == "f32":
+                continue
+            if kind in QUANT_TYPES:  # llama.cpp's quantizer reads the F32 file
                 quantize(path, files[name, kind], kind)
+            else:
+                write_gguf(models[name], files[name, kind], tokens_from, kind, pad_mlp=args.pad_mlp)
     return files, documents, prompt[:args.prompt], sets[0].stats is not None
 
 
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("--scores", required=True, help="a score file of --model (python -m cusprun.score)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", default="0.25,0.35,0.45")
-    p.add_argument("--types", default="f32,q8_0,q4_k_m", help="f32 and llama.cpp quantization types")
+    p.add_argument("--types", default="f32,f16,q8_0,q4_k_m", help="f32, f16, bf16 and llama.cpp quantization types")
     p.add_argument("--pad-mlp", type=int, default=1, help="pad MLP widths with zero channels to a multiple of N")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--decode", type=int, default=64)
@@ -149,8 +152,8 @@ def main(argv=None) -> int:
         at_least(flag, value, 1)
     ratios = [float(r) for r in args.ratios.split(",")]
     types = args.types.split(",")
-    if any(t != "f32" and t not in QUANT_TYPES for t in types):
-        raise CusprunError(f"--types {args.types}: choose among f32, {', '.join(QUANT_TYPES)}")
+    if any(t not in DTYPES and t not in QUANT_TYPES for t in types):
+        raise CusprunError(f"--types {args.types}: choose among {', '.join(DTYPES + QUANT_TYPES)}")
     quantizer()
     with tempfile.TemporaryDirectory(prefix="bench_gguf.") as tmp:
         files, documents, prompt, compensate = build_files(args, Path(tmp), types, ratios)

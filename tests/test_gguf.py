@@ -360,3 +360,29 @@ def test_smollm2_expert_perplexity_in_llama_cpp_equals_cusprun_eval(tmp_path):
     for path, bound in ((f32, 0.005), (q8, 0.02)):
         got = engine.perplexities(path, documents)
         assert all(abs(g / r - 1) <= bound for g, r in zip(got, reference)), (path.name, got, reference)
+
+
+@needs_llama
+def test_main_job_writes_each_expert_as_gguf_and_measures_it_in_llama_cpp(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import write_ids_corpus
+
+    model_dir, data = tmp_path / "model", tmp_path / "data"
+    tiny_model("llama", seed=3, layers=2, vocab=VOCAB).save_pretrained(model_dir)
+    bpe_tokenizer().save_pretrained(model_dir)
+    (data / "corpora").mkdir(parents=True)
+    (data / "heldout").mkdir()
+    write_ids_corpus(data / "corpora" / "a.jsonl", [9, 14, 5], seed=1)
+    write_ids_corpus(data / "heldout" / "a.jsonl", [12, 7], seed=2)
+    res = subprocess.run([sys.executable, "-m", "cusprun.pipeline", "--model", str(model_dir), "--data", str(data),
+                          "--expert", "a", "--eval", "a", "--docs", "3", "--out", str(tmp_path / "run"), "--quiet"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    gguf_file = tmp_path / "run/experts/a.q8_0.gguf"
+    assert gguf_file.is_file() and f"a: llama-cli -m {gguf_file}" in res.stdout
+    expert = json.loads((tmp_path / "run/summary.json").read_text())["results"][1]
+    text = str(data / "heldout/a.jsonl")
+    # hidden size 24 < 32: Q8_0 leaves these matrices in F16, so llama.cpp's perplexity is transformers' to ~1e-3
+    assert expert["llama_cpp"]["perplexity"][text] == pytest.approx(expert["files"][text]["perplexity"], rel=1e-2)

@@ -67,3 +67,18 @@ def decode_seconds(llm, prompt: list[int], tokens: int) -> float:
         logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
         llm.eval([int(logits.argmax())])
     return time.perf_counter() - start
+
+
+def write_and_measure(model, source, path, kind: str, tokenized: dict[str, list[list[int]]]) -> dict:
+    """``model`` (a dense expert of ``source``) as a GGUF at ``path`` in ``kind`` (f32, f16, bf16 or a llama.cpp
+    quantization type), the command that runs it, and llama.cpp's perplexity on each held-out text's documents."""
+    from ..core.models import local_folder
+    from ..formats.gguf import DTYPES, export_gguf, tokenizer_source
+
+    tokens_from = tokenizer_source(source, local_folder(source))
+    if kind in DTYPES:
+        export_gguf(model, path, tokens_from, dtype=kind)
+    else:
+        export_gguf(model, path, tokens_from, quant=kind)
+    return {"gguf": str(path), "type": kind, "run": f"llama-cli -m {path}",
+            "perplexity": {text: perplexity(path, docs) for text, docs in tokenized.items()}}
