@@ -19,6 +19,7 @@ from .formats.gguf import (
     check_quant_type,
     export_gguf,
     quantizer,
+    tensor_types,
     tokenizer_source,
 )
 
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                          name=Path(source.model_id).name, report=report)
     kind = args.quantize or args.dtype
     print(f"gguf           {out} ({kind}, {len(arrays['heads'])} layers, {out.stat().st_size / 2**20:.1f} MiB)")
+    print(f"tensor types   {', '.join(f'{k} {n}' for k, n in tensor_types(out).items())}")
     print(f"query heads    {arrays['heads']}")
     print(f"k/v heads      {arrays['kv']}")
     print(f"mlp widths     {arrays['ff']}")

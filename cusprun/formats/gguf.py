@@ -390,6 +390,9 @@ def quantize(src: str | Path, dst: str | Path, kind: str, threads: int | None = 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind.upper()}")
     params.nthread = threads or os.cpu_count() or 1
+    from llama_cpp._logger import set_verbose
+
+    set_verbose(False)  # llama.cpp's line per tensor; errors still print (the types chosen: tensor_types)
 
     def write(tmp: str) -> None:
         if llama_cpp.llama_model_quantize(str(src).encode(), tmp.encode(), ctypes.byref(params)) != 0:
@@ -407,6 +410,16 @@ def check_out_file(out: str | Path, overwrite: bool) -> Path:
     if not path.parent.is_dir():
         raise CusprunError(f"--out {out}: folder {path.parent} does not exist")
     return path
+
+
+def tensor_types(path: str | Path) -> dict[str, int]:
+    """How many tensors of each type a GGUF file holds (after quantization: which fell back to another type)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for tensor in gguf.GGUFReader(str(path)).tensors:
+        counts[tensor.tensor_type.name] = counts.get(tensor.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def export_gguf(model, path: str | Path, tokenizer_from: tuple[str, str], dtype: str = "f32",
