@@ -386,3 +386,32 @@ def test_main_job_writes_each_expert_as_gguf_and_measures_it_in_llama_cpp(tmp_pa
     text = str(data / "heldout/a.jsonl")
     # hidden size 24 < 32: Q8_0 leaves these matrices in F16, so llama.cpp's perplexity is transformers' to ~1e-3
     assert expert["llama_cpp"]["perplexity"][text] == pytest.approx(expert["files"][text]["perplexity"], rel=1e-2)
+
+
+@needs_llama
+def test_blocks_kept_for_their_output_bias_alone_are_exact(tmp_path):
+    """Llama with attention and MLP biases: a block that loses every unit stays for its o / down bias (dense
+    format), written as one zero head or a zero MLP that carries the bias."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tiny import TINY
+
+    config = LlamaConfig(num_hidden_layers=4, vocab_size=VOCAB, max_position_embeddings=128, initializer_range=0.3,
+                         rope_theta=50.0, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+                         **TINY["llama"][2])
+    torch.manual_seed(11)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)
+    expert = apply(model, pitfall_plan(Geometry(config)), "dense")
+    folder = tmp_path / "expert"
+    save_model_dir(folder, expert, bpe_tokenizer(), {})
+    out = tmp_path / "e.gguf"
+    assert export_main([str(folder), "--out", str(out), "--quiet"]) == 0
+    arrays = gguf_arrays(out)
+    assert len(arrays["heads"]) == 4  # no layer is empty: every block keeps its bias
+    assert arrays["heads"][2] == 1 and arrays["ff"][2] == 32 and "blk.2.attn_output.bias" in arrays["types"]
+    ids = random_ids(30, vocab=VOCAB, seed=12)
+    assert relative_error(llama_logits(out, ids), hf_logits(expert, ids)) <= 1e-3

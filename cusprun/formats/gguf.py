@@ -120,11 +120,9 @@ def _attention(state: dict, prefix: str, shape: dict, hd: int, hidden: int) -> B
     groups = [[h for h, g in enumerate(shape["kv_of"]) if g == kv] for kv in range(shape["kv"])]
     kept = [g for g in range(shape["kv"]) if groups[g]]  # a k/v head no query reads is dropped
     if not kept:  # kept with zero heads for its o bias alone: one zero head carries it
-        z = np.zeros((hd, hidden), np.float32)
-        block.tensors.update({"attn_q.weight": z, "attn_k.weight": z, "attn_v.weight": z,
-                              "attn_output.weight": np.zeros((hidden, hd), np.float32)})
-        block.heads, block.kv = 1, 1
-        return block
+        head = _zero_head(hidden, hd)
+        head.tensors.update(block.tensors)
+        return head
     size = max(len(groups[g]) for g in kept)
     rows = lambda w, units: np.concatenate([w[u * hd:(u + 1) * hd] if u is not None else
                                             np.zeros((hd, *w.shape[1:]), np.float32) for u in units])
