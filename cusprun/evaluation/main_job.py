@@ -36,7 +36,7 @@ from .figures import write_plots
 DATA = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_EXPERTS = ["de", "de+medical"]
 DEFAULT_EVAL = ["de", "de_man", "medical", "en_man"]
-GGUF_TYPE = "q8_0"  # each expert's GGUF where llama-cpp-python is installed (docs/deploy.md: why this type)
+GGUF_TYPE = "f16"  # each expert's GGUF where llama-cpp-python is installed; Q8_0 missed 2% (docs/deploy.md)
 
 
 @dataclass
