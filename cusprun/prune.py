@@ -7,7 +7,7 @@ import math
 import sys
 
 from .core.errors import CusprunError, OneLineArgumentParser, run_cli
-from .core.models import DEFAULT_MODEL, DTYPES, load_weights, open_model
+from .core.models import DEFAULT_MODEL, DTYPES, load_weights, local_folder, open_model
 from .engine.score_corpora import default_budget, parse_bytes
 from .experts.build import (
     build_expert,
@@ -28,6 +28,7 @@ from .experts.compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, RIDGE_SCALES
 from .experts.stream import check_free_space, expert_bytes, should_stream, stream_build, streamed_folder
 from .formats.apply import FORMATS
 from .formats.folder import check_out_dir
+from .formats.gguf import check_exportable, check_out_file, tokenizer_source
 from .scores.methods import method_of
 from .scores.scoreset import GRANULARITIES, NEURONS
 from .selection.algorithm import RULES
@@ -81,6 +82,9 @@ formats:
           the plan is made uniform across layers (same number of channels and of k/v groups, each with
           its query heads, kept in every layer), so plain transformers and serving engines load it.
           It reaches the asked ratio only as closely as whole units allow (reported).
+  gguf    the dense expert as a llama.cpp GGUF file (--out FILE.gguf, in --dtype; pruning.json kept inside as
+          the key cusprun.pruning): runs in llama.cpp, llama-cpp-python and engines built on them. Quantize
+          or pad it with python -m cusprun.export (docs/deploy.md).
 
 Sliced and dense models carry their modeling code (modeling_cusprun.py, auto_map in config.json): they load
 with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) where cusprun is not installed.
@@ -95,7 +99,7 @@ def build_parser() -> OneLineArgumentParser:
                    help="a score file from python -m cusprun.score (repeat: one per dimension)")
     p.add_argument("--ratio", type=float, required=True, help="fraction of projection parameters to remove, in (0, 1)")
     p.add_argument("--out", required=True, help="output model folder")
-    p.add_argument("--format", choices=FORMATS, default="dense", help="see formats above (default: dense)")
+    p.add_argument("--format", choices=(*FORMATS, "gguf"), default="dense", help="see formats above (default: dense)")
     p.add_argument("--rule", choices=RULES, default="all-docs", help="aggregation over documents (default: all-docs)")
     p.add_argument("--neurons", choices=tuple(NEURONS),
                    help="mlp (Cus-Prun's default): choose only MLP channels, keep attention whole; mlp+pairs: MLP "
@@ -158,7 +162,7 @@ def build_parser() -> OneLineArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_ratio(args.ratio)
-    out = check_out_dir(args.out, args.overwrite)
+    out = check_out_file(args.out, args.overwrite) if args.format == "gguf" else check_out_dir(args.out, args.overwrite)
     if not (math.isfinite(args.ridge) and args.ridge > 0):
         raise CusprunError(f"--ridge {args.ridge}: must be a positive number")
     if args.drop_layers < 0:
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     calibration = None
     if compensate and not use_stats:  # every calibration document read and tokenized before the weights load
         calibration = calibration_documents(sets, args.scores, tokenizer, config.vocab_size, overrides)
+    if args.format == "gguf":
+        check_exportable(config)
+        tokenizer_source(source, local_folder(source))
     if args.align is not None:
         try:
             sets[0].check_align(args.align, config, args.format == "stock", args.granularity)
@@ -216,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         raise CusprunError(str(exc)) from None
     local_qk_note(sets, selected)
     check_free_space(out, expert_bytes(config, selected.selection, args.dtype))
+    if args.format == "gguf" and "pairs" in selected.neurons:
+        raise CusprunError("--neurons with RoPE pairs gives narrower q/k per group, which GGUF cannot express; "
+                           "prune with --format dense and run the expert in transformers")
     try:
         if stream:
             report = stream_build(config, tokenizer, source, folder, sets, args.scores, selected, args.ratio, out,

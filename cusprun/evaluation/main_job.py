@@ -37,6 +37,7 @@ from .figures import write_plots
 DATA = Path(__file__).resolve().parents[2] / "data"
 DEFAULT_EXPERTS = ["de", "de+medical"]
 DEFAULT_EVAL = ["de", "de_man", "medical", "en_man"]
+GGUF_TYPE = "f16"  # each expert's GGUF where llama-cpp-python is installed; Q8_0 missed 2% (docs/deploy.md)
 
 
 @dataclass
@@ -154,6 +155,18 @@ def run_main_job(job: MainJob) -> tuple[dict, str]:
                               compensate=job.compensate, calibration=calibration, refit=DEFAULT_REFIT)
         pruned = AutoModelForCausalLM.from_pretrained(out / "experts" / expert).eval()
         rows.append((expert, evaluate(pruned, tokenized_texts, 32, expert, quiet, reference=model), report))
+        if importlib.util.find_spec("llama_cpp") is not None:
+            from .llama_cpp import write_and_measure
+
+            try:
+                gguf = write_and_measure(pruned, source, out / "experts" / f"{expert}.{GGUF_TYPE}.gguf", GGUF_TYPE,
+                                         tokenized_texts)
+            except CusprunError as exc:  # a model GGUF cannot hold (no tokenizer, a sliding window): the rest stands
+                print(f"{expert}: no GGUF ({exc})", file=sys.stderr)
+            else:
+                rows[-1][1]["llama_cpp"] = gguf
+                shown = ", ".join(f"{Path(t).stem} {p:.2f}" for t, p in gguf["perplexity"].items())
+                print(f"{expert}: {gguf['run']}   (llama.cpp perplexity: {shown})")
         if plots:
             write_plots(sets, out / "plots" / expert, expert=out / "experts" / expert)
     summary = {"cusprun_version": __version__, "model": source.model_id, "ratio": job.ratio,

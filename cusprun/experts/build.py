@@ -12,11 +12,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..core.errors import CusprunError
+from ..core.models import local_folder
 from ..core.neurons import Geometry, config_hash
 from ..core.version import __version__
 from ..formats.apply import apply
 from ..formats.folder import save_model_dir, source_record
+from ..formats.gguf import tokenizer_source, write_gguf
 from ..scores.methods import method_of, methods
 from ..scores.scoreset import ScoreSet, intersect
 from ..scores.stats import stats_path
@@ -185,9 +189,9 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
         note = thin_statistics_note(tokens, widths)
         if note:  # after the refit, so statistics it refuses give their one-line error alone
             print(note, file=sys.stderr)
-    pruned = apply(model, sel, format)
+    pruned = apply(model, sel, "dense" if format == "gguf" else format)  # a GGUF holds the dense expert
     # the dense format also drops the norm in front of a block it skips
-    dropped_norms = _layer_norm_params(model) - _layer_norm_params(pruned) if format == "dense" else 0
+    dropped_norms = _layer_norm_params(model) - _layer_norm_params(pruned) if format in ("dense", "gguf") else 0
     params = dense_params - (sel.total_projection_params - sel.kept_projection_params) - dropped_norms
     report = expert_report(source, model.config, sets, score_paths, selected, ratio, format, rule, budget,
                            drop_layers, compensate and {"ridge": ridge, "ridge_scale": ridge_scale,
@@ -198,5 +202,10 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
                            "num_key_value_heads": pruned.config.num_key_value_heads,
                            "num_attention_heads": pruned.config.num_attention_heads,
                            "share_of_asked": sel.removed_fraction / ratio}
-    save_model_dir(out, pruned, tokenizer, report)
+    if format == "gguf":
+        gguf_type = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[model.dtype]
+        write_gguf(pruned, out, tokenizer_source(source, local_folder(source)), gguf_type,
+                   name=f"{Path(source.model_id).name} expert", report=report)
+    else:
+        save_model_dir(out, pruned, tokenizer, report)
     return report
