@@ -18,6 +18,9 @@ Methods at each ratio of projection parameters removed (every expert exported in
                    auto)
   cusprun-channels-meanridge-comp  the same refit with one ridge for all inputs (--ridge-scale mean, the
                    rule before); only when named in --methods
+  cusprun-channels-eqcorpus-comp  the same refit with every corpus weighing the same in the summed Gram
+                   statistics (corpus_weight="equal"; the default weighs each corpus by its token count);
+                   only when named in --methods
   cusprun-units    whole query heads and MLP channels, rank budget
   cusprun-channels-equal-comp  compensated channels, every layer losing the same number (--budget equal);
                    only when named in --methods
@@ -99,6 +102,7 @@ from cusprun.experts.compensate import (  # noqa: E402
 )
 from cusprun.scores.baselines import baseline_scores  # noqa: E402
 from cusprun.scores.scoreset import ScoreSet  # noqa: E402
+from cusprun.scores.stats import DEFAULT_CORPUS_WEIGHT  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CACHE = Path(__file__).resolve().parent / ".cache" / "expert_quality"
@@ -131,6 +135,9 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             # the default's channels refit with one ridge for all inputs (the rule before the per-input one)
             "cusprun-channels-meanridge-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                                     compensate=DEFAULT_RIDGE, ridge_scale="mean"),
+            # the default's channels refit on Gram statistics weighing every corpus the same (not by token count)
+            "cusprun-channels-eqcorpus-comp": dict(granularity="unit", neurons="mlp", measure="local",
+                                                   compensate=DEFAULT_RIDGE, corpus_weight="equal"),
             "cusprun-more-layers-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                              compensate=DEFAULT_RIDGE, drop_share=2 / 3),
             # channels and RoPE pair slots of q and k, each kind losing the same share: pair scores from the
@@ -143,7 +150,8 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
 # measured once (benchmarks/results/expert_quality_{layers,pairs,align}.md) and run only when named
 # in --methods, which keeps the full benchmark under an hour
 BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-unaligned-comp", "cusprun-channels-align16-comp",
-                "cusprun-channels-align64-comp", "cusprun-channels-meanridge-comp", "cusprun-more-layers-comp",
+                "cusprun-channels-align64-comp", "cusprun-channels-meanridge-comp", "cusprun-channels-eqcorpus-comp",
+                "cusprun-more-layers-comp",
                 "cusprun-pairs", "cusprun-pairs-local", "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scores.scoreset.ScoreSet.select)
 # the corpus-size sweep's method: the main job's expert, whose refit and selection gain from more calibration
@@ -252,8 +260,9 @@ class Bench:
         return "+".join(str(min(n_docs or self.s.docs, len(self.calib[d]))) for d in dims)
 
     def expert_scores(self, method: str, dims, n_docs: int | None = None, measure: str = "block",
-                      stats: bool = False) -> ScoreSet:
-        """The intersection over ``dims`` of each dimension's first ``n_docs`` documents' scores.
+                      stats: bool = False, corpus_weight: str = DEFAULT_CORPUS_WEIGHT) -> ScoreSet:
+        """The intersection over ``dims`` of each dimension's first ``n_docs`` documents' scores (its statistics
+        summed with ``corpus_weight``, cusprun.scores.stats.corpus_weights).
 
         A document's scores do not depend on the others, so every dimension is scored once over the
         comparison's documents (or the sweep's, where it asks for more) and smaller sizes take leading rows."""
@@ -263,9 +272,10 @@ class Bench:
             # under both measures (`cusprun.score --stats` collects them in either pass): block scores with the
             # local pass's statistics, instead of a second block pass with --stats
             block = self.expert_scores(method, dims, n, "block")
-            return replace(block, stats=self.expert_scores(method, dims, n, "local", True).stats)
+            return replace(block, stats=self.expert_scores(method, dims, n, "local", True, corpus_weight).stats)
         if stats:  # Gram matrices are sums over the documents: score exactly the first n
-            return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure, True) for d in dims))
+            return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure, True) for d in dims),
+                                     corpus_weight=corpus_weight)
         scored = max(n, self.s.docs)  # the comparison's documents, or more for the sweep
         return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d][:scored], measure), n)
                                    for d in dims))
@@ -417,13 +427,15 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         measure = kw.pop("measure", "block")
         ridge = kw.pop("compensate", None)  # a ridge: refit the output projections (needs the Gram statistics)
         ridge_scale = kw.pop("ridge_scale", DEFAULT_RIDGE_SCALE)
+        corpus_weight = kw.pop("corpus_weight", DEFAULT_CORPUS_WEIGHT)
         if "drop_share" in kw:  # that share of the ratio as whole layers, the nearest whole number of them
             kw["drop_layers"] = math.floor(kw.pop("drop_share") * ratio * bench.model.config.num_hidden_layers + 0.5)
         if dims is None:  # general-corpus and data-free baselines: one model, reported for every expert
             docs = None if method in ("magnitude", "random") else bench.general
             score_set = bench.scores(method, "general", docs) if docs else baseline_scores(bench.model, method)
         else:
-            score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure, ridge is not None)
+            score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure, ridge is not None,
+                                            corpus_weight)
         start = time.perf_counter()
         selection = score_set.select(ratio, **kw)
         if ridge is not None:  # auto resolved as prune resolves it, from the statistics' token count
@@ -438,6 +450,8 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
                                                                          f" {ridge_scale} ridge")
         if ridge is not None:  # the refit weights depend on the statistics' documents, not only on the plan
             tag += f" statistics of {bench.doc_counts(dims, n_docs)} documents"
+            if corpus_weight != "tokens" and len(dims) > 1:  # the tokens rule's tag is the one cached before
+                tag += f" corpora weighted {corpus_weight}"
         ppl = bench.evaluate(selection, model, tag, dims)
         speed = bench.speed(model) if experiment == "main" else {}
         del model

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..core.errors import CusprunError
 from ..core.neurons import Geometry, config_hash
 from ..core.version import __version__
-from ..formats.apply import apply
+from ..formats.apply import apply, held_params
 from ..formats.folder import save_model_dir
 from ..scores.methods import methods
 from ..scores.scoreset import ScoreSet, intersect
@@ -111,6 +111,25 @@ def select_expert(sets: list[ScoreSet], config, ratio: float, format: str, rule:
     return ExpertSelection(sel, combined, neurons, granularity, align)
 
 
+def saved_counts(sel: Selection, format: str, dense_params: int, params: int, projection_params: int,
+                 dropped_norms: int) -> dict:
+    """pruning.json's counts: ``params`` and ``projection_params`` the saved model holds (:func:`held_params`) and
+    the shares they leave out (``ratio_achieved_*``). Where the plan removes more than ``format`` can drop
+    (zeros in the masked format; neurons inside kept units, as per-neuron plans remove, in the dense format),
+    ``plan`` also gives the plan's counts: what a format dropping every removed neuron (sliced) would hold."""
+    total = sel.total_projection_params
+    counts = {"ratio_achieved_projection": 1 - projection_params / total,
+              "ratio_achieved_all": 1 - params / dense_params, "params_dense": dense_params, "params": params,
+              "projection_params_dense": total, "projection_params": projection_params}
+    if projection_params != sel.kept_projection_params:
+        plan_params = dense_params - (total - sel.kept_projection_params) - dropped_norms
+        counts["plan"] = {"note": f"the plan removes more than the {format} format drops (it keeps zeros)",
+                          "ratio_achieved_projection": sel.removed_fraction,
+                          "ratio_achieved_all": 1 - plan_params / dense_params, "params": plan_params,
+                          "projection_params": sel.kept_projection_params}
+    return counts
+
+
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
                  out: Path, rule: str = "all-docs", neurons: str | None = None, granularity: str | None = None,
                  budget: str = "rank", compensate: bool = False, ridge: float = DEFAULT_RIDGE,
@@ -140,7 +159,7 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
     pruned = apply(model, sel, format)
     # the dense format also drops the norm in front of a block it skips
     dropped_norms = _layer_norm_params(model) - _layer_norm_params(pruned) if format == "dense" else 0
-    params = dense_params - (sel.total_projection_params - sel.kept_projection_params) - dropped_norms
+    params, projection_params = held_params(pruned)  # what the saved model holds
     report = {
         "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(model.config),
         "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": neurons,
@@ -148,9 +167,8 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
         "align": align, "dropped_layers": list(sel.dropped_layers),
         **({"ridge": ridge, "ridge_scale": ridge_scale} if compensate else {}),
         "ratio_asked": ratio,
-        "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": 1 - params / dense_params,
-        "sigma": sel.sigma, "params_dense": dense_params, "params": params,
-        "projection_params_dense": sel.total_projection_params, "projection_params": sel.kept_projection_params,
+        **saved_counts(sel, format, dense_params, params, projection_params, dropped_norms),
+        "sigma": sel.sigma,
         "corpora": [{"scores": str(p), "corpus": s.metadata.get("corpus"),
                      "corpus_sha256": s.metadata.get("corpus_sha256"), "n_docs": s.n_docs}
                     for p, s in zip(score_paths, sets)],
