@@ -387,10 +387,11 @@ def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:
 
 def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bool = False,
         methods: tuple[str, ...] | None = None, extras: bool = True,
-        variants: tuple[str, ...] | None = None) -> tuple[list[dict], dict[str, float]]:
+        variants: tuple[str, ...] | None = None, speed: bool = True) -> tuple[list[dict], dict[str, float]]:
     """Evaluate every job; ``methods`` limits the main comparison, ``variants`` the ablations, ``extras`` False
-    skips ablations and sweep. Returns the rows and the seconds spent scoring, building, evaluating and timing
-    (work the cache saved is not counted)."""
+    skips ablations and sweep, ``speed`` False the speed measurements (rows still count the parameters). Returns
+    the rows and the seconds spent scoring, building, evaluating and timing (work the cache saved is not
+    counted)."""
     bench = Bench(settings, quiet, cache)
     rows: list[dict] = []
     jobs = ["dense"]
@@ -409,7 +410,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
                      for v, kw in ABLATIONS.items() for dims in settings.experts if variants is None or v in variants]
             jobs += [("sweep", first, SWEPT, ("de",), {"docs": n}) for n in settings.sweep
                      if n != settings.docs]
-    speeds = not ablations_only
+    speeds = speed and not ablations_only
     if speeds:
         bench.dense_speed = [bench.speed(bench.model)]
     bar = tqdm(jobs, desc="models", unit="model", disable=quiet, file=sys.stderr, dynamic_ncols=True)
@@ -453,12 +454,12 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
             if corpus_weight != "tokens" and len(dims) > 1:  # the tokens rule's tag is the one cached before
                 tag += f" corpora weighted {corpus_weight}"
         ppl = bench.evaluate(selection, model, tag, dims)
-        speed = bench.speed(model) if experiment == "main" else {}
+        timing = (bench.speed(model) if speeds else {"params": parameter_count(model)}) if experiment == "main" else {}
         del model
         for expert in [dims] if dims else settings.experts:
             rows.append(_row(experiment, method, expert, ratio, selection.removed_fraction,
                              bench.doc_counts(dims, n_docs) if dims else len(docs) if docs else "-", ppl, variant)
-                         | speed)
+                         | timing)
     if speeds:  # the dense model again at the end: its row shows the mean, the drift shows in the CSV
         bench.dense_speed.append(bench.speed(bench.model))
         reference = {k: statistics.mean(d[k] for d in bench.dense_speed) for k in ("prefill_tps", "decode_tps")}
@@ -693,6 +694,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", help=f"comma-separated methods of the comparison (default: all of "
                                       f"{', '.join([*TARGETED, *GENERAL_METHODS])})")
     ap.add_argument("--no-extras", action="store_true", help="skip the ablations and the corpus-size sweep")
+    ap.add_argument("--no-speed", action="store_true",
+                    help="skip the speed measurements (perplexity only; the speed table stays empty)")
     ap.add_argument("--variants", help="comma-separated ablations to run (default: all; implies no sweep)")
     ap.add_argument("--docs", type=int, help="calibration documents per dimension, at most, instead of the settings'")
     ap.add_argument("--eval-docs", type=int, help="held-out documents per set instead of the settings'")
@@ -717,7 +720,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     rows, seconds = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations, methods=methods,
-                        extras=not args.no_extras, variants=variants)
+                        extras=not args.no_extras, variants=variants, speed=not args.no_speed)
     env = {**environment(), "minutes": f"{(time.perf_counter() - start) / 60:.1f}",
            "minutes_by_phase": " ".join(f"{k}:{v / 60:.1f}" for k, v in seconds.items()),
            "settings": "quick" if args.quick else "full"}
