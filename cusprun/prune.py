@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{report['ratio_achieved_projection']:.4f} of projection parameters and "
           f"{report['ratio_achieved_all']:.4f} of all parameters fewer")
     if "plan" in report:
-        print(f"plan           {plan['params']:,} parameters if every removed neuron were dropped (--format sliced); "
-              f"the {args.format} format keeps zeros")
+        print(f"plan           {plan['params']:,} parameters if every removed neuron were dropped; the {args.format} "
+              "format keeps some as zeros (pruning.json: plan)")
     if compensate:
         print(f"compensated    yes: pruned output projections refit on the calibration statistics (ridge "
               f"{args.ridge}, {report['ridge_scale']})")

@@ -116,7 +116,7 @@ def saved_counts(sel: Selection, format: str, dense_params: int, params: int, pr
     """pruning.json's counts: ``params`` and ``projection_params`` the saved model holds (:func:`held_params`) and
     the shares they leave out (``ratio_achieved_*``). Where the plan removes more than ``format`` can drop
     (zeros in the masked format; neurons inside kept units, as per-neuron plans remove, in the dense format),
-    ``plan`` also gives the plan's counts: what a format dropping every removed neuron (sliced) would hold."""
+    ``plan`` also gives the plan's counts: what the model would hold if every removed neuron were dropped."""
     total = sel.total_projection_params
     counts = {"ratio_achieved_projection": 1 - projection_params / total,
               "ratio_achieved_all": 1 - params / dense_params, "params_dense": dense_params, "params": params,
