@@ -20,6 +20,9 @@ Methods at each ratio of projection parameters removed (every expert exported in
                    the inputs the pruned and refit layers below give it; only when named in --methods
   cusprun-channels-meanridge-comp  the same refit with one ridge for all inputs (--ridge-scale mean, the
                    rule before); only when named in --methods
+  cusprun-channels-eqcorpus-comp  the same refit with every corpus weighing the same in the summed Gram
+                   statistics (corpus_weight="equal"; the default weighs each corpus by its token count);
+                   only when named in --methods
   cusprun-units    whole query heads and MLP channels, rank budget
   cusprun-channels-equal-comp  compensated channels, every layer losing the same number (--budget equal);
                    only when named in --methods
@@ -104,6 +107,7 @@ from cusprun.experts.compensate import (  # noqa: E402
 )
 from cusprun.scores.baselines import baseline_scores  # noqa: E402
 from cusprun.scores.scoreset import ScoreSet  # noqa: E402
+from cusprun.scores.stats import DEFAULT_CORPUS_WEIGHT  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CACHE = Path(__file__).resolve().parent / ".cache" / "expert_quality"
@@ -140,6 +144,9 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
             # layers below give it, to what its dense weights compute on them (cusprun.experts.calibration)
             "cusprun-channels-seqcomp": dict(granularity="unit", neurons="mlp", measure="local",
                                              compensate=DEFAULT_RIDGE, refit="sequential"),
+            # the default's channels refit on Gram statistics weighing every corpus the same (not by token count)
+            "cusprun-channels-eqcorpus-comp": dict(granularity="unit", neurons="mlp", measure="local",
+                                                   compensate=DEFAULT_RIDGE, corpus_weight="equal"),
             "cusprun-more-layers-comp": dict(granularity="unit", neurons="mlp", measure="local",
                                              compensate=DEFAULT_RIDGE, drop_share=2 / 3),
             # channels and RoPE pair slots of q and k, each kind losing the same share: pair scores from the
@@ -153,6 +160,7 @@ TARGETED = {"cusprun-channels": dict(granularity="unit", neurons="mlp"),
 # in --methods, which keeps the full benchmark under an hour
 BY_NAME_ONLY = ("cusprun-channels-equal-comp", "cusprun-channels-unaligned-comp", "cusprun-channels-align16-comp",
                 "cusprun-channels-align64-comp", "cusprun-channels-meanridge-comp", "cusprun-channels-seqcomp",
+                "cusprun-channels-eqcorpus-comp",
                 "cusprun-more-layers-comp",
                 "cusprun-pairs", "cusprun-pairs-local", "cusprun-pairs-comp", "cusprun-pairs-local-comp")
 DEFAULT = "cusprun-channels"  # the library's default selection (cusprun.scores.scoreset.ScoreSet.select)
@@ -262,8 +270,9 @@ class Bench:
         return "+".join(str(min(n_docs or self.s.docs, len(self.calib[d]))) for d in dims)
 
     def expert_scores(self, method: str, dims, n_docs: int | None = None, measure: str = "block",
-                      stats: bool = False) -> ScoreSet:
-        """The intersection over ``dims`` of each dimension's first ``n_docs`` documents' scores.
+                      stats: bool = False, corpus_weight: str = DEFAULT_CORPUS_WEIGHT) -> ScoreSet:
+        """The intersection over ``dims`` of each dimension's first ``n_docs`` documents' scores (its statistics
+        summed with ``corpus_weight``, cusprun.scores.stats.corpus_weights).
 
         A document's scores do not depend on the others, so every dimension is scored once over the
         comparison's documents (or the sweep's, where it asks for more) and smaller sizes take leading rows."""
@@ -273,9 +282,10 @@ class Bench:
             # under both measures (`cusprun.score --stats` collects them in either pass): block scores with the
             # local pass's statistics, instead of a second block pass with --stats
             block = self.expert_scores(method, dims, n, "block")
-            return replace(block, stats=self.expert_scores(method, dims, n, "local", True).stats)
+            return replace(block, stats=self.expert_scores(method, dims, n, "local", True, corpus_weight).stats)
         if stats:  # Gram matrices are sums over the documents: score exactly the first n
-            return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure, True) for d in dims))
+            return cusprun.intersect(*(self.scores(method, d, self.calib[d][:n], measure, True) for d in dims),
+                                     corpus_weight=corpus_weight)
         scored = max(n, self.s.docs)  # the comparison's documents, or more for the sweep
         return cusprun.intersect(*(first_documents(self.scores(method, d, self.calib[d][:scored], measure), n)
                                    for d in dims))
@@ -387,10 +397,11 @@ def summarize(ppl: dict[str, float], dims) -> tuple[float, float]:
 
 def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bool = False,
         methods: tuple[str, ...] | None = None, extras: bool = True,
-        variants: tuple[str, ...] | None = None) -> tuple[list[dict], dict[str, float]]:
+        variants: tuple[str, ...] | None = None, speed: bool = True) -> tuple[list[dict], dict[str, float]]:
     """Evaluate every job; ``methods`` limits the main comparison, ``variants`` the ablations, ``extras`` False
-    skips ablations and sweep. Returns the rows and the seconds spent scoring, building, evaluating and timing
-    (work the cache saved is not counted)."""
+    skips ablations and sweep, ``speed`` False the speed measurements (rows still count the parameters). Returns
+    the rows and the seconds spent scoring, building, evaluating and timing (work the cache saved is not
+    counted)."""
     bench = Bench(settings, quiet, cache)
     rows: list[dict] = []
     jobs = ["dense"]
@@ -409,7 +420,7 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
                      for v, kw in ABLATIONS.items() for dims in settings.experts if variants is None or v in variants]
             jobs += [("sweep", first, SWEPT, ("de",), {"docs": n}) for n in settings.sweep
                      if n != settings.docs]
-    speeds = not ablations_only
+    speeds = speed and not ablations_only
     if speeds:
         bench.dense_speed = [bench.speed(bench.model)]
     bar = tqdm(jobs, desc="models", unit="model", disable=quiet, file=sys.stderr, dynamic_ncols=True)
@@ -428,13 +439,15 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         ridge = kw.pop("compensate", None)  # a ridge: refit the output projections (needs the Gram statistics)
         ridge_scale = kw.pop("ridge_scale", DEFAULT_RIDGE_SCALE)
         refit = kw.pop("refit", "independent")
+        corpus_weight = kw.pop("corpus_weight", DEFAULT_CORPUS_WEIGHT)
         if "drop_share" in kw:  # that share of the ratio as whole layers, the nearest whole number of them
             kw["drop_layers"] = math.floor(kw.pop("drop_share") * ratio * bench.model.config.num_hidden_layers + 0.5)
         if dims is None:  # general-corpus and data-free baselines: one model, reported for every expert
             docs = None if method in ("magnitude", "random") else bench.general
             score_set = bench.scores(method, "general", docs) if docs else baseline_scores(bench.model, method)
         else:
-            score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure, ridge is not None)
+            score_set = bench.expert_scores(SCORED_AS.get(method, method), dims, n_docs, measure, ridge is not None,
+                                            corpus_weight)
         start = time.perf_counter()
         selection = score_set.select(ratio, **kw)
         if ridge is not None:  # auto resolved as prune resolves it, from the statistics' token count
@@ -456,13 +469,15 @@ def run(settings: Settings, quiet: bool, cache: Path = CACHE, ablations_only: bo
         if ridge is not None:  # the refit weights depend on the statistics' documents, not only on the plan
             tag += f" statistics of {bench.doc_counts(dims, n_docs)} documents"
             tag += " sequential refit" if refit == "sequential" else ""
+            if corpus_weight != "tokens" and len(dims) > 1:  # the tokens rule's tag is the one cached before
+                tag += f" corpora weighted {corpus_weight}"
         ppl = bench.evaluate(selection, model, tag, dims)
-        speed = bench.speed(model) if experiment == "main" else {}
+        timing = (bench.speed(model) if speeds else {"params": parameter_count(model)}) if experiment == "main" else {}
         del model
         for expert in [dims] if dims else settings.experts:
             rows.append(_row(experiment, method, expert, ratio, selection.removed_fraction,
                              bench.doc_counts(dims, n_docs) if dims else len(docs) if docs else "-", ppl, variant)
-                         | speed)
+                         | timing)
     if speeds:  # the dense model again at the end: its row shows the mean, the drift shows in the CSV
         bench.dense_speed.append(bench.speed(bench.model))
         reference = {k: statistics.mean(d[k] for d in bench.dense_speed) for k in ("prefill_tps", "decode_tps")}
@@ -697,6 +712,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", help=f"comma-separated methods of the comparison (default: all of "
                                       f"{', '.join([*TARGETED, *GENERAL_METHODS])})")
     ap.add_argument("--no-extras", action="store_true", help="skip the ablations and the corpus-size sweep")
+    ap.add_argument("--no-speed", action="store_true",
+                    help="skip the speed measurements (perplexity only; the speed table stays empty)")
     ap.add_argument("--variants", help="comma-separated ablations to run (default: all; implies no sweep)")
     ap.add_argument("--docs", type=int, help="calibration documents per dimension, at most, instead of the settings'")
     ap.add_argument("--eval-docs", type=int, help="held-out documents per set instead of the settings'")
@@ -721,7 +738,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     rows, seconds = run(settings, args.quiet, Path(args.cache), ablations_only=args.ablations, methods=methods,
-                        extras=not args.no_extras, variants=variants)
+                        extras=not args.no_extras, variants=variants, speed=not args.no_speed)
     env = {**environment(), "minutes": f"{(time.perf_counter() - start) / 60:.1f}",
            "minutes_by_phase": " ".join(f"{k}:{v / 60:.1f}" for k, v in seconds.items()),
            "settings": "quick" if args.quick else "full"}

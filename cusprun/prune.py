@@ -68,8 +68,13 @@ rules (--rule), how a corpus's documents are combined:
   pooled     the corpus ranked as one document (squared scores summed over documents)
 
 Score files of a baseline method (python -m cusprun.score --method ...) go through the same path:
-ShortGPT's remove whole layers; FLAP's, Wanda-sp's and magnitude's only attention heads and MLP
-channels.
+ShortGPT's remove whole layers; FLAP's, Wanda-sp's and magnitude's whole query heads (q rows and o
+columns; a k/v group goes with its last head) and whole MLP channels, as their papers do.
+
+Every selection removes at least --ratio of the projection parameters (the fewest units, neurons or
+layers that do), or says it cannot and names the largest ratio it can reach. The report counts what the
+saved model holds; where the format keeps removed neurons as zeros (masked; the dense format for neurons
+inside kept heads or channels, as per-neuron plans remove), it also gives the plan's count.
 
 formats:
   dense   (default) every kept matrix dense, each layer with its own numbers of query heads, k/v heads and
@@ -81,7 +86,7 @@ formats:
   stock   the original architecture class (LlamaForCausalLM, ...) with fewer MLP channels and k/v groups:
           the plan is made uniform across layers (same number of channels and of k/v groups, each with
           its query heads, kept in every layer), so plain transformers and serving engines load it.
-          It reaches the asked ratio only as closely as whole units allow (reported).
+          It removes at least the asked ratio, overshooting by up to a channel per layer (reported).
   gguf    the dense expert as a llama.cpp GGUF file (--out FILE.gguf, in --dtype; pruning.json kept inside as
           the key cusprun.pruning): runs in llama.cpp, llama-cpp-python and engines built on them. Quantize
           or pad it with python -m cusprun.export (docs/deploy.md).
@@ -185,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget != "rank":
         _, granularity = sets[0].selection_settings(args.neurons, args.granularity, uniform=args.format == "stock")
         method = method_of(sets[0].metadata)
-        if granularity != "unit" or args.format == "stock" or method.granularity == "layer" or method.prunable:
+        if granularity != "unit" or args.format == "stock" or method.granularity == "layer":
             raise CusprunError(f"--budget {args.budget} would have no effect: only a --granularity unit selection "
-                               "shares the ratio by budget (not --format stock, whole-layer or prunable-list methods)")
+                               "shares the ratio by budget (not --format stock or whole-layer methods)")
     cusprun_scores = all(method_of(s.metadata).name == "cusprun" for s in sets)
     if args.compensate:
         check_refit_scores(sets, args.scores)
@@ -247,9 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sigma          {shown}")
     if report["align"] > 1:
         print(f"aligned        every layer keeps a multiple of {report['align']} MLP channels, or all of them")
-    print(f"removed        {report['ratio_achieved_projection']:.4f} of projection parameters (asked {args.ratio}), "
-          f"{report['ratio_achieved_all']:.4f} of all parameters")
-    print(f"parameters     {report['params']:,} (dense {report['params_dense']:,})")
+    plan = report.get("plan", report)
+    print(f"removed        {plan['ratio_achieved_projection']:.4f} of projection parameters (asked {args.ratio})")
+    print(f"saved model    {report['params']:,} parameters (dense {report['params_dense']:,}): "
+          f"{report['ratio_achieved_projection']:.4f} of projection parameters and "
+          f"{report['ratio_achieved_all']:.4f} of all parameters fewer")
+    if "plan" in report:
+        print(f"plan           {plan['params']:,} parameters if every removed neuron were dropped; the {args.format} "
+              "format keeps some as zeros (pruning.json: plan)")
     if compensate:
         where = ("the statistics files" if calibration is None else
                  f"{calibration.tokens} calibration tokens, {args.refit}")

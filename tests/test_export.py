@@ -26,8 +26,13 @@ def logits(model, ids):
 @pytest.mark.parametrize("ratio", [0.2, 0.4])
 def test_stock_model_computes_what_the_masked_uniform_plan_computes(arch, ratio):
     model = tiny_model(arch, seed=3, layers=3)
-    plan = cusprun.score(model, [random_ids(n, seed=n) for n in (7, 12)], progress=False).select(ratio, uniform=True)
+    scores = cusprun.score(model, [random_ids(n, seed=n) for n in (7, 12)], progress=False)
     geo = Geometry(model.config)
+    if ratio > 0.3 and geo.kv == 1:  # one k/v group (qwen2 here) stays: the channels alone cannot reach 40%
+        with pytest.raises(ValueError, match=r"the largest reachable ratio is 0\.2\d+"):
+            scores.select(ratio, uniform=True)
+        return
+    plan = scores.select(ratio, uniform=True)
     assert all(torch.equal(plan.plan[n], propagate(plan.plan, geo)[n]) for n in plan.plan)
     channels, groups = uniform_counts(plan.plan, geo)
     stock, masked = cusprun.apply(model, plan, "stock"), cusprun.apply(model, plan, "masked")
@@ -39,10 +44,11 @@ def test_stock_model_computes_what_the_masked_uniform_plan_computes(arch, ratio)
         sum(p.numel() for p in model.parameters()) - plan.total_projection_params + plan.kept_projection_params)
     ids = random_ids(16, seed=4)
     assert (logits(stock, ids) - logits(masked, ids)).abs().max() <= 1e-4
-    # whole units only: the uniform plan lands within one MLP channel of the asked ratio unless a k/v group
-    # step is coarser (tiny models: 2 groups or fewer)
+    # whole units only: the uniform plan removes at least the asked ratio, and at most one MLP channel per layer
+    # more unless a k/v group step is coarser (tiny models: 2 groups or fewer)
     per_channel = 3 * geo.hidden * geo.layers / geo.projection_params()
-    assert abs(plan.removed_fraction - ratio) <= per_channel or model.config.num_key_value_heads <= 2
+    assert plan.removed_fraction >= ratio
+    assert plan.removed_fraction - ratio < per_channel or model.config.num_key_value_heads <= 2
 
 
 def test_stock_refuses_a_non_uniform_plan():
@@ -50,6 +56,10 @@ def test_stock_refuses_a_non_uniform_plan():
     plan = cusprun.score(model, [random_ids(9)], progress=False).select(0.3, granularity="neuron", neurons="all")
     with pytest.raises(ValueError, match="select with uniform=True"):
         cusprun.apply(model, plan, "stock")
+
+
+# the tiny Qwen2 keeps its one k/v group: its channels alone reach 23.5% of the projection parameters
+STOCK_RATIO = "0.2"
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +75,8 @@ def exported(tmp_path_factory):
     for fmt in ("sliced", "stock", "dense"):
         paper = [] if fmt == "stock" else ["--granularity", "neuron", "--neurons", "all"]  # scattered rows too
         res = subprocess.run([sys.executable, "-m", "cusprun.prune", "--model", root / "model", "--scores",
-                              root / "scores/a.safetensors", "--ratio", "0.3", "--format", fmt, "--out", root / fmt,
+                              root / "scores/a.safetensors", "--ratio", STOCK_RATIO if fmt == "stock" else "0.3",
+                              "--format", fmt, "--out", root / fmt,
                               "--quiet", *paper], capture_output=True, text=True)
         assert res.returncode == 0, res.stderr
     # MLP channels and RoPE pairs: narrower q and k with per-k/v-head rotary dimensions
@@ -81,7 +92,8 @@ def test_stock_cli_reports_the_uniform_plan(exported):
     report = json.loads((exported / "stock" / "pruning.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"] and config["model_type"] == "qwen2"
     assert config["intermediate_size"] == report["stock"]["intermediate_size"] < 14
-    assert report["stock"]["share_of_asked"] == pytest.approx(report["ratio_achieved_projection"] / 0.3)
+    assert report["stock"]["share_of_asked"] == pytest.approx(report["ratio_achieved_projection"] / float(STOCK_RATIO))
+    assert report["ratio_achieved_projection"] >= float(STOCK_RATIO)
 
 
 SCRIPT = """

@@ -101,8 +101,9 @@ def test_prune_aligns_each_layers_channels(scored, tmp_path):
 
 
 def test_prune_budget_reaches_the_selection_and_pruning_json(scored, tmp_path):
-    """--budget equal: every layer loses the same number of MLP channels, and pruning.json says so (the selection
-    is made before the weights load and handed to the build)."""
+    """--budget equal: every layer loses the same number of MLP channels (±1: the ratio is reached at least, so
+    some layers may lose one more), and pruning.json says so (the selection is made before the weights load and
+    handed to the build)."""
     out = tmp_path / "expert"
     res = cli("prune", "--model", scored / "model", "--scores", scored / "block/a.safetensors", "--ratio", "0.2",
               "--budget", "equal", "--out", out, "--quiet")
@@ -110,7 +111,7 @@ def test_prune_budget_reaches_the_selection_and_pruning_json(scored, tmp_path):
     report = json.loads((out / "pruning.json").read_text())
     kept = [layer["mlp.down_proj"][1] for layer in report["kept"].values()]
     inter = AutoModelForCausalLM.from_pretrained(scored / "model").config.intermediate_size
-    assert report["budget"] == "equal" and len(set(kept)) == 1 and kept[0] < inter
+    assert report["budget"] == "equal" and max(kept) - min(kept) <= 1 and max(kept) < inter
 
 
 def test_masked_format_loads_as_the_original_architecture(scored, tmp_path):

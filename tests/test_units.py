@@ -82,8 +82,9 @@ def test_unit_selection_removes_whole_units_and_reaches_the_ratio(arch, budget, 
     for layer in range(geo.layers):  # whole heads: every o column of a kept head is kept
         o_cols = sel.plan[f"model.layers.{layer}.self_attn.o_proj.cols"].view(geo.heads, geo.hd)
         assert torch.equal(o_cols.all(-1), o_cols.any(-1))
-    per_unit = (2 * geo.hd * geo.hidden) / geo.projection_params()  # the coarsest step: one query head
-    assert abs(sel.removed_fraction - ratio) <= per_unit
+    # at least the ratio, and at most the coarsest step more: a query head, with its k/v group where it was the last
+    step = (2 * geo.hd * geo.hidden + 2 * geo.hd * (geo.hidden + 1)) / geo.projection_params()
+    assert ratio <= sel.removed_fraction < ratio + step
     ids = torch.tensor([random_ids(15, seed=1)])
     with torch.no_grad():
         gap = cusprun.apply(model, sel, "dense")(ids).logits - cusprun.apply(model, sel, "masked")(ids).logits
@@ -151,8 +152,8 @@ def test_several_corpora_take_each_layers_share_from_the_corpora_and_the_units_f
 @pytest.mark.parametrize("corpora, drop_layers", [(1, 0), (2, 0), (2, 1)])
 def test_aligned_channels_keep_multiples_from_the_same_order_and_stay_exact(arch, align, corpora, drop_layers):
     """align: every kept layer keeps a multiple of ``align`` channels or all of them; in each layer the removed
-    channels are the ones the unaligned selection's order takes first (the two nest); the ratio is met to within
-    one step of ``align`` channels; the dense export computes what the masked model computes."""
+    channels are the ones the unaligned selection's order takes first (the two nest); at least the ratio is
+    removed, at most one step of ``align`` channels more; the dense export computes what the masked model computes."""
     model = tiny_model(arch, seed=9, layers=5)
     geo = Geometry(model.config)
     sets = [cusprun.score(model, documents(seed=7 * c + 1), corpus=f"c{c}", progress=False) for c in range(corpora)]
@@ -171,7 +172,7 @@ def test_aligned_channels_keep_multiples_from_the_same_order_and_stay_exact(arch
         a, p = removed(aligned)[layer], removed(plain)[layer]
         assert bool((a & ~p).sum() == 0) or bool((p & ~a).sum() == 0), layer  # prefixes of one order
     step = align * 3 * geo.hidden / geo.projection_params()  # one layer's count moving by align channels
-    assert abs(aligned.removed_fraction - 0.2) <= step
+    assert 0.2 <= aligned.removed_fraction <= 0.2 + step + 1e-12
     ids = torch.tensor([random_ids(15, seed=1)])
     with torch.no_grad():
         gap = cusprun.apply(model, aligned, "dense")(ids).logits - cusprun.apply(model, aligned, "masked")(ids).logits

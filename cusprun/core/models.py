@@ -180,3 +180,52 @@ def local_folder(source: ModelSource) -> Path | None:
 
     config = try_to_load_from_cache(source.path, "config.json")
     return Path(config).parent if isinstance(config, str) else None
+
+
+# Weight files up to this size are hashed whole; larger ones by their headers and sampled bytes (weights_digest).
+WHOLE_FILE_BYTES = 64 << 20
+_SAMPLE = 4096  # bytes read at each sampled place
+
+
+def weights_digest(source: ModelSource, whole_below: int = WHOLE_FILE_BYTES) -> str:
+    """sha256 standing for the model's weights, cheap enough for a 140 GB model: every weight file's name and size,
+    and its bytes: all of them for files up to ``whole_below`` bytes; for larger safetensors files their header
+    (every tensor's name, dtype, shape and offsets) and 4 KiB at the start, middle and end of every tensor's data;
+    for larger GGUF files the first 16 MiB (header, metadata, tensor table) and 4 KiB at 4096 evenly spaced
+    places. Weights replaced by others of the same shapes (a fine-tuned model) change it; "" where the files are
+    not on this machine. Resumed scoring runs compare it (cusprun.engine.checkpoint)."""
+    import hashlib
+    import json
+    import struct
+
+    if source.gguf_file:
+        files = [Path(source.path) / source.gguf_file]
+    else:
+        folder = local_folder(source)
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder else []
+    digest = hashlib.sha256()
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as fh:
+            if size <= whole_below:
+                while chunk := fh.read(1 << 20):
+                    digest.update(chunk)
+                continue
+            places: list[int] = []
+            if path.suffix == ".safetensors":
+                header_bytes = fh.read(8)
+                header = fh.read(struct.unpack("<Q", header_bytes)[0])
+                digest.update(header_bytes + header)
+                data = 8 + len(header)
+                for name, info in sorted(json.loads(header).items()):
+                    if name != "__metadata__":
+                        begin, end = info["data_offsets"]
+                        places += [data + begin, data + (begin + end) // 2, data + max(begin, end - _SAMPLE)]
+            else:
+                digest.update(fh.read(16 << 20))
+                places = [size * i // 4096 for i in range(4096)]
+            for place in places:
+                fh.seek(place)
+                digest.update(fh.read(_SAMPLE))
+    return digest.hexdigest()

@@ -1,7 +1,8 @@
 """Per-layer checkpoints of a scoring run, next to ``--out``: an interrupted run (kill -9 included)
 resumes at the first unfinished layer and writes a bit-identical score file.
 
-``OUT/.cusprun-checkpoint/NAME/``: ``fingerprint.json`` (what the run depends on), one
+``OUT/.cusprun-checkpoint/NAME/``: ``fingerprint.json`` (what the run depends on, and a digest of the model's
+weights), one
 ``layer-{l}.safetensors`` of scores (and, with statistics, Gram matrices) per finished layer (rank 0), and
 each rank's hidden states after its last finished layer. Every file is written atomically; a checkpoint
 made from different inputs is refused, never mixed.
@@ -28,21 +29,29 @@ def fingerprint(**inputs) -> str:
 
 
 class Checkpoint:
-    def __init__(self, folder: Path, fingerprint: str, rank: int = 0, world: int = 1):
-        self.folder, self.fp, self.rank, self.world = folder, fingerprint, rank, world
+    """``fingerprint``: what the run depends on (:func:`fingerprint`); ``weights``: the model's weights digest
+    (:func:`cusprun.core.models.weights_digest`), kept apart so that a checkpoint of other weights gets its own
+    message."""
+
+    def __init__(self, folder: Path, fingerprint: str, rank: int = 0, world: int = 1, weights: str = ""):
+        self.folder, self.fp, self.rank, self.world, self.weights = folder, fingerprint, rank, world, weights
 
     def open(self) -> None:
-        """Create the folder, or check that an existing one belongs to the same inputs."""
+        """Create the folder, or check that an existing one belongs to the same inputs and weights."""
         stamp = self.folder / "fingerprint.json"
         if stamp.exists():
-            found = json.loads(stamp.read_text()).get("fingerprint")
-            if found != self.fp:
+            found = json.loads(stamp.read_text())
+            if found.get("fingerprint") != self.fp:
                 raise CusprunError(f"checkpoint {self.folder} was made from different inputs (model, corpus or "
                                    "options); delete it or choose another --out")
+            if found.get("weights") != self.weights:  # same config and options, other weights (or an older run)
+                raise CusprunError(f"checkpoint {self.folder} was made from other weights of this model (a changed or "
+                                   f"replaced model file); delete {self.folder} to start over")
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.rank == 0:
-            atomic_write(stamp, lambda tmp: Path(tmp).write_text(json.dumps({"fingerprint": self.fp}) + "\n"))
+            stamp_text = json.dumps({"fingerprint": self.fp, "weights": self.weights}) + "\n"
+            atomic_write(stamp, lambda tmp: Path(tmp).write_text(stamp_text))
 
     def _hidden(self, layer: int) -> Path:
         return self.folder / f"hidden-{layer}-rank{self.rank}-of-{self.world}.safetensors"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..core.corpus import Document, corpus_sha256, read_corpus, tokenize
 from ..core.errors import CusprunError
-from ..core.models import DTYPES, load_weights, local_folder, open_model
+from ..core.models import DTYPES, load_weights, local_folder, open_model, weights_digest
 from ..core.progress import advance, progress_bar
 from ..scores.baselines import baseline_scores
 from ..scores.scorefile import score_metadata
@@ -169,7 +169,7 @@ def score_corpus(scorer: Scorer, corpus: TokenizedCorpus, source, out: Path, opt
     tokens_hash = hashlib.sha256(repr(kept).encode()).hexdigest()
     checkpoint = Checkpoint(out / CHECKPOINTS / spec.name, fingerprint(metadata=metadata, tokens=tokens_hash,
                                                                         outputs=OUTPUTS_VERSION),
-                            parallel.rank, parallel.world)
+                            parallel.rank, parallel.world, weights=weights_digest(source))
     start = time.perf_counter()
     with progress_bar(n_tokens, spec.name, disable=quiet or not parallel.is_main) as bar:
         scores = scorer.score_documents(kept, partial(advance, bar, len(kept), config.num_hidden_layers), checkpoint,

@@ -179,7 +179,8 @@ def write_plots(sets: list[ScoreSet], out: Path, ratio: float = 0.25, expert: Pa
         raise CusprunError(f"--out {out} is a file, not a folder")
     if expert is not None:
         report = expert_report(Path(expert), combined)
-        kept, sigma, ratio = report["kept"], report["sigma"], report["ratio_achieved_projection"]
+        # the plan's share (``plan`` where the format keeps some removed neurons as zeros): the kept counts drawn
+        kept, sigma, ratio = report["kept"], report["sigma"], report.get("plan", report)["ratio_achieved_projection"]
         settings = (report.get("neurons"), report.get("granularity"))
         budget, drop_layers, align = report.get("budget", "rank"), report.get("drop_layers", 0), report.get("align", 1)
         title = f"{Path(expert).name}: {ratio:.1%} of projection parameters removed"

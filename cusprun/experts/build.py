@@ -18,7 +18,7 @@ from ..core.errors import CusprunError
 from ..core.models import local_folder
 from ..core.neurons import Geometry, config_hash
 from ..core.version import __version__
-from ..formats.apply import apply
+from ..formats.apply import apply, held_params
 from ..formats.folder import save_model_dir, source_record
 from ..formats.gguf import tokenizer_source, write_gguf
 from ..scores.methods import method_of, methods
@@ -132,8 +132,8 @@ def expert_report(source, config, sets: list[ScoreSet], score_paths, selected: E
                   format: str, rule: str, budget: str, drop_layers: int, refit: dict | bool) -> dict:
     """pruning.json's record of the settings an expert was built with (``source``: the model's
     :class:`~cusprun.core.models.ModelSource`, with what its config says of where it came from; ``refit``: the
-    refit's settings, False without one); the parameter counts (``ratio_achieved_all``, ``params_dense``,
-    ``params``) are the caller's to fill in."""
+    refit's settings, False without one); the counts of what the saved model holds are the caller's to add
+    (:func:`saved_counts`)."""
     sel = selected.selection
     return {
         "cusprun_version": __version__, "model": source.model_id, "config_hash": config_hash(config),
@@ -141,14 +141,31 @@ def expert_report(source, config, sets: list[ScoreSet], score_paths, selected: E
         "format": format, "measure": sets[0].metadata.get("measure"), "rule": rule, "neurons": selected.neurons,
         "granularity": selected.granularity, "budget": budget, "compensate": bool(refit), "drop_layers": drop_layers,
         "align": selected.align, "dropped_layers": list(sel.dropped_layers), **(refit or {}),
-        "ratio_asked": ratio, "ratio_achieved_projection": sel.removed_fraction, "ratio_achieved_all": None,
-        "sigma": sel.sigma, "params_dense": None, "params": None,
-        "projection_params_dense": sel.total_projection_params, "projection_params": sel.kept_projection_params,
+        "ratio_asked": ratio, "sigma": sel.sigma,
         "corpora": [{"scores": str(p), "corpus": s.metadata.get("corpus"),
                      "corpus_sha256": s.metadata.get("corpus_sha256"), "n_docs": s.n_docs}
                     for p, s in zip(score_paths, sets)],
         "kept": kept_counts(sel.plan, Geometry(config)),
     }
+
+
+def saved_counts(sel: Selection, format: str, dense_params: int, params: int, projection_params: int,
+                 dropped_norms: int) -> dict:
+    """pruning.json's counts: ``params`` and ``projection_params`` the saved model holds (:func:`held_params`) and
+    the shares they leave out (``ratio_achieved_*``). Where the plan removes more than ``format`` can drop
+    (zeros in the masked format; neurons inside kept units, as per-neuron plans remove, in the dense format),
+    ``plan`` also gives the plan's counts: what the model would hold if every removed neuron were dropped."""
+    total = sel.total_projection_params
+    counts = {"ratio_achieved_projection": 1 - projection_params / total,
+              "ratio_achieved_all": 1 - params / dense_params, "params_dense": dense_params, "params": params,
+              "projection_params_dense": total, "projection_params": projection_params}
+    if projection_params != sel.kept_projection_params:
+        plan_params = dense_params - (total - sel.kept_projection_params) - dropped_norms
+        counts["plan"] = {"note": f"the plan removes more than the {format} format drops (it keeps zeros)",
+                          "ratio_achieved_projection": sel.removed_fraction,
+                          "ratio_achieved_all": 1 - plan_params / dense_params, "params": plan_params,
+                          "projection_params": sel.kept_projection_params}
+    return counts
 
 
 def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ratio: float, format: str,
@@ -192,11 +209,11 @@ def build_expert(model, tokenizer, source, sets: list[ScoreSet], score_paths, ra
     pruned = apply(model, sel, "dense" if format == "gguf" else format)  # a GGUF holds the dense expert
     # the dense format also drops the norm in front of a block it skips
     dropped_norms = _layer_norm_params(model) - _layer_norm_params(pruned) if format in ("dense", "gguf") else 0
-    params = dense_params - (sel.total_projection_params - sel.kept_projection_params) - dropped_norms
+    params, projection_params = held_params(pruned)  # what the saved model holds
     report = expert_report(source, model.config, sets, score_paths, selected, ratio, format, rule, budget,
                            drop_layers, compensate and {"ridge": ridge, "ridge_scale": ridge_scale,
                                                         **refit_record(calibration, refit)})
-    report.update(ratio_achieved_all=1 - params / dense_params, params_dense=dense_params, params=params)
+    report.update(saved_counts(sel, format, dense_params, params, projection_params, dropped_norms))
     if format == "stock":
         report["stock"] = {"intermediate_size": pruned.config.intermediate_size,
                            "num_key_value_heads": pruned.config.num_key_value_heads,

@@ -29,10 +29,12 @@ from ..core.files import atomic_folder
 from ..core.models import DTYPES, local_folder
 from ..core.neurons import Geometry
 from ..engine.sources import StreamedLayers, weights_bytes
+from ..formats.apply import held_params
 from ..formats.dense import dense_config, dense_layer, masked_tensors
 from ..formats.modeling_cusprun import DENSE
 from ..selection.plan import propagate
-from .calibration import Calibration, calibration_bar, refit_layers
+from .build import expert_report, saved_counts
+from .calibration import Calibration, calibration_bar, refit_layers, refit_record
 
 STREAMABLE_FORMATS = ("dense",)
 
@@ -159,10 +161,9 @@ def stream_expert(config, folder: Path, selection, out: Path, dtype: str, tokeni
         hidden = config.hidden_size  # a skipped block's norm goes with it (as formats.dense drops it)
         dropped_norms = hidden * (2 * (geo.layers - len(kept_layers))
                                   + sum(len(p["skip"]) for p in per_layer.values()))
-        params_dense = report["params_dense"] = dense_parameters(config)
-        report["params"] = params_dense - (selection.total_projection_params
-                                           - selection.kept_projection_params) - dropped_norms
-        report["ratio_achieved_all"] = 1 - report["params"] / params_dense
+        params, projection_params = held_params(skeleton)  # shapes only: the skeleton is on the meta device
+        report.update(saved_counts(selection, "dense", dense_parameters(config), params, projection_params,
+                                   dropped_norms))
         report["streamed"] = True
         (staging / "pruning.json").write_text(json.dumps(report, indent=2) + "\n")
 
@@ -178,8 +179,6 @@ def stream_build(config, tokenizer, source, folder: Path, sets, score_paths, sel
     the same as :func:`cusprun.experts.build.build_expert` writes for the in-memory prune, plus ``streamed``."""
     import sys
 
-    from .build import expert_report
-    from .calibration import refit_record
     from .compensate import refit_widths, resolved_ridge_scale, thin_statistics_note
 
     sel = selected.selection

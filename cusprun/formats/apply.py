@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 
@@ -11,6 +12,22 @@ from ..selection.plan import Plan
 from .modeling_cusprun import PROJECTIONS, SLICED
 
 FORMATS = ("dense", "sliced", "masked", "stock")
+# A decoder layer's projection parameter, in every format's models (the dense format renumbers kept layers).
+_PROJECTION = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.(weight|bias)")
+
+
+def held_params(model) -> tuple[int, int]:
+    """(parameters, projection parameters) that ``model`` holds, which are the floating-point tensors its
+    ``save_pretrained`` writes: every parameter's elements, a tied (shared) one once; projection parameters are
+    the decoder layers' q, k, v, o, gate, up and down weights and biases. A format keeps what it cannot drop:
+    zeros in the masked format, partly removed units whole in the dense one. The sliced format's index
+    buffers (integers) are not parameters."""
+    total = projection = 0
+    for name, param in model.named_parameters():  # a shared tensor is named once
+        total += param.numel()
+        if _PROJECTION.fullmatch(name):
+            projection += param.numel()
+    return total, projection
 
 
 def _masks(plan: Plan, layer: int, proj: str):

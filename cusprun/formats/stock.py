@@ -11,8 +11,9 @@ and removes whole units only:
   those neurons: their maximum is close to 1 for every group and would not tell groups apart.
 
 Within a layer the most relevant units are kept (ties: lower index). g follows the attention share of
-the non-uniform selection at the same ratio; k is then searched so the removed fraction of
-projection parameters comes closest to the ratio. Hidden-size rows and columns are never removed.
+the non-uniform selection at the same ratio (fewer where even one channel per layer would not reach the
+ratio); k is then the largest count whose plan removes at least the ratio of projection parameters.
+Hidden-size rows and columns are never removed.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def uniform_plan(channels: torch.Tensor, groups: torch.Tensor, k: int, g: int, g
 
 
 def select_uniform(rel: dict[str, torch.Tensor], geo: Geometry, ratio: float) -> Selection:
-    """A plan uniform across layers removing about ``ratio`` of the projection parameters (see module doc)."""
+    """A plan uniform across layers removing at least ``ratio`` of the projection parameters (see module doc)."""
     total = geo.projection_params()
     reference = select(rel, geo, ratio)
     attn = [p for p in geo.shape if p.startswith("self_attn")]
@@ -82,14 +83,21 @@ def select_uniform(rel: dict[str, torch.Tensor], geo: Geometry, ratio: float) ->
     channels, groups = channel_relevance(rel, geo), group_relevance(rel, geo)
 
     @cache  # the search and the final pick revisit the same counts
-    def removed(k: int) -> float:
+    def removed(k: int, g: int) -> float:
         return 1 - kept_params(uniform_plan(channels, groups, k, g, geo), geo) / total
 
-    lo, hi = 1, geo.inter  # removed() falls as k grows; find the k closest to the ratio
+    # where one channel per layer with g groups is still too little, fewer groups (at least one stays)
+    while g > 1 and removed(1, g) < ratio:
+        g -= 1
+    if removed(1, g) < ratio:
+        raise ValueError(f"ratio {ratio} cannot be reached by a uniform plan (one k/v group and one MLP channel per "
+                         f"layer at least): the largest reachable ratio is {removed(1, g):.4f}")
+    # removed() falls as k grows: the largest k that still removes at least the ratio
+    lo, hi = 1, geo.inter + 1  # removed(lo) >= ratio; removed(hi) < ratio (hi = inter + 1: none tried)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if removed(mid) >= ratio else (lo, mid)
-    k = min((lo, hi), key=lambda c: (abs(removed(c) - ratio), -c))
+        lo, hi = (mid, hi) if removed(mid, g) >= ratio else (lo, mid)
+    k = lo
     plan = uniform_plan(channels, groups, k, g, geo)
     kept = kept_params(plan, geo)
     # σ is that of the non-uniform selection the group count follows: a uniform plan has no single threshold

@@ -14,9 +14,12 @@ calibration tokens; A [T, inter] is the MLP's down_proj input act(gate)·up.
 ``flap``       FLAP (An et al. 2024, "Fluctuation-based Adaptive Structured Pruning for LLMs"): the
                fluctuation Var_t(X[:, j])·‖W[:, j]‖₂² of o_proj and down_proj input columns on a
                general corpus.
-               These three remove what the papers remove, whole attention heads (o_proj columns summed
-               per head) and MLP channels (down_proj columns): only those groups are prunable
-               (``metadata["prunable"]``), the rest goes where a removal makes it dead.
+               These three remove what the papers remove: whole query heads (scored by their o_proj
+               columns, summed per head; a head goes with its q rows and o columns, a k/v group with its
+               last query head) and whole MLP channels (down_proj columns, with their gate and up rows).
+               Their default selection is the unit selection of :mod:`cusprun.selection.units` over heads
+               and channels; only those groups carry scores (``metadata["prunable"]``). The per-neuron
+               selection, asked for by name (``granularity="neuron"``), still ranks single o columns.
 ``plnd``       PLND (Zhao et al. 2024, "How do Large Language Models Handle Multilingualism?"):
                a neuron's importance is the L1 norm over tokens of the change its deactivation makes:
                MLP channel k: Σ_t |A[t, k]|·‖W_down[:, k]‖₂ (gate, up and down share it); other rows
@@ -39,7 +42,7 @@ import torch
 
 from ..core.architectures import check_architecture
 from ..core.neurons import PROJECTIONS, head_dim, tensor_name
-from .methods import HEADS_AND_CHANNELS, Method, methods, register
+from .methods import HEADS_AND_CHANNELS, WHOLE_HEADS_AND_CHANNELS, Method, methods, register
 from .scorefile import score_metadata
 from .scoreset import ScoreSet
 
@@ -238,11 +241,13 @@ def _plnd(model, layer, stats):
 for _method in (
     Method("random", "i.i.d. uniform scores (--seed), no data", data="none", scorer=_random),
     Method("magnitude", "column norms of o_proj (per head) and down_proj, no data", data="none",
-           prunable=HEADS_AND_CHANNELS, scorer=_magnitude),
+           prunable=HEADS_AND_CHANNELS, scorer=_magnitude, selection=WHOLE_HEADS_AND_CHANNELS),
     Method("wanda-sp", "structured Wanda: sum_i |W_ij| * ||X_j|| of heads and channels (general corpus)",
-           data="general", prunable=HEADS_AND_CHANNELS, scorer=_column_method(_wanda_sp)),
+           data="general", prunable=HEADS_AND_CHANNELS, scorer=_column_method(_wanda_sp),
+           selection=WHOLE_HEADS_AND_CHANNELS),
     Method("flap", "FLAP fluctuation Var(X_j) * ||W[:, j]||^2 of heads and channels (general corpus)",
-           data="general", prunable=HEADS_AND_CHANNELS, scorer=_column_method(_flap)),
+           data="general", prunable=HEADS_AND_CHANNELS, scorer=_column_method(_flap),
+           selection=WHOLE_HEADS_AND_CHANNELS),
     Method("plnd", "PLND: L1 deactivation effect of every neuron per document (target corpus)", data="target",
            scorer=_plnd_scores),
     Method("shortgpt", "ShortGPT: whole layers by block influence (general corpus)", data="general",

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 # The structures FLAP and Wanda-sp remove (attention heads through o_proj's input, MLP channels through
 # down_proj's input); everything else follows where a removal makes it dead.
 HEADS_AND_CHANNELS = ("self_attn.o_proj.cols", "mlp.down_proj.cols")
+# Their default selection: whole query heads (q rows and o columns; a k/v group goes with its last head) and
+# whole MLP channels, as their papers remove them (the unit selection, cusprun.selection.units).
+WHOLE_HEADS_AND_CHANNELS = (("granularity", "unit"), ("neurons", "all"))
 DATA = ("none", "general", "target")
 
 
@@ -24,7 +27,9 @@ class Method:
 
     name: ``--method`` value. summary: its one line in ``--help``.
     data: what it calibrates on: ``none``, a ``general`` corpus (pooled) or the ``target`` corpus (per document).
-    prunable: the groups (``{proj}.{side}``) a selection may choose; None: every group.
+    prunable: the groups (``{proj}.{side}``) that carry the method's scores, the only ones a selection may
+        choose from (units scored by them: a query head by its o columns, a channel by its down column); None:
+        every group.
     granularity: ``neuron`` (rows and columns) or ``layer`` (whole decoder layers, by ``block_influence``).
     selection: the method's default :meth:`~cusprun.scores.scoreset.ScoreSet.select` settings (``neurons``,
         ``granularity``), which explicit arguments override; unset ones are ``all`` and ``neuron``.

@@ -23,9 +23,12 @@ from ..core.neurons import Geometry, group_of, is_influence_name
 from ..selection.algorithm import Selection, layer_influence, least_influential, relevance, select, select_layers
 from .methods import method_of
 from .scorefile import FORMAT, JSON_FIELDS, load_scores, save_scores
-from .stats import GramSum, load_stats, save_stats, split_stats, stats_path
+from .stats import DEFAULT_CORPUS_WEIGHT, GramSum, corpus_weights, load_stats, save_stats, split_stats, stats_path
 
 GRANULARITIES = ("unit", "neuron")
+# The group whose scores score each unit kind (cusprun.selection.units.unit_scores): a method whose scores cover
+# only some groups (``prunable``) can select the kinds those groups score.
+UNIT_GROUPS = {"heads": "self_attn.o_proj.cols", "channels": "mlp.down_proj.cols", "pairs": "self_attn.k_proj.rows"}
 
 
 @dataclass(frozen=True)
@@ -116,11 +119,13 @@ class ScoreSet:
         chunks = {name: t.split(sizes) for name, t in self.scores.items()}
         return [{name: c[i] for name, c in chunks.items()} for i in range(len(sizes))]
 
-    def intersect(self, *others: ScoreSet) -> ScoreSet:
+    def intersect(self, *others: ScoreSet, corpus_weight: str = DEFAULT_CORPUS_WEIGHT) -> ScoreSet:
         """The set whose irrelevant neurons, at any σ, are those irrelevant to every given set.
 
         Irrelevant to all ⟺ below σ in every document of every set, so this is the sets' documents
-        together; its relevance is the element-wise maximum of the members' relevance."""
+        together; its relevance is the element-wise maximum of the members' relevance. Its statistics are the
+        sets' summed, each weighted by ``corpus_weight`` (:func:`~.stats.corpus_weights`: ``tokens``, every
+        calibration token alike, or ``equal``, every corpus alike)."""
         sets = (self, *others)
         for other in others:
             if other.metadata.get("config_hash") != self.metadata.get("config_hash"):
@@ -136,7 +141,9 @@ class ScoreSet:
                 "token_counts": [n for s in sets for n in s.metadata.get("token_counts", [])],
                 "parts": parts}
         # statistics add up over corpora; a set without them leaves the intersection without them
-        stats = None if any(s.stats is None for s in sets) else GramSum([s.stats for s in sets])
+        weights = corpus_weights([sum(s.metadata.get("token_counts", [])) for s in sets],
+                                 [len(s._parts()) for s in sets], corpus_weight)
+        stats = None if any(s.stats is None for s in sets) else GramSum([s.stats for s in sets], weights)
         # block influence only where every set has it (files written before it was recorded lack it)
         names = [n for n in self.scores if all(n in s.scores for s in sets)]
         return ScoreSet({name: torch.cat([s.scores[name] for s in sets]) for name in names}, meta, stats)
@@ -241,11 +248,13 @@ class ScoreSet:
             ``budget`` ``rank`` (default: within-block rank fractions under one threshold over all layers, so
             layers lose different shares), ``equal`` (the same number of units from every block) or ``relative``
             (score over block output norm; measured far worse, see docs/experts.md).
-        neurons and granularity default to the scoring method's choice (:mod:`cusprun.scores.methods`): for
-        Cus-Prun's scores whole MLP channels (``unit``, ``mlp``), the best expert in docs/expert-quality.md;
-        the paper's selection is ``granularity="neuron", neurons="all"``. What may be removed is
-        the method's too: layer-granularity methods (ShortGPT) remove whole layers; methods that declare
-        ``prunable`` groups (FLAP) choose only among those.
+        neurons and granularity default to the scoring method's choice (:mod:`cusprun.scores.methods`): for Cus-
+        Prun's scores whole MLP channels (``unit``, ``mlp``), the best expert in docs/expert-quality.md; the paper's
+        selection is ``granularity="neuron", neurons="all"``; for Magnitude's, Wanda-sp's and FLAP's whole query
+        heads and MLP channels (``unit``, ``all``), as their papers remove them. What may be removed is the method's
+        too: layer-granularity methods (ShortGPT) remove whole layers; methods that declare ``prunable`` groups
+        (FLAP) choose only among those (units scored by those groups, or, with ``granularity="neuron"``, single rows
+        and columns of those groups).
         drop_layers: first remove this many whole decoder layers, those of lowest block influence on the
             set's corpora (:func:`~cusprun.selection.algorithm.layer_influence`), then units or neurons of the other
             layers up to ``ratio`` (the paper's §4.5 combination for aggressive ratios).
@@ -280,11 +289,19 @@ class ScoreSet:
         if neurons == "mlp+pairs" and (granularity != "unit" or method.prunable is not None):
             raise ValueError("neurons='mlp+pairs' (--neurons mlp+pairs) chooses whole RoPE pair slots: it needs "
                              "granularity='unit' and scores without a prunable list")
-        if granularity == "unit" and method.prunable is None:
+        if granularity == "unit":
             from ..selection.units import corpus_shares, intersection_values, select_units, unit_values
 
+            kinds = NEURONS[neurons].units
+            unscored = [k for k in kinds if method.prunable is not None and UNIT_GROUPS[k] not in method.prunable]
+            if unscored:
+                raise ValueError(f"{method.name} scores do not score {unscored[0]} (they score "
+                                 f"{', '.join(method.prunable)})")
+            if budget == "relative" and method.prunable is not None:
+                raise ValueError(f"budget 'relative' divides by block output norms, which {method.name} scores do "
+                                 "not record: use the rank or equal budget")
             per_corpus = [unit_values([scores], geo, rule, budget) for scores in self._per_corpus()]
-            kinds, shares = NEURONS[neurons].units, None
+            shares = None
             if budget == "rank" and len(per_corpus) > 1:  # each corpus's own layer shares, averaged
                 shares = corpus_shares(per_corpus, geo, ratio, kinds, dropped)
             return select_units(intersection_values(per_corpus), geo, ratio, budget, kinds, dropped, shares, align)
@@ -296,11 +313,11 @@ def _neuron_names(scores: dict) -> set[str]:
     return {n for n in scores if not is_influence_name(n)}
 
 
-def intersect(*sets: ScoreSet) -> ScoreSet:
+def intersect(*sets: ScoreSet, corpus_weight: str = DEFAULT_CORPUS_WEIGHT) -> ScoreSet:
     """The intersection of several dimensions' irrelevant sets, as one ScoreSet (see ScoreSet.intersect)."""
     if not sets:
         raise ValueError("intersect needs at least one ScoreSet")
-    return sets[0].intersect(*sets[1:])
+    return sets[0].intersect(*sets[1:], corpus_weight=corpus_weight)
 
 
 # Metadata that describes one corpus and has no single value for an intersection.

@@ -113,16 +113,41 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
+# How several corpora's Gram matrices are weighted in their sum (corpus_weights).
+CORPUS_WEIGHTS = ("tokens", "equal")
+DEFAULT_CORPUS_WEIGHT = "tokens"
+
+
+def corpus_weights(tokens: list[int], corpora: list[int] | None = None,
+                   rule: str = DEFAULT_CORPUS_WEIGHT) -> list[float]:
+    """Each part's weight in the sum of several corpora's Gram matrices (:class:`GramSum`).
+
+    tokens: each part's calibration token count; corpora: how many corpora each part holds (default 1 each).
+    ``tokens``: 1 each, the plain sum, so every calibration token weighs the same and a corpus by its token count
+    (100 German documents outweigh 40 medical ones 2.5 : 1). ``equal``: every corpus the same share,
+    w = n · T / (C · t) for a part of n corpora and t tokens among C corpora and T tokens, so the sum keeps
+    the token count's total weight (the auto ridge rule, which counts tokens, stays meaningful). Parts whose
+    token counts are unknown (0) are summed plainly."""
+    if rule not in CORPUS_WEIGHTS:
+        raise ValueError(f"corpus weight {rule!r}: expected one of {', '.join(CORPUS_WEIGHTS)}")
+    corpora = corpora or [1] * len(tokens)
+    if rule == "tokens" or not all(tokens):
+        return [1.0] * len(tokens)
+    total, count = sum(tokens), sum(corpora)
+    return [n * total / (count * t) for n, t in zip(corpora, tokens)]
+
+
 class GramSum(Mapping):
     """The element-wise sum of several corpora's statistics (the statistics of their documents together),
-    added when a matrix is asked for: the parts stay where they are (in memory or in files)."""
+    each part times its weight (default 1; :func:`corpus_weights`), added when a matrix is asked for: the parts
+    stay where they are (in memory or in files)."""
 
-    def __init__(self, parts: list[Mapping]):
-        self.parts = parts
+    def __init__(self, parts: list[Mapping], weights: list[float] | None = None):
+        self.parts, self.weights = parts, weights or [1.0] * len(parts)
         self.shapes = {n: _shape(parts[0], n) for n in parts[0]}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        return sum(part[name] for part in self.parts)
+        return sum(part[name] if w == 1 else w * part[name] for part, w in zip(self.parts, self.weights))
 
     def __contains__(self, name) -> bool:  # Mapping's default would read and add the matrices
         return name in self.parts[0]

@@ -12,8 +12,8 @@ ranks the corpus as one document (score² summed over documents). With several c
 corpus is aggregated alone and the intersection takes the maximum over corpora.
 
 σ is found from the asked ratio: neurons are ordered by (R, group in file order, index) and the
-shortest prefix whose removal, with every neuron it makes dead (:func:`plan.propagate`), reaches
-the asked fraction of projection parameters is taken — a deterministic tie-break among neurons
+shortest prefix whose removal, with every neuron it makes dead (:func:`plan.propagate`), removes at
+least the asked fraction of projection parameters is taken — a deterministic tie-break among neurons
 of equal R. σ is reported as the R of the last neuron removed.
 """
 
@@ -145,27 +145,32 @@ def select(relevance_by_name: dict[str, torch.Tensor], geo: Geometry, ratio: flo
 
     lo, hi = 0, int(values.isfinite().sum())  # fraction(lo) < ratio <= fraction(hi)
     if fraction(hi) < ratio:
-        raise ValueError(f"ratio {ratio} cannot be reached by removing the candidate neurons")
+        raise ValueError(f"ratio {ratio} cannot be reached by removing the candidate neurons: the largest reachable "
+                         f"ratio is {fraction(hi):.4f}")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fraction(mid) >= ratio:
             hi = mid
         else:
             lo = mid
-    k = hi if lo == 0 or abs(fraction(hi) - ratio) <= abs(fraction(lo) - ratio) else lo
+    k = hi  # the shortest prefix removing at least the ratio
     return Selection(plan_for(k), float(values[order[k - 1]]) if k else 0.0, fraction(k), kept(k), total,
                      tuple(dropped_layers))
 
 
 def select_layers(influence: list[float], geo: Geometry, ratio: float) -> Selection:
-    """Whole-layer removal (ShortGPT): the layers with the lowest influence go, as many as bring the
-    removed share of projection parameters nearest to ``ratio`` (at least one). Removing every row
-    and column of a layer's projections makes the layer the identity (its blocks add zero)."""
+    """Whole-layer removal (ShortGPT): the layers with the lowest influence go, the fewest that remove at least
+    ``ratio`` of the projection parameters (every layer holds the same share); ValueError naming the largest
+    reachable share where even all but one layer are too few. Removing every row and column of a layer's
+    projections makes the layer the identity (its blocks add zero)."""
     if not 0 < ratio < 1:
         raise ValueError(f"ratio must be in (0, 1), got {ratio}")
     if len(influence) != geo.layers:
         raise ValueError(f"{len(influence)} layer influences for {geo.layers} layers")
-    count = min(geo.layers - 1, max(1, round(ratio * geo.layers)))
+    count = next((n for n in range(1, geo.layers) if n / geo.layers >= ratio), None)
+    if count is None:
+        raise ValueError(f"ratio {ratio} cannot be reached by removing whole layers: at least one stays, so the "
+                         f"largest reachable ratio is {(geo.layers - 1) / geo.layers:.4f}")
     dropped = least_influential(torch.tensor(influence, dtype=torch.float64), count)
     plan = without_layers(geo.full_plan(), dropped)
     total = geo.projection_params()

@@ -43,8 +43,8 @@ Budgets (``budget``):
 Documents are combined by the rule (``all-docs``: the maximum over documents, so a unit goes only when it
 is small in every document; ``mean-rank``: the mean; ``pooled``: the corpus as one document, squares summed
 over documents before dividing); several corpora: the maximum over corpora. As in :func:`.selection.select`,
-the shortest prefix of that order whose removal (with everything it makes dead) reaches the asked ratio
-of projection parameters is taken.
+the shortest prefix of that order whose removal (with everything it makes dead) removes at least the asked
+ratio of projection parameters is taken.
 """
 
 from __future__ import annotations
@@ -241,8 +241,8 @@ def align_channels(removed: torch.Tensor, rank: torch.Tensor, align: int) -> tor
     Why: GEMMs run fastest on widths their kernels tile evenly (multiples of 16 for CPU vector units and
     half-precision tensor cores, 64 or more for GPU tiles); measured on SmolLM2 in docs/expert-quality.md, "Where a
     prefill's time goes, and aligned widths". A layer's aligned count never rises as the order goes on, so
-    the removed fraction still grows with it and the search finds the reachable fraction nearest the ratio
-    (reachable in steps of up to ``align`` channels of one layer)."""
+    the removed fraction still grows with it and the search finds the smallest reachable fraction at or above
+    the ratio (reachable in steps of up to ``align`` channels of one layer)."""
     channels = removed.shape[1]
     kept = channels - removed.sum(1)
     down = torch.div(kept, align, rounding_mode="floor") * align
@@ -328,7 +328,7 @@ def _choose(values: dict[str, torch.Tensor], geo: Geometry, ratio: float, budget
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fraction(mid) >= ratio else (mid, hi)
-    k = hi if lo == 0 or abs(fraction(hi) - ratio) <= abs(fraction(lo) - ratio) else lo
+    k = hi  # the shortest prefix removing at least the ratio
     plan = plan_for(k)
     kept = kept_params(plan, geo)
     # aligned widths keep some units below the last removed key and remove some above it: no single threshold
