@@ -1,7 +1,8 @@
 """The main job, end to end, in one process (one model load): the library behind ``python -m cusprun.pipeline``.
 
-score the calibration corpora (with the Gram statistics) -> build each expert (the default selection: whole
-MLP channels irrelevant to every dimension, down_proj refit over the kept channels, dense per-layer widths)
+score the calibration corpora (local measure) -> build each expert (the default selection: whole MLP
+channels irrelevant to every dimension, down_proj refit over the kept channels on the Gram matrices of its own
+corpora, made at build time, dense per-layer widths; also a GGUF file where llama-cpp-python is installed)
 -> evaluate the dense model and every expert on held-out text of the target
 dimensions and on general text -> a table, OUT/summary.json / OUT/summary.md, and each expert's
 pictures (:mod:`cusprun.evaluation.figures`) in OUT/plots/EXPERT/.
