@@ -65,8 +65,8 @@ def test_bad_documents_are_named(documents, error, match):
 def test_save_load_round_trip_and_the_cli_writes_the_same_scores(tmp_path, tiny_dir):
     write_ids_corpus(tmp_path / "c.jsonl", [7, 3, 10], seed=4)
     res = subprocess.run([sys.executable, "-m", "cusprun.score", "--model", tiny_dir, "--corpus",
-                          f"c={tmp_path / 'c.jsonl'}", "--out", tmp_path / "cli", "--quiet"], capture_output=True,
-                         text=True)
+                          f"c={tmp_path / 'c.jsonl'}", "--out", tmp_path / "cli", "--measure", "block", "--quiet"],
+                         capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     from transformers import AutoModelForCausalLM
 
