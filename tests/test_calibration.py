@@ -71,7 +71,7 @@ def test_sequential_refit_fits_each_layer_on_the_pruned_model_below_it(arch):
     """Brute force, layer by layer: the masked model with layers below l already refit gives layer l's down_proj
     its input X̃ (a full forward pass); the refit of layer l solves on X̃ᵀX̃ in float64."""
     model, docs = tiny_model(arch, layers=3), documents(3)
-    plan = cusprun.score(model, docs, "local", progress=False).select(0.25).plan  # MLP channels only
+    plan = cusprun.score(model, docs, "local", progress=False).select(0.15).plan  # MLP channels only
     got = copy.deepcopy(model)
     refit_layers(InMemoryLayers(got), plan, docs, "sequential", 0.1, "per-input")
     reference = copy.deepcopy(model)
@@ -88,7 +88,9 @@ def test_sequential_refit_fits_each_layer_on_the_pruned_model_below_it(arch):
     # layer 0 sees the dense model's inputs either way; later layers differ from the independent refit
     independent = copy.deepcopy(model)
     refit_layers(InMemoryLayers(independent), plan, docs, "independent", 0.1, "per-input")
-    last = "model.layers.2.mlp.down_proj.weight"
+    # (compared at the highest layer above 0 that keeps a channel: a layer that lost all of them is zero either way)
+    layer = max(n for n in (1, 2) if plan[f"model.layers.{n}.mlp.down_proj.cols"].any())
+    last = f"model.layers.{layer}.mlp.down_proj.weight"
     assert not torch.allclose(masked(independent, plan).state_dict()[last], got.state_dict()[last], atol=1e-5)
 
 
