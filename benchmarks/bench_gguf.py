@@ -2,13 +2,15 @@
 model and the ideals, measured side by side in one run.
 
     python benchmarks/bench_gguf.py --scores SCORES.safetensors [--model smollm2-135m] [--ratios 0.25,0.35,0.45]
-                                    [--types f32,q8_0,q4_k_m] [--pad-mlp 1] [--prompt 512] [--decode 64]
+                                    [--types f32,q8_0,q4_k_m] [--pad-mlp 1[,256]] [--prompt 512] [--decode 64]
                                     [--repetitions 5] [--text data/heldout/de.jsonl] [--docs 8] [--quick]
 
 The experts are built from the score file as ``python -m cusprun.prune --format gguf`` builds them (the default
 selection: whole MLP channels, aligned widths; the down_proj refit where the score file has its statistics), at
 each ratio, and the dense model is written the same way (``cusprun.formats.gguf``); each is quantized with
-llama.cpp's own quantizer. For each type, every repetition times the dense model and then each expert:
+llama.cpp's own quantizer. ``--pad-mlp 1,256`` writes every type both ways (MLP widths as selected, and padded
+with zero channels to multiples of 256, which is exact), so padding is measured side by side with the files
+it would replace. For each type (and padding), every repetition times the dense model and then each expert:
 
 - prefill: one ``--prompt``-token prompt from an empty KV cache (logits of the last token, as a generation's
   prefill); ideal speed-up = dense FLOPs / expert FLOPs of that prefill (projections at the file's widths,
@@ -61,8 +63,14 @@ def gguf_costs(path, prompt: int) -> tuple[float, int]:
     return flops, sum(int(t.n_bytes) for t in reader.tensors)
 
 
-def build_files(args, tmp: Path, types: list[str], ratios: list[float]):
-    """{(model name, type): GGUF path} for the dense model and each ratio's expert, the documents and the prompt."""
+def kind_name(kind: str, pad: int) -> str:
+    """The table's name of a file type written with MLP widths padded to multiples of ``pad`` (1: as selected)."""
+    return kind if pad == 1 else f"{kind}+pad{pad}"
+
+
+def build_files(args, tmp: Path, types: list[str], pads: list[int], ratios: list[float]):
+    """{(model name, kind): GGUF path} for the dense model and each ratio's expert, each type in each padding
+    (:func:`kind_name`), the documents and the prompt."""
     from transformers import AutoModelForCausalLM
 
     texts = read_texts([args.text])
@@ -82,23 +90,27 @@ def build_files(args, tmp: Path, types: list[str], ratios: list[float]):
         models[name] = AutoModelForCausalLM.from_pretrained(tmp / name).eval()
         f32[name] = tmp / f"expert{ratio}.f32.gguf"
     files = {}
-    for name, path in f32.items():
-        write_gguf(models[name], path, tokens_from, pad_mlp=args.pad_mlp)
-        for kind in types:
-            files[name, kind] = path if kind == "f32" else tmp / f"{name}.{kind}.gguf"
-            if kind == "f32":
-                continue
-            if kind in QUANT_TYPES:  # llama.cpp's quantizer reads the F32 file
-                quantize(path, files[name, kind], kind)
-            else:
-                write_gguf(models[name], files[name, kind], tokens_from, kind, pad_mlp=args.pad_mlp)
+    for name, plain in f32.items():
+        for pad in pads:
+            path = plain.with_suffix(f".pad{pad}.gguf")
+            write_gguf(models[name], path, tokens_from, pad_mlp=pad)
+            for kind in types:
+                key = name, kind_name(kind, pad)
+                files[key] = path if kind == "f32" else tmp / f"{name}.{key[1]}.gguf"
+                if kind == "f32":
+                    continue
+                if kind in QUANT_TYPES:  # llama.cpp's quantizer reads the F32 file
+                    quantize(path, files[key], kind)
+                else:
+                    write_gguf(models[name], files[key], tokens_from, kind, pad_mlp=pad)
     return files, documents, prompt[:args.prompt], sets[0].stats is not None
 
 
-def measure(files: dict, names: list[str], types: list[str], prompt: list[int], documents, args) -> list[list]:
-    """One row per (model, type): size, perplexity, and paired prefill / decode speeds against the ideals."""
+def measure(files: dict, names: list[str], kinds: list[str], prompt: list[int], documents, args) -> list[list]:
+    """One row per (model, kind): size, perplexity (and against the unpadded F32 file's, where measured), and
+    paired prefill / decode speeds against the ideals."""
     rows, f32_ppl = [], {}
-    for kind in types:
+    for kind in kinds:
         llms = {name: engine.open_gguf(files[name, kind], len(prompt) + 64 + args.decode, threads=args.threads)
                 for name in names}
         try:
@@ -136,7 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--ratios", default="0.25,0.35,0.45")
     p.add_argument("--types", default="f32,f16,q8_0,q4_k_m", help="f32, f16, bf16 and llama.cpp quantization types")
-    p.add_argument("--pad-mlp", type=int, default=1, help="pad MLP widths with zero channels to a multiple of N")
+    p.add_argument("--pad-mlp", default="1", help="pad MLP widths with zero channels to a multiple of N; "
+                   "several (1,256): every type written and timed each way")
     p.add_argument("--prompt", type=int, default=512)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--repetitions", type=int, default=5)
@@ -148,17 +161,24 @@ def main(argv=None) -> int:
     if args.quick:
         args.prompt, args.decode, args.repetitions, args.docs = 32, 4, 1, 2
     for flag, value in (("--prompt", args.prompt), ("--decode", args.decode), ("--repetitions", args.repetitions),
-                        ("--docs", args.docs), ("--pad-mlp", args.pad_mlp)):
+                        ("--docs", args.docs)):
         at_least(flag, value, 1)
     ratios = [float(r) for r in args.ratios.split(",")]
     types = args.types.split(",")
     if any(t not in DTYPES and t not in QUANT_TYPES for t in types):
         raise CusprunError(f"--types {args.types}: choose among {', '.join(DTYPES + QUANT_TYPES)}")
+    try:
+        pads = [int(pad) for pad in args.pad_mlp.split(",")]
+    except ValueError:
+        raise CusprunError(f"--pad-mlp {args.pad_mlp}: expected whole numbers, e.g. 1 or 1,256") from None
+    for pad in pads:
+        at_least("--pad-mlp", pad, 1)
+    kinds = [kind_name(kind, pad) for pad in pads for kind in types]
     quantizer()
     with tempfile.TemporaryDirectory(prefix="bench_gguf.") as tmp:
-        files, documents, prompt, compensate = build_files(args, Path(tmp), types, ratios)
+        files, documents, prompt, compensate = build_files(args, Path(tmp), types, pads, ratios)
         names = list(dict.fromkeys(name for name, _ in files))
-        rows = measure(files, names, types, prompt, documents, args)
+        rows = measure(files, names, kinds, prompt, documents, args)
     env = environment()
     env["llama_cpp_python"] = importlib.metadata.version("llama-cpp-python")
     env["threads"] = str(args.threads)

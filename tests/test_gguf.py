@@ -3,6 +3,7 @@ transformers, every pitfall of llama.cpp's ``deci`` graph is written around, and
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -325,7 +326,7 @@ def test_prune_format_gguf_writes_the_dense_expert(tmp_path):
 def smollm2_expert(tmp_path_factory):
     """The 25% German expert of the default model, built as the main job builds it (local scores with statistics,
     the default selection, the down_proj refit; here from 8 documents of 128 tokens), exported in F32 and Q8_0,
-    and 4 held-out German documents' perplexities in transformers (cusprun.eval's computation)."""
+    and 12 held-out German documents' perplexities in transformers (cusprun.eval's computation)."""
     from cusprun.core.models import load_model
     from cusprun.evaluation.evaluate import perplexity, read_texts, tokenize_texts
     from cusprun.prune import main as prune_main
@@ -344,7 +345,7 @@ def smollm2_expert(tmp_path_factory):
     assert export_main([str(tmp_path / "expert"), "--out", str(files["q8_0"]), "--quantize", "q8_0", "--quiet"]) == 0
     model, tokenizer, _ = load_model(str(tmp_path / "expert"), quiet=True, allow_pruned=True)
     text = str(root / "heldout/de.jsonl")
-    documents = tokenize_texts(read_texts([text]), tokenizer, 256, model.config.vocab_size)[text][:4]
+    documents = tokenize_texts(read_texts([text]), tokenizer, 256, model.config.vocab_size)[text][:12]
     return files, documents, [perplexity(model, [ids])[0] for ids in documents]
 
 
@@ -368,11 +369,27 @@ def test_smollm2_expert_f32_perplexity_in_llama_cpp_equals_cusprun_eval(smollm2_
     assert all(written.fields[k].contents() == original.fields[k].contents() for k in keys)
 
 
+def pooled(perplexities: list[float], documents: list[list[int]]) -> float:
+    """Token-weighted perplexity over documents, from each document's own."""
+    weights = [len(d) - 1 for d in documents]
+    return math.exp(sum(w * math.log(p) for w, p in zip(weights, perplexities)) / sum(weights))
+
+
 @needs_llama
-@pytest.mark.xfail(strict=True, reason="measured +4.3%, +2.3%, -0.7%, +3.1% per document on this expert "
-                   "(llama.cpp's Q8_0 rounds the weights, the tied output head included, and the activations); "
-                   "the target is 2% (docs/deploy.md)")
-def test_smollm2_expert_q8_0_perplexity_in_llama_cpp_within_2_percent(smollm2_expert):
+def test_smollm2_expert_q8_0_perplexity_in_llama_cpp_within_2_percent_over_the_documents(smollm2_expert):
+    """Token-weighted over the 12 documents (measured: +1.6%; the unpruned model's own Q8_0 file: +1.3%)."""
+    from cusprun.evaluation import llama_cpp as engine
+
+    files, documents, reference = smollm2_expert
+    got = engine.perplexities(files["q8_0"], documents)
+    assert abs(pooled(got, documents) / pooled(reference, documents) - 1) <= 0.02, (got, reference)
+
+
+@needs_llama
+@pytest.mark.xfail(strict=True, reason="measured up to +4.3% on single 256-token documents of this expert, and up to "
+                   "+4.4% for the unpruned model's own Q8_0 file (llama.cpp's Q8_0 also rounds the activations "
+                   "entering each matrix product to 8 bits); the target is 2% per document (docs/deploy.md)")
+def test_smollm2_expert_q8_0_perplexity_in_llama_cpp_within_2_percent_per_document(smollm2_expert):
     from cusprun.evaluation import llama_cpp as engine
 
     files, documents, reference = smollm2_expert
