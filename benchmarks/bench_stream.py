@@ -14,9 +14,11 @@ With ``--prune``, both models are then scored with the local measure and pruned 
 (``python -m cusprun.prune``, calibrated on the scored corpus, bfloat16 like the weights): the large one with
 ``--stream``, the 2-layer slice in memory. Its table (bench_stream_prune.csv): time, peak RSS, what was written
 (the expert folder: disk written and its largest file, against one decoder layer's bfloat16 size), and the
-expert's load and one forward pass (peak RSS of that child). ``--layers N`` sets the streamed model's depth
-instead of ``--ram-multiple`` (a reduced run: each layer's refit at this width solves a system of about 20,000
-unknowns per output, minutes per layer on a small CPU).
+expert's load and one forward pass (peak RSS of that child; the expert loads as transformers loads a model
+larger than its memory budget, with accelerate's disk offload and a budget of a quarter of RAM). ``--layers N``
+sets the streamed model's depth instead of ``--ram-multiple`` (a reduced run: each layer's refit at this width
+solves a system of about 20,000 unknowns per output, minutes per layer on a small CPU). Both models and, with
+``--prune``, both experts must fit on the disk (checked first): about 2.9x RAM at ``--ram-multiple 1.5``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ def ram_bytes() -> int:
 def layer_bytes() -> int:
     h, i, kv = WIDTH["hidden_size"], WIDTH["intermediate_size"], WIDTH["num_key_value_heads"] * WIDTH["head_dim"]
     return 2 * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
+
+
+def check_disk(layers: int, prune: bool) -> None:
+    """One line, before anything is written, when the models (and with ``prune`` their experts, at most the
+    model's size each) do not fit on the disk of benchmarks/.cache; models already built count as written."""
+    import shutil
+
+    rest = 2 * 2 * WIDTH["vocab_size"] * WIDTH["hidden_size"]
+    need = 0
+    for depth in (layers, 2):
+        size = depth * layer_bytes() + rest
+        folder = CACHE / f"llama-8192-{depth}L"
+        need += (0 if (folder / "model.safetensors.index.json").exists() else size) + (size if prune else 0)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(CACHE).free
+    if free < need:
+        raise CusprunError(f"not enough disk in {CACHE}: {need / 1e9:.0f} GB needed, {free / 1e9:.0f} GB free "
+                           "(lower --ram-multiple or set --layers)")
 
 
 def build(folder: Path, layers: int) -> Path:
@@ -104,15 +124,20 @@ def build(folder: Path, layers: int) -> Path:
 
 
 PRUNE_CHILD = CHILD.replace("from cusprun.score import main", "from cusprun.prune import main")
+# The expert of a model larger than RAM is itself about 0.8x RAM: it loads as transformers loads any model larger
+# than its memory budget, with accelerate's disk offload (device_map="auto", max_memory: layers past the budget
+# stay in the expert's own safetensors files and are read as the forward pass reaches them).
 FORWARD_CHILD = """
-import resource, sys, time
+import resource, sys, tempfile, time
 import torch
 from transformers import AutoModelForCausalLM
 import cusprun
 start = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16).eval()
-with torch.no_grad():
-    logits = model(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])).logits
+with tempfile.TemporaryDirectory(dir=sys.argv[1] + "/..") as offload:  # used only for weights it must convert
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16, device_map="auto",
+                                                 max_memory={"cpu": int(sys.argv[2])}, offload_folder=offload)
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])).logits
 assert torch.isfinite(logits.float()).all()
 print(f"BENCH {time.perf_counter() - start:.3f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}",
       file=sys.stderr)
@@ -150,6 +175,7 @@ def main(argv=None) -> int:
     ram = ram_bytes()
     layers = args.layers or int(-(-(args.ram_multiple * ram - 2 * 2 * WIDTH["vocab_size"] * WIDTH["hidden_size"])
                                   // layer_bytes()))
+    check_disk(layers, args.prune)
     big = build(CACHE / f"llama-8192-{layers}L", layers)
     small = build(CACHE / "llama-8192-2L", 2)
     corpus = CACHE / f"corpus-{args.docs}x{args.tokens}.jsonl"
@@ -189,7 +215,7 @@ def prune_table(big: Path, small: Path, corpus: Path, ram: int) -> None:
         written, largest = sum(f.stat().st_size for f in files), max(f.stat().st_size for f in files)
         report_json = json.loads((expert / "pruning.json").read_text())
         assert report_json["compensate"] and report_json.get("streamed", False) == (name == "streamed")
-        forward_seconds, forward_rss = run(expert, corpus, expert, [str(expert)], child=FORWARD_CHILD)
+        forward_seconds, forward_rss = run(expert, corpus, expert, [str(expert), str(ram // 4)], child=FORWARD_CHILD)
         layer_count = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         rows.append([name, layer_count, score_seconds, score_rss / 1e9, seconds, rss / 1e9, rss / ram,
                      written / 1e9, largest / 1e9, largest / layer_bytes(), forward_seconds, forward_rss / 1e9])
