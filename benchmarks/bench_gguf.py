@@ -6,8 +6,9 @@ model and the ideals, measured side by side in one run.
                                     [--repetitions 5] [--text data/heldout/de.jsonl] [--docs 8] [--quick]
 
 The experts are built from the score file as ``python -m cusprun.prune --format gguf`` builds them (the default
-selection: whole MLP channels, aligned widths; the down_proj refit where the score file has its statistics), at
-each ratio, and the dense model is written the same way (``cusprun.formats.gguf``); each is quantized with
+selection: whole MLP channels, aligned widths; the default refit of down_proj, calibrated at build time on the
+corpus the score file names; ``--no-compensate`` for a baseline's score file), at each ratio, and the dense
+model is written the same way (``cusprun.formats.gguf``); each is quantized with
 llama.cpp's own quantizer. ``--pad-mlp 1,256`` writes every type both ways (MLP widths as selected, and padded
 with zero channels to multiples of 256, which is exact), so padding is measured side by side with the files
 it would replace. For each type (and padding), every repetition times the dense model and then each expert:
@@ -42,6 +43,7 @@ from cusprun.core.models import load_model, local_folder  # noqa: E402
 from cusprun.evaluation import llama_cpp as engine  # noqa: E402
 from cusprun.evaluation.evaluate import read_texts, tokenize_texts  # noqa: E402
 from cusprun.experts.build import build_expert, load_score_sets  # noqa: E402
+from cusprun.experts.calibration import DEFAULT_REFIT, calibration_documents  # noqa: E402
 from cusprun.formats.gguf import DTYPES, QUANT_TYPES, quantize, quantizer, tokenizer_source, write_gguf  # noqa: E402
 
 DE = Path(__file__).resolve().parents[1] / "data" / "heldout" / "de.jsonl"
@@ -74,17 +76,19 @@ def build_files(args, tmp: Path, types: list[str], pads: list[int], ratios: list
     from transformers import AutoModelForCausalLM
 
     texts = read_texts([args.text])
-    sets = load_score_sets([args.scores], stats=None)
+    sets = load_score_sets([args.scores], stats=False)
     model, tokenizer, source = load_model(args.model, quiet=True)
     documents = tokenize_texts(texts, tokenizer, 512, model.config.vocab_size)[args.text][:args.docs]
     prompt = [ids for doc in documents for ids in doc] * (args.prompt // sum(map(len, documents)) + 1)
     tokens_from = tokenizer_source(source, local_folder(source))
     models, f32 = {"dense": model}, {"dense": tmp / "dense.f32.gguf"}
+    calibration = (calibration_documents(sets, [args.scores], tokenizer, model.config.vocab_size)
+                   if args.compensate else None)
     for ratio in ratios:
         name = f"expert-{ratio:.0%}"
         try:
             build_expert(model, tokenizer, source, sets, [args.scores], ratio, "dense", tmp / name,
-                         compensate=sets[0].stats is not None)
+                         compensate=args.compensate, calibration=calibration)
         except ValueError as exc:  # a ratio the default selection cannot reach
             raise CusprunError(str(exc)) from None
         models[name] = AutoModelForCausalLM.from_pretrained(tmp / name).eval()
@@ -103,7 +107,7 @@ def build_files(args, tmp: Path, types: list[str], pads: list[int], ratios: list
                     quantize(path, files[key], kind)
                 else:
                     write_gguf(models[name], files[key], tokens_from, kind, pad_mlp=pad)
-    return files, documents, prompt[:args.prompt], sets[0].stats is not None
+    return files, documents, prompt[:args.prompt]
 
 
 def measure(files: dict, names: list[str], kinds: list[str], prompt: list[int], documents, args) -> list[list]:
@@ -111,20 +115,10 @@ def measure(files: dict, names: list[str], kinds: list[str], prompt: list[int], 
     paired prefill / decode speeds against the ideals."""
     rows, f32_ppl = [], {}
     for kind in kinds:
-        llms = {name: engine.open_gguf(files[name, kind], len(prompt) + 64 + args.decode, threads=args.threads)
-                for name in names}
-        try:
-            for llm in llms.values():  # warm-up, not timed
-                engine.prefill_seconds(llm, prompt[:32])
-            prefill = {name: [] for name in names}
-            decode = {name: [] for name in names}
-            for _ in range(args.repetitions):
-                for name, llm in llms.items():  # the dense model first, then each expert: paired per repetition
-                    prefill[name].append(engine.prefill_seconds(llm, prompt))
-                    decode[name].append(engine.decode_seconds(llm, prompt[:64], args.decode))
-        finally:
-            for llm in llms.values():
-                llm.close()
+        if not args.speed:
+            prefill = decode = {name: [float("nan")] for name in names}
+        else:
+            prefill, decode = timed(files, names, kind, prompt, args)
         dense_flops, dense_bytes = gguf_costs(files["dense", kind], len(prompt))
         for name in names:
             flops, weight_bytes = gguf_costs(files[name, kind], len(prompt))
@@ -139,6 +133,26 @@ def measure(files: dict, names: list[str], kinds: list[str], prompt: list[int], 
                          len(prompt) / statistics.median(prefill[name]), prefill_x, flop_ideal, prefill_x / flop_ideal,
                          args.decode / statistics.median(decode[name]), decode_x, bytes_ideal, decode_x / bytes_ideal])
     return rows
+
+
+def timed(files: dict, names: list[str], kind: str, prompt: list[int], args) -> tuple[dict, dict]:
+    """Seconds per repetition of each model's prefill and decode in ``kind`` ({name: [seconds]} twice), the dense
+    model first in every repetition, so each expert's ratio is paired with a dense timing seconds before it."""
+    llms = {name: engine.open_gguf(files[name, kind], len(prompt) + 64 + args.decode, threads=args.threads)
+            for name in names}
+    try:
+        for llm in llms.values():  # warm-up, not timed
+            engine.prefill_seconds(llm, prompt[:32])
+        prefill = {name: [] for name in names}
+        decode = {name: [] for name in names}
+        for _ in range(args.repetitions):
+            for name, llm in llms.items():
+                prefill[name].append(engine.prefill_seconds(llm, prompt))
+                decode[name].append(engine.decode_seconds(llm, prompt[:64], args.decode))
+    finally:
+        for llm in llms.values():
+            llm.close()
+    return prefill, decode
 
 
 def main(argv=None) -> int:
@@ -156,6 +170,10 @@ def main(argv=None) -> int:
     p.add_argument("--text", default=str(DE), help="held-out text for the perplexity column")
     p.add_argument("--docs", type=int, default=8, help="documents of --text (up to 512 tokens each)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp threads (default: every core)")
+    p.add_argument("--no-compensate", dest="compensate", action="store_false",
+                   help="experts without the refit (a baseline's score file)")
+    p.add_argument("--no-speed", dest="speed", action="store_false",
+                   help="perplexity only (the speed columns stay empty); for a machine that is not quiet")
     p.add_argument("--quick", action="store_true", help="tiny setting for the tests; no CSV rows")
     args = p.parse_args(argv)
     if args.quick:
@@ -176,15 +194,17 @@ def main(argv=None) -> int:
     kinds = [kind_name(kind, pad) for pad in pads for kind in types]
     quantizer()
     with tempfile.TemporaryDirectory(prefix="bench_gguf.") as tmp:
-        files, documents, prompt, compensate = build_files(args, Path(tmp), types, pads, ratios)
+        files, documents, prompt = build_files(args, Path(tmp), types, pads, ratios)
         names = list(dict.fromkeys(name for name, _ in files))
         rows = measure(files, names, kinds, prompt, documents, args)
     env = environment()
     env["llama_cpp_python"] = importlib.metadata.version("llama-cpp-python")
     env["threads"] = str(args.threads)
-    columns = ["model", "type", "compensate", "file MiB", "ppl", "ppl vs f32", "prefill tok/s", "prefill x",
+    columns = ["model", "type", "refit", "file MiB", "ppl", "ppl vs f32", "prefill tok/s", "prefill x",
                "FLOP ideal x", "prefill/ideal", "decode tok/s", "decode x", "bytes ideal x", "decode/ideal"]
-    report("bench_gguf", columns, [[r[0], r[1], compensate, *r[2:]] for r in rows], env, append=not args.quick)
+    refit = DEFAULT_REFIT if args.compensate else "none"
+    report("bench_gguf", columns, [[r[0], r[1], refit if r[0] != "dense" else "-", *r[2:]] for r in rows], env,
+           append=not args.quick)
     return 0
 
 

@@ -12,12 +12,13 @@ Methods at each ratio of projection parameters removed (every expert exported in
                    budget (layers lose what each corpus's rank threshold takes from them), block measure,
                    all-docs rule, every layer keeping a multiple of 64 channels (cusprun.selection.units; every
                    cusprun method below keeps that default alignment unless it names another)
-  cusprun-channels-comp  the same channels, down_proj refit over the kept channels (--compensate,
-                   cusprun.experts.compensate; Gram statistics from a local-measure scoring pass with --stats; each
-                   input's ridge relative to its own energy where they hold 4 tokens per input, --ridge-scale
-                   auto)
-  cusprun-channels-seqcomp  the same refit, sequential (--refit sequential): each layer's down_proj fit on
-                   the inputs the pruned and refit layers below give it; only when named in --methods
+  cusprun-channels-comp  the same channels, down_proj refit over the kept channels, independent (--refit
+                   independent, cusprun.experts.compensate; Gram statistics from a local-measure scoring pass with
+                   --stats; each input's ridge relative to its own energy where they hold 4 tokens per input,
+                   --ridge-scale auto): the library's default refit until the sequential one won
+  cusprun-channels-seqcomp  the same refit, sequential (--refit sequential, prune's default): each layer's
+                   down_proj fit on the inputs the pruned and refit layers below give it; only when named in
+                   --methods
   cusprun-channels-meanridge-comp  the same refit with one ridge for all inputs (--ridge-scale mean, the
                    rule before); only when named in --methods
   cusprun-channels-eqcorpus-comp  the same refit with every corpus weighing the same in the summed Gram

@@ -142,9 +142,10 @@ def build_parser() -> OneLineArgumentParser:
     p.add_argument("--refit", choices=REFITS, default=DEFAULT_REFIT,
                    help=f"with the refit: independent (every layer fit on the dense model's inputs, what score --stats "
                         f"files hold) or sequential (every block fit on the inputs the pruned and refit blocks below "
-                        f"give it, to its dense weights' outputs on them); default {DEFAULT_REFIT} (docs/experts.md, "
-                        f"\"Closed-form compensation\"). Statistics files beside the score files (score --stats) are "
-                        f"used for the independent refit when no --calibration is given")
+                        f"give it, to its dense weights' outputs on them); default {DEFAULT_REFIT}, the lower target "
+                        f"perplexity in every measured cell (docs/experts.md, \"Sequential refit\"). Statistics files "
+                        f"beside the score files (score --stats) are used for the independent refit when no "
+                        f"--calibration is given")
     p.add_argument("--stream", action="store_true",
                    help="read, refit and write one decoder layer at a time (safetensors models, --format dense); "
                         "automatic when the model's weights exceed --max-memory")

@@ -213,7 +213,8 @@ def test_prune_compensate_cli(tmp_path):
     score_with_and_without_stats(tmp_path)
     assert (tmp_path / "stats" / "a.stats.safetensors").is_file()
     assert not (tmp_path / "plain" / "a.stats.safetensors").exists()
-    common = ["cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet", "--compensate"]
+    common = ["cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet", "--compensate",
+              "--refit", "independent"]  # the refit that statistics files hold
     # without statistics files: the Gram matrices are made at build time from the corpus the score file names
     res = cli(*common, "--scores", tmp_path / "plain" / "a.safetensors", "--out", tmp_path / "e1")
     assert res.returncode == 0, res.stderr
@@ -240,9 +241,9 @@ def test_prune_compensate_cli(tmp_path):
 
 
 def test_prune_compensates_by_default_with_or_without_statistics_files(tmp_path):
-    """No flag: the refit runs (the same expert as --compensate), from the statistics files where they exist
-    and from the recorded corpus where they do not (the same weights, to float32 rounding); --no-compensate
-    keeps the weights."""
+    """No flag: the refit runs (the same expert as --compensate), sequential, from the recorded corpus whether
+    or not statistics files lie beside the score file (they hold the independent refit's matrices only): the
+    same weights either way; --no-compensate keeps the weights."""
     score_with_and_without_stats(tmp_path)
     common = ["cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet"]
     runs = {"auto": ("stats", []), "explicit": ("stats", ["--compensate"]), "off": ("stats", ["--no-compensate"]),
@@ -252,7 +253,9 @@ def test_prune_compensates_by_default_with_or_without_statistics_files(tmp_path)
         assert res.returncode == 0, res.stderr
         runs[name] = res.stdout
     assert "compensated    yes" in runs["auto"] and "compensated    yes" in runs["explicit"]
-    assert "compensated    yes: pruned output projections refit on 19 calibration tokens" in runs["missing"]
+    for name in ("auto", "missing"):
+        assert "compensated    yes: pruned output projections refit on 19 calibration tokens, sequential" \
+            in runs[name]
     assert "compensated" not in runs["off"]  # asked for: nothing to explain
     weights = {name: load_file(tmp_path / name / "model.safetensors") for name in runs}
     reports = {name: json.loads((tmp_path / name / "pruning.json").read_text()) for name in runs}

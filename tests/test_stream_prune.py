@@ -61,7 +61,8 @@ def prune_args(scored, arch, out, *flags):
 
 
 @pytest.mark.parametrize("arch,flags", [
-    ("llama", []),  # the default expert: MLP channels, independent refit
+    ("llama", []),  # the default expert: MLP channels, sequential refit
+    ("llama", ["--refit", "independent"]),
     ("llama", ["--refit", "sequential", "--neurons", "all"]),  # o_proj refit too, block by block
     ("qwen2", ["--dtype", "bfloat16"]),  # tied embeddings, biases, a saved dtype other than the file's
     ("qwen2", ["--no-compensate", "--neurons", "all", "--granularity", "neuron"]),
