@@ -139,7 +139,7 @@ def build_parser() -> OneLineArgumentParser:
                    help="calibrate dimension NAME (the score file NAME.safetensors) on the corpus at PATH instead of "
                         "the one its score file records (repeat per dimension). By default every score file's own "
                         "corpus, which must be unchanged (its sha256 is checked)")
-    p.add_argument("--refit", choices=REFITS, default=DEFAULT_REFIT,
+    p.add_argument("--refit", choices=REFITS, default=None,  # None: not given (an error with --no-compensate)
                    help=f"with the refit: independent (every layer fit on the dense model's inputs, what score --stats "
                         f"files hold) or sequential (every block fit on the inputs the pruned and refit blocks below "
                         f"give it, to its dense weights' outputs on them); default {DEFAULT_REFIT}, the lower target "
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     cusprun_kernels.set_quiet(args.quiet)  # the calibration pass's gram op would announce its backend
     max_memory = parse_bytes(args.max_memory) if args.max_memory else None
     overrides = parse_calibration(args.calibration, args.scores)
+    args.refit_given, args.refit = args.refit is not None, args.refit or DEFAULT_REFIT
     # statistics files serve the independent refit only, and only where no other corpus is asked for
     stats_usable = args.compensate is not False and args.refit == "independent" and not overrides
     try:
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if not compensate:
         given = [flag for flag, on in (("--ridge", args.ridge != DEFAULT_RIDGE),
                                        ("--ridge-scale", args.ridge_scale != DEFAULT_RIDGE_SCALE),
-                                       ("--refit", args.refit != DEFAULT_REFIT), ("--calibration", overrides)) if on]
+                                       ("--refit", args.refit_given), ("--calibration", overrides)) if on]
         if given:
             why = "--no-compensate turns it off" if args.compensate is False else "baseline methods' score files"
             raise CusprunError(f"{given[0]} sets the refit, which is off here ({why})")

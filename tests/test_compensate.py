@@ -309,7 +309,7 @@ def test_prune_refuses_damaged_statistics_in_one_line(damage, tmp_path):
     grams[name] = grams[name][:-1, :-1].contiguous() if damage == "shape" else grams[name].fill_(float("nan"))
     save_stats(stats_path(tmp_path / "a.safetensors"), grams, {"n_docs": scores.n_docs, "scores": scores.fingerprint()})
     res = cli("cusprun.prune", "--model", tmp_path / "model", "--ratio", "0.2", "--quiet", "--compensate",
-              "--scores", tmp_path / "a.safetensors", "--out", tmp_path / "e")
+              "--refit", "independent", "--scores", tmp_path / "a.safetensors", "--out", tmp_path / "e")
     assert res.returncode == 2
     problem = "missing or not [" if damage == "shape" else "is not finite"
     lines = res.stderr.strip().splitlines()
