@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     cusprun_kernels.set_quiet(args.quiet)  # the calibration pass's gram op would announce its backend
     max_memory = parse_bytes(args.max_memory) if args.max_memory else None
     overrides = parse_calibration(args.calibration, args.scores)
-    args.refit_given, args.refit = args.refit is not None, args.refit or DEFAULT_REFIT
+    refit_given, args.refit = args.refit is not None, args.refit or DEFAULT_REFIT
     # statistics files serve the independent refit only, and only where no other corpus is asked for
     stats_usable = args.compensate is not False and args.refit == "independent" and not overrides
     try:
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if not compensate:
         given = [flag for flag, on in (("--ridge", args.ridge != DEFAULT_RIDGE),
                                        ("--ridge-scale", args.ridge_scale != DEFAULT_RIDGE_SCALE),
-                                       ("--refit", args.refit_given), ("--calibration", overrides)) if on]
+                                       ("--refit", refit_given), ("--calibration", overrides)) if on]
         if given:
             why = "--no-compensate turns it off" if args.compensate is False else "baseline methods' score files"
             raise CusprunError(f"{given[0]} sets the refit, which is off here ({why})")

@@ -1,5 +1,8 @@
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -25,3 +28,13 @@ def write_ids_corpus(path, lengths, seed=0):
         for i, n in enumerate(lengths):
             fh.write(json.dumps({"input_ids": random_ids(n, seed=seed + i)}) + "\n")
     return path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module, *args, cwd=None):
+    """``python -m cusprun.MODULE ARGS`` in a child process that imports this checkout's package, as a user runs
+    a command: the completed process, output captured."""
+    return subprocess.run([sys.executable, "-m", f"cusprun.{module}", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -3,10 +3,6 @@ sequential refits against brute-force references, and the calibration corpus's o
 
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +12,8 @@ from cusprun.engine.sources import InMemoryLayers
 from cusprun.experts.calibration import refit_layers
 from cusprun.experts.compensate import compensate, refit, refit_from_moments
 from cusprun.formats.apply import masked
-from tests.conftest import write_ids_corpus
+from tests.conftest import run_module, write_ids_corpus
 from tests.tiny import random_ids, tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def documents(seed=0):
@@ -95,8 +89,7 @@ def test_sequential_refit_fits_each_layer_on_the_pruned_model_below_it(arch):
 
 
 def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "cusprun.prune", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return run_module("prune", *args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +98,8 @@ def scored(tmp_path_factory):
     tiny_model("llama", seed=2, layers=2).save_pretrained(root / "model")
     write_ids_corpus(root / "de.jsonl", [12, 9, 15], seed=1)
     write_ids_corpus(root / "med.jsonl", [10, 13], seed=7)
-    res = subprocess.run([sys.executable, "-m", "cusprun.score", "--model", root / "model", "--corpus",
-                          f"de={root / 'de.jsonl'}", "--corpus", f"med={root / 'med.jsonl'}", "--out", root / "scores",
-                          "--quiet"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = run_module("score", "--model", root / "model", "--corpus", f"de={root / 'de.jsonl'}", "--corpus",
+                     f"med={root / 'med.jsonl'}", "--out", root / "scores", "--quiet")
     assert res.returncode == 0, res.stderr
     return root
 

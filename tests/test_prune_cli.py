@@ -1,10 +1,6 @@
 """python -m cusprun.prune / cusprun.eval: round trip, report, one-line errors."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +10,9 @@ import cusprun  # noqa: F401  (registers the sliced architectures)
 from cusprun.core.neurons import Geometry
 from cusprun.formats.apply import apply
 from cusprun.selection.plan import propagate
+from tests.conftest import run_module as cli
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(module, *args, cwd=None):
-    return subprocess.run([sys.executable, "-m", f"cusprun.{module}", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,6 @@
 same tensors byte for byte as the in-memory prune; formats and sources it cannot stream, disk space."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,15 +11,9 @@ from transformers import AutoModelForCausalLM
 
 import cusprun  # noqa: F401  (registers the pruned architectures)
 from cusprun.core.errors import CusprunError, run_cli
+from tests.conftest import run_module as cli
 from tests.conftest import write_ids_corpus
 from tests.tiny import random_ids, tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli(module, *args):
-    return subprocess.run([sys.executable, "-m", f"cusprun.{module}", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def saved_tensors(folder: Path) -> dict[str, tuple[str, tuple, bytes]]:
