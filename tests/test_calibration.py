@@ -28,9 +28,26 @@ def test_refit_from_moments_is_the_gram_refit(scale):
     keep = torch.tensor([True, False, True, True, False, True, True, True, False, True, True, False])
     gram = x.T @ x
     xk = x[:, keep]
-    got = refit_from_moments(w, xk.T @ xk, xk.T @ (x @ w.T), keep, 0.1, scale)
+    got = w.clone()
+    assert refit_from_moments(got, xk.T @ xk, xk.T @ (x @ w.T), keep, 0.1, scale) is got  # in place
     assert torch.allclose(got, refit(w, gram, keep, 0.1, scale), rtol=1e-10, atol=1e-12)
     assert torch.equal(got[:, ~keep], w[:, ~keep])
+
+
+def test_refit_from_moments_rounds_the_float64_solution_once_into_the_weights_dtype():
+    """A bfloat16 weight (outputs past one block of rows): its kept columns are the float64 solution rounded
+    once, its removed columns the bits they had."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 9, generator=g, dtype=torch.float64)
+    w = torch.randn(1100, 9, generator=g).to(torch.bfloat16)  # 1100 outputs: two blocks of refit_from_moments
+    keep = torch.tensor([True, True, False, True, True, True, False, True, True])
+    xk, wd = x[:, keep], w.double()
+    want = refit(wd, x.T @ x, keep, 0.1, "per-input")
+    got = refit_from_moments(w.clone(), xk.T @ xk, xk.T @ (x @ wd.T), keep, 0.1, "per-input")
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got[:, ~keep], w[:, ~keep])
+    # float64 solves of one system agree to ~1e-13, so rounding to bfloat16 lands on the same value
+    assert torch.equal(got[:, keep], want[:, keep].to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

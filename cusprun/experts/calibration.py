@@ -181,12 +181,12 @@ class _Moments:
             y = output.reshape(-1, output.shape[-1])
             if module.bias is not None:
                 y = y - module.bias
-            g, xy = ops.gram(x).double(), (x.T.float() @ y.float()).double()
+            g, xy = ops.gram(x), x.T.float() @ y.float()  # float32 per document
             if proj in self.moments:
-                self.moments[proj][0].add_(g)
-                self.moments[proj][1].add_(xy)
+                _accumulate(self.moments[proj][0], g)
+                _accumulate(self.moments[proj][1], xy)
             else:
-                self.moments[proj] = (g, xy)
+                self.moments[proj] = (g.double(), xy.double())
         return hook
 
     def __enter__(self):
@@ -196,6 +196,13 @@ class _Moments:
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
+
+
+def _accumulate(total: torch.Tensor, part: torch.Tensor, rows: int = 1024) -> None:
+    """total (float64) += part (float32), ``rows`` rows at a time: a mixed-dtype ``add_`` widens the whole of
+    ``part`` first, 3.7 GB for Llama-3-70B's down_proj Gram at 25%, where a block of rows widens a few MB."""
+    for start in range(0, total.shape[0], rows):
+        total[start:start + rows].add_(part[start:start + rows])
 
 
 def _forward(source: LayerSource, layer: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
