@@ -184,11 +184,12 @@ def main(argv=None) -> int:
                                                                      generator=gen).tolist()}) + "\n"
                               for _ in range(args.docs)))
     tokens = args.docs * args.tokens
-    rows = []
+    rows, scored = [], {}
     for name, model, extra in (("streamed", big, ["--stream"]), ("in memory", small, [])):
         disk = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         start = time.perf_counter()
-        seconds, rss = run(model, corpus, CACHE / "out", ["--measure", args.measure, *extra])
+        seconds, rss = run(model, corpus, CACHE / f"scores-{model.name}", ["--measure", args.measure, *extra])
+        scored[model] = seconds, rss
         layer_count = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         rows.append([name, layer_count, disk / 1e9, disk / ram, rss / 1e9, rss / ram, seconds,
                      tokens / seconds, tokens * layer_count / seconds])
@@ -196,18 +197,22 @@ def main(argv=None) -> int:
     report("bench_stream", ["run", "layers", "weights GB", "x RAM", "peak RSS GB", "RSS / RAM", "seconds",
                             "tokens/s", "token-layers/s"], rows,
            {**environment(), "ram_gb": f"{ram / 1e9:.1f}", "measure": args.measure, "dtype": "float32"})
-    if args.prune:
-        prune_table(big, small, corpus, ram)
+    if args.prune:  # the local scores just made are the ones prune needs; other measures score again
+        prune_table(big, small, corpus, ram, scored if args.measure == "local" else {})
     return 0
 
 
-def prune_table(big: Path, small: Path, corpus: Path, ram: int) -> None:
-    """Score both models with the local measure, prune them at 25% with compensation (the large one streamed),
-    load each expert and run one forward pass; print and append the table."""
+def prune_table(big: Path, small: Path, corpus: Path, ram: int, scored: dict) -> None:
+    """Score both models with the local measure (unless ``scored`` {model: (seconds, peak RSS)} says they were,
+    into ``scores-<model>``), prune them at 25% with compensation (the large one streamed), load each expert and
+    run one forward pass; print and append the table."""
     rows = []
     for name, model, extra in (("streamed", big, ["--stream"]), ("in memory", small, [])):
         scores, expert = CACHE / f"scores-{model.name}", CACHE / f"expert-{model.name}"
-        score_seconds, score_rss = run(model, corpus, scores, ["--measure", "local", *extra])
+        if model in scored:
+            score_seconds, score_rss = scored[model]
+        else:
+            score_seconds, score_rss = run(model, corpus, scores, ["--measure", "local", *extra])
         seconds, rss = run(model, corpus, expert, ["--model", str(model), "--scores", str(scores / "bench.safetensors"),
                                                    "--ratio", "0.25", "--out", str(expert), "--overwrite", "--quiet",
                                                    "--dtype", "bfloat16", *extra], child=PRUNE_CHILD)
