@@ -25,7 +25,7 @@ from .experts.calibration import (
     parse_calibration,
 )
 from .experts.compensate import DEFAULT_RIDGE, DEFAULT_RIDGE_SCALE, RIDGE_SCALES
-from .experts.stream import check_free_space, expert_bytes, should_stream, stream_build, streamed_folder
+from .experts.stream import check_free_space, expert_bytes, should_stream, stream_build, streamed_tensors
 from .formats.apply import FORMATS
 from .formats.folder import check_out_dir
 from .formats.gguf import check_exportable, check_out_file, tokenizer_source
@@ -147,8 +147,9 @@ def build_parser() -> OneLineArgumentParser:
                         f"beside the score files (score --stats) are used for the independent refit when no "
                         f"--calibration is given")
     p.add_argument("--stream", action="store_true",
-                   help="read, refit and write one decoder layer at a time (safetensors models, --format dense); "
-                        "automatic when the model's weights exceed --max-memory")
+                   help="read, refit and write one decoder layer at a time (safetensors models, or GGUF files of "
+                        "the llama and qwen2 architectures; --format dense); automatic when the loaded model would "
+                        "exceed --max-memory")
     p.add_argument("--max-memory", metavar="SIZE",
                    help="memory budget for the weights, e.g. 60GiB (default: half of the available RAM)")
     p.add_argument("--ridge", type=float, default=DEFAULT_RIDGE,
@@ -207,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             why = "--no-compensate turns it off" if args.compensate is False else "baseline methods' score files"
             raise CusprunError(f"{given[0]} sets the refit, which is off here ({why})")
     config, tokenizer, source = open_model(args.model, quiet=args.quiet)
-    stream = should_stream(source, args.stream, max_memory if max_memory is not None else default_budget("cpu"))
-    folder = streamed_folder(source, args.format) if stream else None
+    stream = should_stream(source, args.stream, max_memory if max_memory is not None else default_budget("cpu"),
+                           args.dtype)
+    tensors = streamed_tensors(source, config, args.format) if stream else None
     check_against_model(sets, args.scores, config)  # before the weights load
     use_stats = compensate and stats_usable and not stream and all(s.stats is not None for s in sets)
     calibration = None
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                            "prune with --format dense and run the expert in transformers")
     try:
         if stream:
-            report = stream_build(config, tokenizer, source, folder, sets, args.scores, selected, args.ratio, out,
+            report = stream_build(config, tokenizer, source, tensors, sets, args.scores, selected, args.ratio, out,
                                   args.dtype, args.rule, args.budget, args.drop_layers, calibration, args.refit,
                                   args.ridge, args.ridge_scale, args.quiet)
         else:

@@ -11,12 +11,15 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from cusprun.core.errors import CusprunError
+from cusprun.core.models import load_weights, open_model
 from cusprun.engine.layer_major import Scorer
-from cusprun.engine.sources import StreamedLayers
+from cusprun.engine.sources import SafetensorsFiles, StreamedLayers, open_tensors
+from cusprun.formats.gguf_tensors import GGUFTensors
 from cusprun.scores.scorefile import load_scores
 from cusprun.scores.scoreset import ScoreSet
 from tests.conftest import write_ids_corpus
-from tests.tiny import random_ids, tiny_model
+from tests.tiny import gguf_source_model, random_ids, tiny_model, write_source_gguf
 
 
 def score_cli(*args, env=None, launcher=(sys.executable, "-m")):
@@ -38,7 +41,8 @@ def test_streamed_equals_in_memory_bit_for_bit(saved, measure):
     model = AutoModelForCausalLM.from_pretrained(saved / "model").eval()
     docs = [random_ids(n, seed=n) for n in (7, 1, 12)]
     in_memory = Scorer(model, measure).score_documents(docs)
-    layers = StreamedLayers(saved / "model", AutoConfig.from_pretrained(saved / "model"), torch.float32, "cpu")
+    layers = StreamedLayers(SafetensorsFiles(saved / "model"), AutoConfig.from_pretrained(saved / "model"),
+                            torch.float32, "cpu")
     streamed = Scorer(measure=measure, layers=layers).score_documents(docs)
     assert in_memory.keys() == streamed.keys()
     assert all(torch.equal(in_memory[k], streamed[k]) for k in in_memory)
@@ -52,6 +56,65 @@ def test_stream_flag_writes_identical_score_file(saved, tmp_path):
     assert "streamed" in b.stdout
     assert (tmp_path / "a/c.safetensors").read_bytes() == (tmp_path / "b/c.safetensors").read_bytes()
     assert not (tmp_path / "b/.cusprun-checkpoint/c").exists()  # removed once the file is written
+
+
+@pytest.fixture(scope="module")
+def gguf_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    for arch in ("llama", "qwen2"):
+        write_source_gguf(gguf_source_model(arch, seed=5, layers=3), root / f"{arch}.gguf", half=True)
+    write_ids_corpus(root / "c.jsonl", [9, 1, 14, 6], seed=3)
+    return root
+
+
+@pytest.mark.parametrize("spec,dtype", [("llama", "float32"), ("llama", "bfloat16"), ("qwen2", "float32"),
+                                        ("smollm2-135m", "float32")])
+def test_gguf_tensors_are_the_ones_transformers_loads(gguf_sources, spec, dtype):
+    """Read one at a time from the file, every tensor is bit for bit what transformers' whole-file loader gives:
+    F16 matrices widened, llama's permuted query and key rows put back, SmolLM2's Q4_1 and Q8_0 blocks."""
+    config, _, source = open_model(spec if spec == "smollm2-135m" else str(gguf_sources / f"{spec}.gguf"), quiet=True,
+                                   need_tokenizer=False)
+    want = load_weights(source, dtype, quiet=True).state_dict()
+    tensors = open_tensors(source, config)
+    assert isinstance(tensors, GGUFTensors)
+    assert tensors.names == set(want) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+    got = tensors.read(sorted(tensors.names), getattr(torch, dtype))
+    assert all(torch.equal(got[name], want[name]) for name in tensors.names)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_streamed_gguf_equals_in_memory_bit_for_bit(gguf_sources, arch):
+    config, _, source = open_model(str(gguf_sources / f"{arch}.gguf"), quiet=True, need_tokenizer=False)
+    docs = [random_ids(n, seed=n) for n in (7, 1, 12)]
+    in_memory = Scorer(load_weights(source, quiet=True), "block").score_documents(docs)
+    layers = StreamedLayers(open_tensors(source, config), config, torch.float32, "cpu")
+    streamed = Scorer(measure="block", layers=layers).score_documents(docs)
+    assert in_memory.keys() == streamed.keys()
+    assert all(torch.equal(in_memory[k], streamed[k]) for k in in_memory)
+
+
+def test_stream_flag_on_the_default_gguf_model_writes_the_identical_score_file(gguf_sources, tmp_path):
+    common = ("--model", "smollm2-135m", "--corpus", f"c={gguf_sources / 'c.jsonl'}", "--measure", "local", "--quiet")
+    a = score_cli(*common, "--out", tmp_path / "a")
+    b = score_cli(*common, "--out", tmp_path / "b", "--stream")
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert "streamed" in b.stdout and "streamed" not in a.stdout
+    assert (tmp_path / "a/c.safetensors").read_bytes() == (tmp_path / "b/c.safetensors").read_bytes()
+
+
+def test_a_gguf_file_of_another_architecture_is_refused_in_one_line(tmp_path):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "gemma")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CusprunError, match=r"^--stream reads GGUF files of the llama and qwen2 architectures; "
+                                           r"m\.gguf is gemma \(load it in memory, without --stream\)$"):
+        GGUFTensors(tmp_path / "m.gguf", config=None)
 
 
 def test_resume_after_kill_9_is_bit_identical(tmp_path):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..core.corpus import Document, corpus_sha256, read_corpus, tokenize
 from ..core.errors import CusprunError
-from ..core.models import DTYPES, load_weights, local_folder, open_model, weights_digest
+from ..core.models import DTYPES, load_weights, open_model, weights_digest
 from ..core.progress import advance, progress_bar
 from ..scores.baselines import baseline_scores
 from ..scores.scorefile import score_metadata
@@ -108,15 +108,12 @@ def open_scorer(config, source, measure: str, dtype: str, device: str, stream: b
                 parallel: Parallel, quiet: bool = False, batch_tokens: int | None = None, stats: bool = False):
     """An in-memory or a streaming scorer of the model ``open_model`` gave ``config`` and ``source`` for, as its
     size, ``stream`` and ``max_memory`` decide. Returns (scorer, memory budget, streamed)."""
-    from .sources import StreamedLayers, weights_bytes
+    from .sources import StreamedLayers, loaded_bytes, open_tensors
 
     device = parallel.device(device)
-    folder = local_folder(source)
     budget = max_memory if max_memory is not None else default_budget(device)
-    if stream or (folder is not None and weights_bytes(folder) > budget):
-        if folder is None:
-            raise CusprunError(f"--stream needs a model in safetensors format; {source.model_id} is a GGUF file")
-        layers = StreamedLayers(folder, config, DTYPES[dtype], device)
+    if stream or loaded_bytes(source, DTYPES[dtype]) > budget:
+        layers = StreamedLayers(open_tensors(source, config), config, DTYPES[dtype], device)
         return Scorer(measure=measure, layers=layers, batch_tokens=batch_tokens, stats=stats), budget, True
     weights = load_weights(source, dtype, device, quiet)
     return Scorer(weights, measure, batch_tokens=batch_tokens, stats=stats), budget, False

@@ -1,9 +1,10 @@
 """Where the engine gets a model's pieces, one decoder layer at a time.
 
 * :class:`InMemoryLayers` — a loaded Hugging Face model: its own modules.
-* :class:`StreamedLayers` — a safetensors checkpoint read lazily (memory-mapped): only one decoder
-  layer's weights are materialized on the device at a time, so models larger than the device
-  (Llama-3-70B on one 80 GB GPU) can be scored.
+* :class:`StreamedLayers` — a checkpoint read lazily (memory-mapped safetensors shards, :class:`SafetensorsFiles`,
+  or a GGUF file, :class:`~cusprun.formats.gguf_tensors.GGUFTensors`): only one decoder layer's weights are
+  materialized on the device at a time, so models larger than the device (Llama-3-70B on one 80 GB GPU) can
+  be scored.
 
 Both implement :class:`LayerSource` and give the engine the same modules and the same per-layer
 attention masks the model's own forward pass would build, so streamed and in-memory runs compute
@@ -90,14 +91,71 @@ class InMemoryLayers:
         """Nothing to free: the whole model stays loaded."""
 
 
-class StreamedLayers:
-    """Pieces of a safetensors checkpoint, materialized on ``device`` only while in use."""
+class TensorFiles(Protocol):
+    """A checkpoint's tensors by Hugging Face name, read on demand (safetensors shards or a GGUF file)."""
 
-    def __init__(self, model_dir: str | Path, config, dtype: torch.dtype, device: str | torch.device):
+    names: set[str]
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{name: tensor at ``dtype``}, materialized now; the rest stays on disk."""
+
+
+class SafetensorsFiles:
+    """The tensors of a folder's safetensors files (single file or sharded with an index), memory-mapped."""
+
+    def __init__(self, folder: str | Path):
+        self.files = _tensor_files(Path(folder))
+        self.names = set(self.files)
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.files:
+                raise CusprunError(f"tensor {name} is missing from the model's safetensors files")
+            by_file.setdefault(self.files[name], []).append(name)
+        out = {}
+        for file, group in by_file.items():  # each shard is opened (memory-mapped) once per call
+            with safe_open(file, framework="pt", device="cpu") as fh:
+                out.update({name: fh.get_tensor(name).to(dtype).contiguous() for name in group})
+        return out
+
+
+def open_tensors(source, config) -> TensorFiles:
+    """The tensors of the model ``open_model`` gave ``source`` and ``config`` for: its safetensors files, or its
+    GGUF file (:class:`~cusprun.formats.gguf_tensors.GGUFTensors`). One line where there are neither."""
+    from ..core.models import local_folder
+
+    if source.gguf_file:
+        from ..formats.gguf_tensors import GGUFTensors
+
+        return GGUFTensors(Path(source.path) / source.gguf_file, config)
+    folder = local_folder(source)
+    if folder is None:
+        raise CusprunError(f"streaming needs the model's files on this machine; {source.model_id} has none")
+    return SafetensorsFiles(folder)
+
+
+def loaded_bytes(source, dtype: torch.dtype) -> int:
+    """About what loading the model of ``source`` in memory takes: its safetensors files' size, or a GGUF file's
+    tensors dequantized to ``dtype`` (a 4-bit file grows eightfold in float32); 0 where neither is local."""
+    from ..core.models import local_folder
+
+    if source.gguf_file:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(Path(source.path) / source.gguf_file))
+        return sum(int(t.n_elements) for t in reader.tensors) * dtype.itemsize
+    folder = local_folder(source)
+    return weights_bytes(folder) if folder is not None else 0
+
+
+class StreamedLayers:
+    """Pieces of a checkpoint (``tensors``: :class:`TensorFiles`), materialized on ``device`` only while in use."""
+
+    def __init__(self, tensors: TensorFiles, config, dtype: torch.dtype, device: str | torch.device):
         from transformers import AutoModelForCausalLM
 
-        self.config, self.dtype, self.device = config, dtype, torch.device(device)
-        self.files = _tensor_files(Path(model_dir))
+        self.tensors, self.config, self.dtype, self.device = tensors, config, dtype, torch.device(device)
         with torch.device("meta"):
             self.skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype).model
         # RoPE tables are computed at construction: build the small rotary module for real.
@@ -107,16 +165,9 @@ class StreamedLayers:
 
     def _load(self, module: torch.nn.Module, prefix: str) -> torch.nn.Module:
         module.to_empty(device=self.device)
-        by_file: dict[str, list[str]] = {}
-        for name in module.state_dict():
-            if prefix + name not in self.files:
-                raise CusprunError(f"tensor {prefix + name} is missing from the model's safetensors files")
-            by_file.setdefault(self.files[prefix + name], []).append(name)
-        state = {}
-        for file, names in by_file.items():  # each shard is opened (memory-mapped) once per module
-            with safe_open(file, framework="pt", device="cpu") as fh:
-                state.update({name: fh.get_tensor(prefix + name).to(self.dtype) for name in names})
-        module.load_state_dict(state, strict=True)
+        names = list(module.state_dict())
+        state = self.tensors.read([prefix + name for name in names], self.dtype)
+        module.load_state_dict({name: state[prefix + name] for name in names}, strict=True)
         return module.eval()
 
     def embed(self, ids: list[int]) -> torch.Tensor:

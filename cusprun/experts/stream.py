@@ -1,17 +1,19 @@
 """Streamed prune (``prune --stream``): an expert built one decoder layer at a time from the model's files.
 
-The model is never loaded whole. :class:`~cusprun.engine.sources.StreamedLayers` reads decoder layer l from
-the safetensors shards; the calibration pass (:func:`cusprun.experts.calibration.refit_layers`) refits it;
-its dense-format tensors (:func:`cusprun.formats.dense.dense_layer`) are written as one safetensors shard of
-the expert; only then is layer l + 1 read. Peak memory: one layer's weights, the calibration documents'
-hidden states (spilled to disk past the budget, as the scoring engine does) and one layer's refit
-(K² + K·out floats for an output projection keeping K of its inputs). The embedding, final norm and head are
-copied tensor by tensor. Everything goes into the staging folder of :func:`cusprun.core.files.atomic_folder`,
-renamed into place at the end, as every model folder is written. The saved tensors are byte for byte those of
-the in-memory prune of the same model and flags (tested): both refit through the same layer-major pass and
-cut with the same per-layer code.
+The model is never loaded whole. :class:`~cusprun.engine.sources.StreamedLayers` reads decoder layer l from the
+safetensors shards or the GGUF file (dequantized tensor by tensor); the calibration pass
+(:func:`cusprun.experts.calibration.refit_layers`) refits it; its dense-format tensors
+(:func:`cusprun.formats.dense.dense_layer`) are written as one safetensors shard of the expert; only then is the
+next layer read. Peak memory: one layer's weights, the calibration documents' hidden states (spilled to disk past the
+budget, as the scoring engine does) and one layer's refit (K² + K·out floats for an output projection keeping K of
+its inputs). The embedding, final norm and head are copied tensor by tensor. Everything goes into the staging folder
+of :func:`cusprun.core.files.atomic_folder`, renamed into place at the end, as every model folder is written. The
+saved tensors are byte for byte those of the in-memory prune of the same model and flags (tested): both refit
+through the same layer-major pass and cut with the same per-layer code.
 
-Only the dense format (the default) is written this way; the others build the whole model in memory.
+Only the dense format (the default) is written this way; the others build the whole model in memory. A GGUF
+source gives a safetensors expert, as the in-memory prune of it does (``--format gguf`` writes a GGUF file,
+in memory).
 """
 
 from __future__ import annotations
@@ -21,14 +23,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..core.errors import CusprunError
 from ..core.files import atomic_folder
-from ..core.models import DTYPES, local_folder
+from ..core.models import DTYPES
 from ..core.neurons import Geometry
-from ..engine.sources import StreamedLayers, weights_bytes
+from ..engine.sources import StreamedLayers, TensorFiles, loaded_bytes, open_tensors
 from ..formats.apply import held_params
 from ..formats.dense import dense_config, dense_layer, masked_tensors
 from ..formats.modeling_cusprun import DENSE
@@ -39,23 +40,19 @@ from .calibration import Calibration, calibration_bar, refit_layers, refit_recor
 STREAMABLE_FORMATS = ("dense",)
 
 
-def streamed_folder(source, fmt: str) -> Path:
-    """The safetensors folder a streamed prune reads, after the checks that it can: one line otherwise."""
-    folder = local_folder(source)
-    if folder is None:
-        raise CusprunError(f"--stream needs a model in safetensors format; {source.model_id} is a GGUF file "
-                           "(prune it in memory, without --stream)")
+def streamed_tensors(source, config, fmt: str) -> TensorFiles:
+    """The tensors a streamed prune reads (safetensors shards or a GGUF file), after the checks that it can: one
+    line otherwise."""
     if fmt not in STREAMABLE_FORMATS:
         raise CusprunError(f"--format {fmt} cannot be streamed (it builds the whole model in memory): stream "
                            f"--format {' or '.join(STREAMABLE_FORMATS)}")
-    return folder
+    return open_tensors(source, config)
 
 
-def should_stream(source, stream: bool, budget: int) -> bool:
-    """Stream when asked, or when the model's safetensors weights exceed ``budget`` bytes (as ``score`` decides;
-    a GGUF model, which cannot be streamed, loads in memory)."""
-    folder = local_folder(source)
-    return stream or (folder is not None and weights_bytes(folder) > budget)
+def should_stream(source, stream: bool, budget: int, dtype: str) -> bool:
+    """Stream when asked, or when loading the model at ``dtype`` takes more than ``budget`` bytes (as ``score``
+    decides: :func:`cusprun.engine.sources.loaded_bytes`)."""
+    return stream or loaded_bytes(source, DTYPES[dtype]) > budget
 
 
 def dense_parameters(config) -> int:
@@ -90,27 +87,18 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-def _read_tensors(files: dict[str, str], names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Named tensors of a checkpoint (name -> file: :func:`cusprun.engine.sources._tensor_files`), at ``dtype``."""
-    out = {}
-    for name in names:
-        with safe_open(files[name], framework="pt", device="cpu") as fh:
-            out[name] = fh.get_tensor(name).to(dtype).contiguous()
-    return out
-
-
-def stream_expert(config, folder: Path, selection, out: Path, dtype: str, tokenizer, report: dict,
+def stream_expert(config, tensors: TensorFiles, selection, out: Path, dtype: str, tokenizer, report: dict,
                   calibration: Calibration | None = None, refit: str = "independent", ridge: float = 0.1,
                   ridge_scale: str = "per-input", quiet: bool = False) -> dict:
     """Write the dense-format expert of ``selection`` (a :class:`~cusprun.selection.algorithm.Selection`)
-    to ``out``, reading ``config``'s model from the safetensors files in ``folder`` one decoder layer at a time
+    to ``out``, reading ``config``'s model from ``tensors`` (:func:`streamed_tensors`) one decoder layer at a time
     (module docstring); with ``calibration``, refit as :func:`cusprun.experts.calibration.refit_layers` does
     (``refit``, ``ridge``, ``ridge_scale`` resolved). ``report``: pruning.json, completed here with the
     parameter counts. Returns the report."""
     torch_dtype = DTYPES[dtype]
     geo = Geometry(config)
     plan = propagate(selection.plan, geo)
-    source = StreamedLayers(folder, config, torch_dtype, "cpu")
+    source = StreamedLayers(tensors, config, torch_dtype, "cpu")
     skeleton_cls = DENSE[config.model_type][1]
 
     def fill(staging: Path) -> None:
@@ -143,7 +131,7 @@ def stream_expert(config, folder: Path, selection, out: Path, dtype: str, tokeni
         rest = ["model.embed_tokens.weight", "model.norm.weight"]
         if not config.tie_word_embeddings:
             rest.append("lm_head.weight")
-        write("model-rest.safetensors", _read_tensors(source.files, rest, torch_dtype))
+        write("model-rest.safetensors", tensors.read(rest, torch_dtype))
         expert_config = dense_config(config, per_layer, kept_layers)
         with torch.device("meta"):
             skeleton = skeleton_cls(expert_config)
@@ -171,7 +159,7 @@ def stream_expert(config, folder: Path, selection, out: Path, dtype: str, tokeni
     return report
 
 
-def stream_build(config, tokenizer, source, folder: Path, sets, score_paths, selected, ratio: float, out: Path,
+def stream_build(config, tokenizer, source, tensors: TensorFiles, sets, score_paths, selected, ratio: float, out: Path,
                  dtype: str, rule: str, budget: str, drop_layers: int, calibration: Calibration | None, refit: str,
                  ridge: float, ridge_scale: str, quiet: bool = False) -> dict:
     """``prune --stream``: the dense expert of ``selected`` (:class:`~cusprun.experts.build.ExpertSelection`),
@@ -189,7 +177,7 @@ def stream_build(config, tokenizer, source, folder: Path, sets, score_paths, sel
         settings = {"ridge": ridge, "ridge_scale": ridge_scale, **refit_record(calibration, refit)}
     report = expert_report(source, config, sets, score_paths, selected, ratio, "dense", rule, budget,
                            drop_layers, settings)
-    report = stream_expert(config, folder, sel, out, dtype, tokenizer, report, calibration, refit, ridge, ridge_scale,
+    report = stream_expert(config, tensors, sel, out, dtype, tokenizer, report, calibration, refit, ridge, ridge_scale,
                            quiet)
     note = calibration is not None and thin_statistics_note(calibration.tokens, widths)
     if note:

@@ -51,6 +51,10 @@ def source_record(config) -> dict:
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None and not isinstance(quantization, dict):
         quantization = quantization.to_dict()
+    if quantization is not None and quantization.get("quant_method") == "gguf":
+        # transformers' marker of a GGUF file it loaded: the record's gguf_file says so, and a streamed prune,
+        # which reads the file without transformers' loader, records the same source the same way
+        quantization = None
     return {"name": getattr(config, "_model_name_or_path", None), "quantization_config": quantization}
 
 

@@ -1,0 +1,87 @@
+"""A llama.cpp GGUF file's tensors by Hugging Face name, read one at a time (what ``--stream`` reads from a GGUF).
+
+transformers loads a GGUF model whole: every tensor dequantized at once. :class:`GGUFTensors` gives the same
+tensors one by one from the memory-mapped file, so a streamed run holds one decoder layer's weights at a time:
+gguf-py's ``dequantize`` (float32, the values transformers' loader computes, compared in tests), the name
+llama.cpp's converter gave it mapped back with gguf-py's own tensor-name table, and for the ``llama``
+architecture the query and key rows put back in Hugging Face's rotary order (llama.cpp's converter interleaves
+each head's two halves; Qwen2 files are not permuted). Other GGUF architectures are refused in one line:
+their converters change tensors in ways this reader does not undo.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import CusprunError
+
+STREAMABLE_GGUF_ARCHITECTURES = ("llama", "qwen2")
+
+
+def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation of a query or key projection: [heads · d, ...] rows, each head's
+    rows (pairs interleaved) back to the two-halves order Hugging Face's rotary embedding expects."""
+    d = weight.shape[0] // heads // 2
+    return weight.reshape(heads, d, 2, *weight.shape[1:]).swapaxes(2, 1).reshape(weight.shape)
+
+
+class GGUFTensors:
+    """The tensors of ``path`` (a GGUF file of ``config``'s model) by Hugging Face name."""
+
+    def __init__(self, path: str | Path, config):
+        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
+
+        self.path = Path(path)
+        try:
+            self.reader = GGUFReader(str(self.path))  # memory-mapped: nothing is read until a tensor is asked for
+        except Exception as exc:
+            raise CusprunError(f"cannot read the GGUF file {self.path}: {type(exc).__name__}: {exc}") from None
+        field = self.reader.fields.get("general.architecture")
+        self.architecture = bytes(field.parts[field.data[0]]).decode() if field else "unknown"
+        if self.architecture not in STREAMABLE_GGUF_ARCHITECTURES:
+            raise CusprunError(f"--stream reads GGUF files of the {' and '.join(STREAMABLE_GGUF_ARCHITECTURES)} "
+                               f"architectures; {self.path.name} is {self.architecture} (load it in memory, without "
+                               "--stream)")
+        self.config = config
+        arch = next(key for key, name in MODEL_ARCH_NAMES.items() if name == self.architecture)
+        names = get_tensor_name_map(arch, config.num_hidden_layers)
+        self.by_gguf_name = {t.name: t for t in self.reader.tensors}
+        self._gguf_names: dict[str, str] = {}
+        for hf in self._hf_names(config):
+            stem, suffix = hf.rsplit(".", 1)
+            gguf = names.get_name(stem)
+            if gguf is not None and f"{gguf}.{suffix}" in self.by_gguf_name:
+                self._gguf_names[hf] = f"{gguf}.{suffix}"
+
+    @staticmethod
+    def _hf_names(config) -> list[str]:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return list(AutoModelForCausalLM.from_config(config).state_dict())
+
+    @property
+    def names(self) -> set[str]:
+        return set(self._gguf_names)
+
+    def read(self, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """{name: tensor at ``dtype``} of Hugging Face names, dequantized one at a time from the mapped file."""
+        from gguf import dequantize
+
+        out = {}
+        for name in names:
+            if name not in self._gguf_names:
+                raise CusprunError(f"tensor {name} is missing from the GGUF file {self.path.name}")
+            gguf = self._gguf_names[name]
+            tensor = self.by_gguf_name[gguf]
+            values = dequantize(tensor.data, tensor.tensor_type)
+            if self.architecture == "llama" and gguf.split(".")[-2] in ("attn_q", "attn_k"):
+                heads = (self.config.num_attention_heads if ".attn_q." in gguf
+                         else self.config.num_key_value_heads)
+                values = unpermute_rows(values, heads)
+            # copied where it is still the mapped file's memory (float32 tensors), which is read-only
+            out[name] = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(dtype)
+        return out
