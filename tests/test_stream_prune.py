@@ -131,6 +131,20 @@ def test_prune_streams_by_itself_when_the_model_exceeds_the_memory_budget(scored
     assert json.loads((tmp_path / "e" / "pruning.json").read_text())["streamed"] is True
 
 
+def test_a_gguf_source_streams_by_itself_counted_at_its_dequantized_size(scored, tmp_path):
+    """The F16 file is smaller than the float32 model it loads as; the budget between the two still streams."""
+    from cusprun.core.models import resolve_model
+    from cusprun.engine.sources import loaded_bytes
+
+    source = resolve_model(str(scored / "llama.gguf"))
+    file_size, loaded = (scored / "llama.gguf").stat().st_size, loaded_bytes(source, torch.float32)
+    assert loaded > file_size
+    budget = str((file_size + loaded) // 2)
+    res = cli("prune", *prune_args(scored, "llama.gguf", tmp_path / "e", "--max-memory", budget))
+    assert res.returncode == 0, res.stderr
+    assert "streamed       one decoder layer at a time" in res.stdout
+
+
 def test_what_cannot_be_streamed_and_a_full_disk_are_one_line(scored, tmp_path, monkeypatch):
     cases = {
         "sliced": (prune_args(scored, "llama", tmp_path / "e", "--stream", "--format", "sliced"),

@@ -141,8 +141,12 @@ def open_model(spec: str, quiet: bool = False, allow_pruned: bool = False, need_
     if need_tokenizer and has_tokenizer_files(source):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path, local_files_only=True, **kw)
-        except Exception:  # noqa: BLE001  (a GGUF file's tokenizer fails to convert in a dozen ways)
+        except (OSError, ValueError, TypeError):
             tokenizer = None  # pre-tokenized corpora need none; text corpora report it when read
+        except Exception:  # a GGUF file's tokenizer fails to convert in a dozen ways (KeyError, ...): the same
+            if not source.gguf_file:
+                raise
+            tokenizer = None
     return config, tokenizer, source
 
 

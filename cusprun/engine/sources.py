@@ -14,6 +14,7 @@ bit-identical scores.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -136,8 +137,9 @@ def open_tensors(source, config) -> TensorFiles:
 
 
 def loaded_bytes(source, dtype: torch.dtype) -> int:
-    """About what loading the model of ``source`` in memory takes: its safetensors files' size, or a GGUF file's
-    tensors dequantized to ``dtype`` (a 4-bit file grows eightfold in float32); 0 where neither is local."""
+    """What the weights of ``source`` take loaded at ``dtype``: every tensor's elements (from the safetensors
+    headers or the GGUF tensor table, nothing else read) times ``dtype``'s size, so a bfloat16 checkpoint loaded
+    in float32 counts twice its files and a 4-bit GGUF eight times; 0 where the files are not on this machine."""
     from ..core.models import local_folder
 
     if source.gguf_file:
@@ -146,7 +148,13 @@ def loaded_bytes(source, dtype: torch.dtype) -> int:
         reader = GGUFReader(str(Path(source.path) / source.gguf_file))
         return sum(int(t.n_elements) for t in reader.tensors) * dtype.itemsize
     folder = local_folder(source)
-    return weights_bytes(folder) if folder is not None else 0
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    elements = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as fh:
+            for name in fh.keys():
+                elements += math.prod(fh.get_slice(name).get_shape())
+    return elements * dtype.itemsize
 
 
 class StreamedLayers:
@@ -201,8 +209,3 @@ def _tensor_files(model_dir: Path) -> dict[str, str]:
         raise CusprunError(f"streaming needs safetensors weights; none in {model_dir}")
     with safe_open(str(single), framework="pt") as fh:
         return {name: str(single) for name in fh.keys()}
-
-
-def weights_bytes(model_dir: Path) -> int:
-    """Size of a checkpoint's safetensors files (what loading it in memory costs, roughly)."""
-    return sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))

@@ -200,7 +200,7 @@ class _Moments:
 
 def _accumulate(total: torch.Tensor, part: torch.Tensor, rows: int = 1024) -> None:
     """total (float64) += part (float32), ``rows`` rows at a time: a mixed-dtype ``add_`` widens the whole of
-    ``part`` first, 3.7 GB for Llama-3-70B's down_proj Gram at 25%, where a block of rows widens a few MB."""
+    ``part`` first, 3.7 GB for Llama-3-70B's down_proj Gram at 25%, where a block of 1024 rows widens 0.18 GB."""
     for start in range(0, total.shape[0], rows):
         total[start:start + rows].add_(part[start:start + rows])
 
@@ -229,9 +229,7 @@ def _pass(source, layer, hidden: HiddenStore, docs: range, keeps=None, keep_outp
 @torch.no_grad()
 def _refit_in_place(layer, proj: str, moments: tuple[torch.Tensor, torch.Tensor], keep: torch.Tensor, ridge: float,
                     scale: str) -> None:
-    linear = layer.get_submodule(proj)
-    fitted = refit_from_moments(linear.weight, *moments, keep, ridge, scale)
-    linear.weight.copy_(fitted.to(linear.weight.dtype))
+    refit_from_moments(layer.get_submodule(proj).weight, *moments, keep, ridge, scale)  # written in place
 
 
 @torch.no_grad()

@@ -104,11 +104,11 @@ def stream_expert(config, tensors: TensorFiles, selection, out: Path, dtype: str
     def fill(staging: Path) -> None:
         weight_map, per_layer, kept_layers, total = {}, {}, [], 0
 
-        def write(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        def write(name: str, state: dict[str, torch.Tensor]) -> None:
             nonlocal total
-            save_file(tensors, str(staging / name), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, name))
-            total += sum(t.numel() * t.element_size() for t in tensors.values())
+            save_file(state, str(staging / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(state, name))
+            total += sum(t.numel() * t.element_size() for t in state.values())
 
         def on_layer(index: int, layer: torch.nn.Module) -> None:
             prefix = f"model.layers.{index}."
