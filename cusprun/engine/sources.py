@@ -148,13 +148,14 @@ def loaded_bytes(source, dtype: torch.dtype) -> int:
         reader = GGUFReader(str(Path(source.path) / source.gguf_file))
         return sum(int(t.n_elements) for t in reader.tensors) * dtype.itemsize
     folder = local_folder(source)
-    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
-    elements = 0
-    for file in files:
-        with safe_open(str(file), framework="pt") as fh:
-            for name in fh.keys():
-                elements += math.prod(fh.get_slice(name).get_shape())
-    return elements * dtype.itemsize
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")) if folder is not None else []:
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                total += sum(math.prod(fh.get_slice(name).get_shape()) for name in fh.keys()) * dtype.itemsize
+        except Exception:  # a damaged file counts its size here; the loader names the damage in one line later,
+            total += file.stat().st_size  # after the checks that need no weights
+    return total
 
 
 class StreamedLayers:
