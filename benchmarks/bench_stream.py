@@ -18,7 +18,8 @@ expert's load and one forward pass (peak RSS of that child; the expert loads as 
 larger than its memory budget, with accelerate's disk offload and a budget of a quarter of RAM). ``--layers N``
 sets the streamed model's depth instead of ``--ram-multiple`` (a reduced run: each layer's refit at this width
 solves a system of about 20,000 unknowns per output, minutes per layer on a small CPU). Both models and, with
-``--prune``, both experts must fit on the disk (checked first): about 2.9x RAM at ``--ram-multiple 1.5``.
+``--prune``, the larger expert must fit on the disk (checked first; each expert is deleted once measured): about
+2.7x RAM at ``--ram-multiple 1.5``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -63,17 +65,21 @@ def layer_bytes() -> int:
     return 2 * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
 
 
-def check_disk(layers: int, prune: bool) -> None:
-    """One line, before anything is written, when the models (and with ``prune`` their experts, at most the
-    model's size each) do not fit on the disk of benchmarks/.cache; models already built count as written."""
-    import shutil
+def expert_bytes(layers: int) -> int:
+    """The 25% expert's bfloat16 size: each layer less a quarter of its MLP channels (gate, up and down)."""
+    mlp = 2 * 3 * WIDTH["hidden_size"] * WIDTH["intermediate_size"]
+    return layers * (layer_bytes() - mlp // 4) + 2 * 2 * WIDTH["vocab_size"] * WIDTH["hidden_size"]
 
+
+def check_disk(layers: int, prune: bool) -> None:
+    """One line, before anything is written, when the models (and with ``prune`` the larger expert: each is
+    deleted once measured) do not fit on the disk of benchmarks/.cache, with 2 GB to spare for the scores, the
+    hidden states the engine may spill and the safetensors headers; models already built count as written."""
     rest = 2 * 2 * WIDTH["vocab_size"] * WIDTH["hidden_size"]
-    need = 0
+    need = 2 * 10**9 + (expert_bytes(layers) if prune else 0)
     for depth in (layers, 2):
-        size = depth * layer_bytes() + rest
         folder = CACHE / f"llama-8192-{depth}L"
-        need += (0 if (folder / "model.safetensors.index.json").exists() else size) + (size if prune else 0)
+        need += 0 if (folder / "model.safetensors.index.json").exists() else depth * layer_bytes() + rest
     CACHE.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(CACHE).free
     if free < need:
@@ -221,6 +227,7 @@ def prune_table(big: Path, small: Path, corpus: Path, ram: int, scored: dict) ->
         report_json = json.loads((expert / "pruning.json").read_text())
         assert report_json["compensate"] and report_json.get("streamed", False) == (name == "streamed")
         forward_seconds, forward_rss = run(expert, corpus, expert, [str(expert), str(ram // 4)], child=FORWARD_CHILD)
+        shutil.rmtree(expert)  # measured: its disk goes to the next one (the large model's expert is ~0.75x it)
         layer_count = json.loads((model / "config.json").read_text())["num_hidden_layers"]
         rows.append([name, layer_count, score_seconds, score_rss / 1e9, seconds, rss / 1e9, rss / ram,
                      written / 1e9, largest / 1e9, largest / layer_bytes(), forward_seconds, forward_rss / 1e9])
