@@ -58,18 +58,13 @@ def tiny_tokenizer(vocab: int = 61):
                                    pad_token="</s>")
 
 
-def _permute_rows(weight, heads: int):
-    """llama.cpp's converter's rotary permutation of a query or key projection (what GGUF files of the llama
-    architecture hold): each head's two halves interleaved."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(
-        weight.shape)
-
-
 def write_source_gguf(model, path, half: bool = False) -> None:
     """``model`` (a tiny llama or qwen2) as llama.cpp's converter writes a source model: the ``llama`` or
     ``qwen2`` architecture, query and key rows permuted for llama, no output tensor when the embedding is tied,
     a placeholder vocabulary; matrices in F16 with ``half`` (the shapes are too small for block types)."""
     import gguf
+
+    from cusprun.formats.gguf import rotary_permute
 
     c = model.config
     arch = c.model_type
@@ -96,7 +91,7 @@ def write_source_gguf(model, path, half: bool = False) -> None:
         name = f"{names.get_name(stem)}.{suffix}"
         values = tensor.detach().float().numpy()
         if arch == "llama" and name.split(".")[-2] in ("attn_q", "attn_k"):
-            values = _permute_rows(values, c.num_attention_heads if ".attn_q." in name else c.num_key_value_heads)
+            values = rotary_permute(values, c.num_attention_heads if ".attn_q." in name else c.num_key_value_heads)
         writer.add_tensor(name, values.astype("float16") if half and values.ndim == 2 else values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

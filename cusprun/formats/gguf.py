@@ -70,6 +70,12 @@ def rotary_permute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def rotary_unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """The inverse of :func:`rotary_permute`: a query or key projection of a llama GGUF back in Hugging Face's
+    rotary order (what ``--stream`` reads from a source GGUF, :mod:`cusprun.formats.gguf_tensors`)."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
 def _layer_shape(config, layer: int) -> dict:
     """heads, kv, kv_of (per query head, its k/v head), channels, attention / mlp kept, rope pairs of one layer."""
     per_layer = getattr(config, "per_layer_config", None)

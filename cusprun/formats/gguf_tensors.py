@@ -18,15 +18,9 @@ import numpy as np
 import torch
 
 from ..core.errors import CusprunError
+from .gguf import rotary_unpermute
 
 STREAMABLE_GGUF_ARCHITECTURES = ("llama", "qwen2")
-
-
-def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
-    """Undo llama.cpp's rotary permutation of a query or key projection: [heads · d, ...] rows, each head's
-    rows (pairs interleaved) back to the two-halves order Hugging Face's rotary embedding expects."""
-    d = weight.shape[0] // heads // 2
-    return weight.reshape(heads, d, 2, *weight.shape[1:]).swapaxes(2, 1).reshape(weight.shape)
 
 
 class GGUFTensors:
@@ -104,7 +98,7 @@ class GGUFTensors:
             values = dequantize(tensor.data, tensor.tensor_type)
             if self.unpermute and gguf.split(".")[-2] in ("attn_q", "attn_k"):
                 heads = self.config.num_attention_heads if ".attn_q." in gguf else self.config.num_key_value_heads
-                values = unpermute_rows(values, heads)
+                values = rotary_unpermute(values, heads)
             # copied where it is still the mapped file's memory (float32 tensors), which is read-only
             result = torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(dtype)
         except (ValueError, NotImplementedError) as exc:  # a damaged file or an odd shape: one line
